@@ -1,0 +1,51 @@
+"""procpool: process pools that are fast, never hang, lose nothing, and show progress.
+
+Layers (each imports only from the layers above it in this list; a test checks):
+
+1. leaf modules: ``_exceptions``, ``_version``
+2. ``_core``: the engine (protocol, worker loop, dispatcher, start methods)
+3. ``backends``: where tasks run (local processes today)
+4. API modules: ``_results``, ``_runner``, ``_pool``, ``_executor``, ``_process``,
+   ``_sync``, ``_context``
+5. the command line (``__main__``), which uses only this public namespace
+"""
+
+from __future__ import annotations
+
+from ._exceptions import (
+    InitializerError,
+    ProcpoolError,
+    RemoteTraceback,
+    SerializationError,
+    TaskTimeoutError,
+    WorkerCrashedError,
+)
+from ._executor import ProcessPoolExecutor
+from ._pool import Pool
+from ._results import AsyncResult, IMapIterator
+from ._version import __version__
+
+__all__ = [
+    "AsyncResult",
+    "IMapIterator",
+    "InitializerError",
+    "Pool",
+    "ProcessPoolExecutor",
+    "ProcpoolError",
+    "RemoteTraceback",
+    "SerializationError",
+    "TaskTimeoutError",
+    "WorkerCrashedError",
+    "__version__",
+]
+
+# Public objects say they live in `procpool`, so tracebacks and pickles show the
+# public path rather than a private module.
+for _name in __all__:
+    _obj = globals()[_name]
+    if hasattr(_obj, "__module__") and not isinstance(_obj, str):
+        try:
+            _obj.__module__ = __name__
+        except (AttributeError, TypeError):
+            pass
+del _name, _obj

@@ -1,0 +1,229 @@
+"""A batch: consecutive tasks of one call, sent to a worker as one message.
+
+The API layer cuts its input into batches; the dispatcher moves them to
+workers and hands their outcomes to the batch's sink. A batch can be split
+after it was made: when a worker dies mid-batch, the items that had not started
+go back to the queue as a new, shorter batch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import pickle
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import cloudpickle
+
+from .._exceptions import SerializationError
+from . import _protocol as P
+
+_batch_ids = itertools.count(1)
+
+
+class Sink(Protocol):
+    """Where a batch's outcomes go; called on the dispatcher thread, must not block."""
+
+    def deliver(
+        self, first: int, values: list[Any], errors: dict[int, BaseException] | None
+    ) -> None:
+        """Take the results of tasks ``first .. first+len(values)-1``; ``errors`` overrides."""
+
+
+class Batch:
+    """Tasks ``first_index ..`` of one call of ``fn``, pickled and ready to send."""
+
+    __slots__ = (
+        "attempts",
+        "first_index",
+        "fn",
+        "id",
+        "items",
+        "named",
+        "on_start",
+        "payload",
+        "policy",
+        "sink",
+        "star",
+    )
+
+    def __init__(
+        self,
+        fn: CallableRef,
+        star: int,
+        items: list[Any],
+        payload: bytes,
+        first_index: int,
+        sink: Sink,
+        policy: TaskPolicy,
+        *,
+        named: bool = True,
+        attempts: int = 0,
+        on_start: Callable[[], bool] | None = None,
+    ) -> None:
+        self.id = next(_batch_ids)
+        self.fn = fn
+        self.star = star
+        self.items = items
+        self.payload = payload
+        self.first_index = first_index
+        self.sink = sink
+        self.policy = policy
+        self.named = named
+        self.attempts = attempts
+        self.on_start = on_start
+
+    @property
+    def size(self) -> int:
+        return len(self.payload)
+
+    def task_name(self, offset: int = 0) -> str:
+        return f"task {self.first_index + offset}" if self.named else "the task"
+
+    def tail(self, start: int, *, attempts: int | None = None) -> Batch:
+        """A new batch holding this one's items from ``start`` on (they had not run)."""
+        return self.subset(start, len(self.items), attempts=attempts)
+
+    def subset(self, start: int, stop: int, *, attempts: int | None = None) -> Batch:
+        items = self.items[start:stop]
+        return Batch(
+            self.fn, self.star, items, P.dumps(items), self.first_index + start, self.sink,
+            self.policy, named=self.named,
+            attempts=self.attempts if attempts is None else attempts,
+        )
+
+    def fail(self, start: int, stop: int, exc: BaseException) -> None:
+        """Deliver ``exc`` as the outcome of items ``start .. stop-1``."""
+        count = stop - start
+        if count > 0:
+            self.sink.deliver(
+                self.first_index + start, [None] * count, dict.fromkeys(range(count), exc)
+            )
+
+
+class TaskPolicy:
+    """What to do about slow and failing tasks of one call (shared by its batches)."""
+
+    __slots__ = ("retries", "retry_on", "timeout")
+
+    def __init__(
+        self,
+        timeout: float | None = None,
+        retries: int = 0,
+        retry_on: tuple[type[BaseException], ...] = (),
+    ) -> None:
+        self.timeout = timeout
+        self.retries = retries
+        self.retry_on = retry_on
+
+    def should_retry(self, exc: BaseException, attempts: int) -> bool:
+        return attempts < self.retries and isinstance(exc, self.retry_on)
+
+
+DEFAULT_POLICY = TaskPolicy()
+
+
+class CallableRef:
+    """A callable pickled once with cloudpickle, with the id workers cache it under."""
+
+    __slots__ = ("data", "id", "name")
+    _ids = itertools.count(1)
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.id = next(self._ids)
+        self.name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+        try:
+            self.data: bytes = cloudpickle.dumps(fn, P.PROTOCOL)
+        except Exception as exc:
+            raise SerializationError(
+                f"cannot pickle the callable {self.name!r} "
+                f"(type {type(fn).__qualname__}): {type(exc).__name__}: {exc}"
+            ) from exc
+
+
+class CallableCache:
+    """Remembers the last few callables pickled, so a map pickles its callable once."""
+
+    def __init__(self, limit: int = 128) -> None:
+        self._limit = limit
+        self._refs: dict[Any, CallableRef] = {}
+
+    def get(self, fn: Callable[..., Any]) -> CallableRef:
+        try:
+            ref = self._refs.pop(fn)
+        except KeyError:
+            ref = CallableRef(fn)
+        except TypeError:  # unhashable callable: nothing to cache it by
+            return CallableRef(fn)
+        self._refs[fn] = ref  # re-insert: the dict's order is the LRU order
+        if len(self._refs) > self._limit:
+            del self._refs[next(iter(self._refs))]
+        return ref
+
+
+def make_batches(
+    fn: CallableRef,
+    star: int,
+    items: list[Any],
+    first_index: int,
+    sink: Sink,
+    policy: TaskPolicy,
+    *,
+    named: bool = True,
+) -> list[Batch]:
+    """Pickle ``items`` as one batch; an item that will not pickle fails alone.
+
+    The happy path pickles the whole list once. Only when that fails are the
+    items pickled one by one to find the culprits: each fails with a
+    SerializationError naming its task and type, and the others still run.
+    """
+    try:
+        payload = P.dumps(items)
+    except Exception:  # noqa: BLE001 - anything a __reduce__ raises
+        return _make_batches_item_by_item(fn, star, items, first_index, sink, policy, named)
+    return [Batch(fn, star, items, payload, first_index, sink, policy, named=named)]
+
+
+def _make_batches_item_by_item(
+    fn: CallableRef,
+    star: int,
+    items: list[Any],
+    first_index: int,
+    sink: Sink,
+    policy: TaskPolicy,
+    named: bool,
+) -> list[Batch]:
+    batches = []
+    for i, item in enumerate(items):
+        try:
+            payload = P.dumps([item])
+        except Exception as exc:  # noqa: BLE001
+            where = f"task {first_index + i}" if named else "the task"
+            err = SerializationError(
+                f"cannot pickle the arguments of {where} "
+                f"(type {_type_name(item, star)}): {type(exc).__name__}: {exc}"
+            )
+            err.__cause__ = exc
+            sink.deliver(first_index + i, [None], {0: err})
+            continue
+        batches.append(
+            Batch(fn, star, [item], payload, first_index + i, sink, policy, named=named)
+        )
+    return batches
+
+
+def _type_name(item: Any, star: int) -> str:
+    """Name the type of the argument that fails to pickle, not just its tuple."""
+    parts = []
+    if star == P.CALL_ONE:
+        parts = [item]
+    elif star == P.CALL_STAR:
+        parts = list(item)
+    else:
+        parts = [*item[0], *item[1].values()]
+    for part in parts:
+        try:
+            pickle.dumps(part, P.PROTOCOL)
+        except Exception:  # noqa: BLE001
+            return f"{type(part).__module__}.{type(part).__qualname__}"
+    return type(item).__qualname__

@@ -1,0 +1,647 @@
+r"""The dispatcher: one thread in the parent that moves batches to workers and back.
+
+::
+
+      caller threads                     dispatcher thread                 worker processes
+      ──────────────                     ─────────────────                 ────────────────
+   map / submit / apply
+        │ pickle args (once per batch)
+        │ pickle fn (once per call)
+        ▼
+   ┌──────────┐  deque.append     ┌───────────────────────────┐  FN, BATCH    ┌──────────────┐
+   │ Batch ×n │ ───────────────▶  │ pending ──▶ pick worker ──┼─────────────▶ │ worker 0     │
+   └──────────┘  + wake-up byte   │             (idle first,  │  duplex pipe  │  unpickle,   │
+                                  │              then 1 small │ ◀─────────────│  run, pickle │
+        ▲                         │              prefetch)    │   RESULTS     └──────────────┘
+        │ sink.deliver            │                           │                ┌────────────┐
+        └──────────────────────── │ inflight[w]: what each    │ ─────────────▶ │ worker 1   │
+          (AsyncResult, Future,   │ worker holds, in order    │ ◀───────────── │            │
+           imap iterator)         │                           │                └────────────┘
+                                  │ selector: every pipe, every worker's sentinel,
+                                  │ the wake-up pipe; deadlines for task timeouts
+                                  └───────────────────────────┘
+
+Actors.
+
+*Callers* (any thread) turn their input into batches: the arguments of
+consecutive tasks pickled as one payload, plus a reference to the callable,
+which was pickled once with cloudpickle. They append to ``pending`` and write a
+byte to the wake-up pipe (only when the dispatcher may be asleep). No lock is
+taken per task, and no feeder thread stands between callers and pipes.
+
+*The dispatcher thread* owns every worker and every pipe; nothing else touches
+them. It waits on all pipes, all worker sentinels and the wake-up pipe at once
+with one persistent selector. It sends a batch to an idle worker first; while
+every worker is busy, it keeps one more small batch (the *prefetch*) queued in
+each worker's pipe so no worker waits for its next batch. A batch larger than
+the prefetch limit is sent only to an idle worker: a worker blocked writing a
+large result and a dispatcher blocked writing a large batch to it would
+otherwise deadlock, and this rule is what makes plain blocking sends safe.
+
+It knows, at every moment, which batches each worker holds (``inflight``, in
+the order sent; a worker runs them in that order). When a worker dies, its
+shared slot says which batch and which item were running: that item fails with
+WorkerCrashedError naming the exit code or signal; items of the batch that had
+already run (their results died with the worker) fail too; everything that
+had not started goes back to the front of ``pending``. The worker is replaced.
+
+*Workers* (``_worker.py``) run batches and answer each with one message.
+
+*Sinks* (``_batch.Sink``) receive outcomes on the dispatcher thread: the API
+layer's AsyncResult, Future and imap iterators.
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing.context
+import os
+import pickle
+import selectors
+import signal
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from typing import Any
+
+import cloudpickle
+
+from .._exceptions import (
+    InitializerError,
+    ProcpoolError,
+    SerializationError,
+    TaskTimeoutError,
+    WorkerCrashedError,
+    describe_exitcode,
+)
+from . import _protocol as P
+from ._batch import Batch
+from ._worker import FN_CACHE_SIZE, worker_main
+
+__all__ = ["Dispatcher", "PoolClosedError"]
+
+# Largest batch that may wait in a busy worker's pipe: well under the kernel's
+# socket buffer (~200 KiB on Linux), so sending it can never block.
+PREFETCH_BYTES = 64 * 1024
+# Batches per worker: one running, one waiting in the pipe.
+WINDOW = 2
+# Workers that die before they are ready, in a row, before we stop replacing them.
+MAX_STARTUP_DEATHS = 3
+# How long terminate() lets workers exit on SIGTERM before SIGKILL.
+TERMINATE_GRACE = 0.5
+
+
+class PoolClosedError(ProcpoolError, ValueError):
+    """A task was submitted to a pool that is closed or terminated."""
+
+
+class _Worker:
+    """The dispatcher's record of one worker process."""
+
+    __slots__ = (
+        "conn", "deadline_item", "fns", "id", "inflight", "pid", "process", "ready",
+        "retiring", "slot", "tasks_done", "timed_out",
+    )
+
+    def __init__(self, wid: int, process: Any, conn: Any, slot: Any) -> None:
+        self.id = wid
+        self.process = process
+        self.pid: int = process.pid
+        self.conn = conn
+        self.slot = slot
+        self.inflight: deque[Batch] = deque()
+        self.fns: OrderedDict[int, None] = OrderedDict()  # mirror of the worker's cache
+        self.tasks_done = 0
+        self.ready = False
+        self.retiring = False
+        self.timed_out: tuple[int, int] | None = None  # (batch id, item) we killed it for
+        self.deadline_item: tuple[int, int] | None = None
+
+    def read_slot(self) -> tuple[int, int, float]:
+        for _ in range(100):  # the worker may be writing: read until stable
+            batch = int(self.slot[P.SLOT_BATCH])
+            item = int(self.slot[P.SLOT_ITEM])
+            started = float(self.slot[P.SLOT_STARTED])
+            if int(self.slot[P.SLOT_BATCH]) == batch and int(self.slot[P.SLOT_ITEM]) == item:
+                return batch, item, started
+        return batch, item, started
+
+
+class Dispatcher:
+    """Runs batches on a set of worker processes; see the module docstring.
+
+    Thread-safe: ``submit``, ``close``, ``terminate`` and ``join`` may be called
+    from any thread. Sinks are called on the dispatcher thread.
+    """
+
+    def __init__(
+        self,
+        ctx: multiprocessing.context.BaseContext,
+        workers: int,
+        *,
+        initializer: Callable[..., Any] | None = None,
+        initargs: tuple[Any, ...] = (),
+        max_tasks_per_worker: int | None = None,
+        line_stdio: bool = True,
+    ) -> None:
+        self._ctx = ctx
+        self._size = workers
+        self._max_tasks = max_tasks_per_worker
+        self._line_stdio = line_stdio
+        self._init_bytes = self._pickle_initializer(initializer, initargs)
+        self._pending: deque[Batch] = deque()
+        self._workers: dict[int, _Worker] = {}
+        self._wids = itertools.count()
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._wake_pending = False
+        self._closing = False  # no new work; finish what is there, then stop workers
+        self._terminating = False  # drop everything now
+        self._broken: BaseException | None = None
+        self._startup_deaths = 0
+        self._lock = threading.Lock()  # orders submit() against the final shutdown
+        self._stopped = False
+        self.crashes = 0
+        self._thread = threading.Thread(target=self._run, name="procpool-dispatcher", daemon=True)
+        for _ in range(workers):
+            self._spawn()
+        self._thread.start()
+
+    # ----------------------------------------------------------- caller side
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def broken(self) -> BaseException | None:
+        """The error that stopped the pool from running tasks (a failed initializer), if any."""
+        return self._broken
+
+    @property
+    def accepting(self) -> bool:
+        return not (self._closing or self._terminating)
+
+    def submit(self, batches: list[Batch]) -> None:
+        """Queue batches to run. Raises PoolClosedError once close() or terminate() was called."""
+        with self._lock:
+            if not self.accepting or self._stopped:
+                raise PoolClosedError("Pool not running")
+            if self._broken is None:
+                self._pending.extend(batches)
+                self._wake()
+                return
+        for batch in batches:
+            batch.fail(0, len(batch.items), self._broken)
+
+    def close(self) -> None:
+        """Stop accepting work; the queued work still runs, then the workers exit."""
+        self._closing = True
+        self._wake()
+
+    def terminate(self, wait: bool = True) -> None:
+        """Stop now: kill the workers; queued and running tasks fail."""
+        self._closing = self._terminating = True
+        self._wake()
+        if wait:
+            self.join()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the dispatcher (and so every worker) to finish; True if it has."""
+        if threading.current_thread() is self._thread:
+            return False
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            return False
+        self._reap_everything()
+        return True
+
+    def _wake(self) -> None:
+        if not self._wake_pending:
+            self._wake_pending = True
+            try:
+                os.write(self._wake_w, b"\0")
+            except (BlockingIOError, OSError):
+                pass
+
+    # ------------------------------------------------------ dispatcher loop
+
+    def _run(self) -> None:
+        try:
+            while True:
+                self._schedule()
+                if self._finished():
+                    break
+                for key, _ in self._sel.select(self._poll_timeout()):
+                    self._on_ready(key)
+                self._enforce_timeouts()
+        except BaseException as exc:  # noqa: BLE001 - never leave callers hanging
+            self._fail_everything(
+                ProcpoolError(f"procpool's dispatcher failed: {type(exc).__name__}: {exc}")
+            )
+            raise
+        finally:
+            with self._lock:
+                self._stopped = True
+            self._fail_everything(PoolClosedError("the pool was shut down"))
+            self._stop_workers()
+
+    def _on_ready(self, key: selectors.SelectorKey) -> None:
+        if key.data is None:
+            self._drain_wake()
+            return
+        kind, worker = key.data
+        if worker.id not in self._workers:
+            return  # a previous event in this round already buried it
+        if kind == "conn":
+            self._on_message(worker)
+        else:
+            self._on_exit(worker)
+
+    def _drain_wake(self) -> None:
+        try:
+            os.read(self._wake_r, 4096)
+        except BlockingIOError:
+            pass
+        self._wake_pending = False
+
+    def _finished(self) -> bool:
+        if self._terminating:
+            self._fail_everything(PoolClosedError("the pool was terminated"))
+            return True
+        if not self._closing:
+            return False
+        return not self._pending and not any(w.inflight for w in self._workers.values())
+
+    def _poll_timeout(self) -> float | None:
+        # Wake up in time for the nearest task deadline; without timed tasks, sleep.
+        now = time.monotonic()
+        nearest: float | None = None
+        for worker in self._workers.values():
+            if not worker.inflight or worker.inflight[0].policy.timeout is None:
+                continue
+            head = worker.inflight[0]
+            batch_id, item, started = worker.read_slot()
+            if batch_id == head.id and item >= 0:
+                left = max(0.0, started + head.policy.timeout - now) + 0.001
+            else:
+                left = 0.01  # not started yet: look again soon
+            nearest = left if nearest is None else min(nearest, left)
+        return nearest
+
+    # ------------------------------------------------------------ sending
+
+    def _schedule(self) -> None:
+        pending = self._pending
+        while pending and not self._terminating:
+            batch = pending[0]
+            worker = self._pick_worker(batch)
+            if worker is None:
+                return
+            pending.popleft()
+            if batch.on_start is not None and not batch.on_start():
+                continue  # cancelled before it started
+            self._send(worker, batch)
+
+    def _pick_worker(self, batch: Batch) -> _Worker | None:
+        best: _Worker | None = None
+        for worker in self._workers.values():
+            if worker.retiring or worker.timed_out:
+                continue
+            held = len(worker.inflight)
+            if held == 0:
+                return worker
+            if held < WINDOW and (best is None or held < len(best.inflight)):
+                best = worker
+        if best is None:
+            return None
+        extra = 0 if batch.fn.id in best.fns else len(batch.fn.data)
+        if batch.size + extra > PREFETCH_BYTES:
+            return None  # only an idle worker may take a large batch
+        if self._max_tasks and best.tasks_done + self._held_items(best) >= self._max_tasks:
+            return None
+        return best
+
+    @staticmethod
+    def _held_items(worker: _Worker) -> int:
+        return sum(len(b.items) for b in worker.inflight)
+
+    def _send(self, worker: _Worker, batch: Batch) -> None:
+        worker.inflight.append(batch)
+        fn = batch.fn
+        try:
+            if fn.id in worker.fns:
+                worker.fns.move_to_end(fn.id)
+            else:
+                worker.conn.send_bytes(P.dumps((P.FN, fn.id, fn.data)))
+                worker.fns[fn.id] = None
+                if len(worker.fns) > FN_CACHE_SIZE:
+                    worker.fns.popitem(last=False)
+            first = batch.first_index if batch.named else -1
+            timed = batch.policy.timeout is not None
+            worker.conn.send_bytes(
+                P.dumps((P.BATCH, batch.id, fn.id, batch.star, timed, first, batch.payload))
+            )
+        except OSError:
+            # The worker is gone; its sentinel will fire and this batch,
+            # never started, goes back to the queue then.
+            worker.retiring = True
+        if self._max_tasks and worker.tasks_done + self._held_items(worker) >= self._max_tasks:
+            worker.retiring = True
+
+    # ----------------------------------------------------------- receiving
+
+    def _on_message(self, worker: _Worker) -> None:
+        try:
+            msg = pickle.loads(worker.conn.recv_bytes())
+        except (EOFError, OSError):
+            # The worker is exiting; its sentinel reports how.
+            self._sel.unregister(worker.conn)
+            return
+        tag = msg[0]
+        if tag == P.RESULTS:
+            self._on_results(worker, msg[1], msg[2])
+        elif tag == P.READY:
+            worker.ready = True
+            self._startup_deaths = 0
+        elif tag == P.INIT_FAILED:
+            self._on_init_failed(msg[1], msg[2])
+
+    def _on_results(self, worker: _Worker, batch_id: int, payload: bytes) -> None:
+        batch = worker.inflight.popleft()
+        assert batch.id == batch_id, (batch.id, batch_id)
+        worker.tasks_done += len(batch.items)
+        try:
+            values, errors = pickle.loads(payload)
+        except BaseException as exc:  # noqa: BLE001
+            err = SerializationError(
+                f"cannot unpickle the results of tasks {batch.first_index}.."
+                f"{batch.first_index + len(batch.items) - 1} in the parent: "
+                f"{type(exc).__name__}: {exc}"
+            )
+            err.__cause__ = exc
+            batch.fail(0, len(batch.items), err)
+        else:
+            if values is None:
+                self._on_unpickle_failure(batch, errors)
+            else:
+                self._deliver(batch, values, errors)
+        if worker.retiring and not worker.inflight:
+            self._retire(worker)
+
+    def _deliver(
+        self, batch: Batch, values: list[Any], errors: dict[int, BaseException] | None
+    ) -> None:
+        retry = set()
+        if errors and batch.policy.retries:
+            retry = {i for i, e in errors.items() if batch.policy.should_retry(e, batch.attempts)}
+        if not retry:
+            batch.sink.deliver(batch.first_index, values, errors)
+            return
+        assert errors is not None
+        for i in sorted(retry, reverse=True):
+            self._pending.appendleft(batch.subset(i, i + 1, attempts=batch.attempts + 1))
+        for i, value in enumerate(values):  # the others, one by one around the gaps
+            if i not in retry:
+                error = {0: errors[i]} if i in errors else None
+                batch.sink.deliver(batch.first_index + i, [value], error)
+
+    def _on_unpickle_failure(self, batch: Batch, error: BaseException) -> None:
+        if len(batch.items) > 1:
+            # Nothing in it ran: try each item on its own, so only the bad one fails.
+            for i in reversed(range(len(batch.items))):
+                self._pending.appendleft(batch.subset(i, i + 1))
+        else:
+            batch.fail(0, 1, error)
+
+    def _on_init_failed(self, name: str, error: BaseException) -> None:
+        err = InitializerError(
+            f"the pool's initializer {name!r} raised "
+            f"{type(error).__name__}: {error}; no task can run"
+        )
+        err.__cause__ = error
+        self._break(err)
+
+    def _break(self, err: BaseException) -> None:
+        if self._broken is None:
+            self._broken = err
+        self._fail_everything(self._broken)
+
+    # ------------------------------------------------------- worker death
+
+    def _on_exit(self, worker: _Worker) -> None:
+        self._drain_messages(worker)
+        exitcode = self._bury(worker)
+        if worker.inflight:
+            self.crashes += 1
+            self._settle_inflight(worker, exitcode)
+        elif not worker.retiring and not self._closing:
+            self.crashes += 1
+        if not worker.ready and self._init_bytes is not None and self._broken is None:
+            if not worker.retiring:
+                self._break(InitializerError(
+                    f"a worker died while running the pool's initializer: "
+                    f"{describe_exitcode(exitcode)}; no task can run"
+                ))
+        elif not worker.ready and not worker.retiring:
+            self._startup_deaths += 1
+            if self._startup_deaths >= MAX_STARTUP_DEATHS and self._broken is None:
+                self._break(WorkerCrashedError(
+                    f"{self._startup_deaths} workers in a row died while starting "
+                    f"({describe_exitcode(exitcode)}); giving up",
+                    exitcode=exitcode,
+                ))
+        self._replenish()
+
+    def _drain_messages(self, worker: _Worker) -> None:
+        try:
+            while worker.conn.poll():
+                msg = pickle.loads(worker.conn.recv_bytes())
+                if msg[0] == P.RESULTS:
+                    self._on_results(worker, msg[1], msg[2])
+                elif msg[0] == P.INIT_FAILED:
+                    self._on_init_failed(msg[1], msg[2])
+        except (EOFError, OSError):
+            pass
+
+    def _bury(self, worker: _Worker) -> int | None:
+        """Forget a worker that has exited, reap it, and return its exit code."""
+        del self._workers[worker.id]
+        for obj in (worker.conn, worker.process.sentinel):
+            try:
+                self._sel.unregister(obj)
+            except (KeyError, ValueError):
+                pass
+        worker.process.join(1.0)
+        worker.conn.close()
+        exitcode: int | None = worker.process.exitcode
+        if exitcode is not None:
+            worker.process.close()
+        return exitcode
+
+    def _settle_inflight(self, worker: _Worker, exitcode: int | None) -> None:
+        """Fail what the dead worker was running; re-queue what it had not started."""
+        head = worker.inflight.popleft()
+        requeue = list(worker.inflight)
+        slot_batch, item, _ = worker.read_slot()
+        if slot_batch == head.id:
+            self._settle_started(worker, head, item, exitcode, requeue)
+        else:
+            requeue.insert(0, head)
+        self._pending.extendleft(reversed(requeue))
+        worker.inflight.clear()
+
+    def _settle_started(
+        self, worker: _Worker, head: Batch, item: int, exitcode: int | None, requeue: list[Batch]
+    ) -> None:
+        n = len(head.items)
+        how = describe_exitcode(exitcode)
+        who = f"worker {worker.id} (pid {worker.pid})"
+        if item == P.ITEM_UNPICKLING or item >= n:
+            stage = "unpickling the arguments of" if item < 0 else "sending the results of"
+            self._fail_or_retry(head, 0, n, lambda i: WorkerCrashedError(
+                f"{who} died while {stage} {head.task_name(i)}: {how}",
+                exitcode=exitcode, pid=worker.pid, task_index=head.first_index + i,
+            ))
+            return
+        if worker.timed_out == (head.id, item):
+            timeout = head.policy.timeout
+            self._fail_or_retry(head, item, item + 1, lambda i: TaskTimeoutError(
+                f"{head.task_name(i)} ran longer than its task_timeout of {timeout} s; "
+                f"{who} was killed and replaced", timeout=timeout,
+                task_index=head.first_index + i,
+            ))
+        else:
+            self._fail_or_retry(head, item, item + 1, lambda i: WorkerCrashedError(
+                f"{who} died running {head.task_name(i)}: {how}",
+                exitcode=exitcode, pid=worker.pid, task_index=head.first_index + i,
+            ))
+        self._fail_or_retry(head, 0, item, lambda i: WorkerCrashedError(
+            f"{who} died ({how}) after running {head.task_name(i)} but before returning its "
+            f"result; {head.task_name(item)} of the same batch was running",
+            exitcode=exitcode, pid=worker.pid, task_index=head.first_index + i,
+        ))
+        if item + 1 < n:
+            requeue.insert(0, head.tail(item + 1))
+
+    def _fail_or_retry(
+        self, batch: Batch, start: int, stop: int, make: Callable[[int], BaseException]
+    ) -> None:
+        for i in range(start, stop):
+            exc = make(i)
+            if batch.policy.should_retry(exc, batch.attempts):
+                self._pending.appendleft(batch.subset(i, i + 1, attempts=batch.attempts + 1))
+            else:
+                batch.fail(i, i + 1, exc)
+
+    # --------------------------------------------------------- timeouts
+
+    def _enforce_timeouts(self) -> None:
+        now = time.monotonic()
+        for worker in self._workers.values():
+            if not worker.inflight or worker.timed_out:
+                continue
+            head = worker.inflight[0]
+            timeout = head.policy.timeout
+            if timeout is None:
+                continue
+            batch_id, item, started = worker.read_slot()
+            if batch_id == head.id and 0 <= item < len(head.items) and now - started > timeout:
+                worker.timed_out = (head.id, item)
+                _kill(worker.pid, signal.SIGKILL)
+
+    # ------------------------------------------------------ worker set
+
+    def _spawn(self) -> None:
+        wid = next(self._wids)
+        parent_end, child_end = self._ctx.Pipe(duplex=True)
+        slot = self._ctx.RawArray("d", P.SLOT_SIZE)  # type: ignore[attr-defined]
+        process = self._ctx.Process(  # type: ignore[attr-defined]
+            target=worker_main,
+            args=(child_end, slot, self._init_bytes, self._line_stdio),
+            name=f"procpool-worker-{wid}",
+        )
+        process.start()
+        child_end.close()
+        worker = _Worker(wid, process, parent_end, slot)
+        self._workers[wid] = worker
+        self._sel.register(parent_end, selectors.EVENT_READ, ("conn", worker))
+        self._sel.register(process.sentinel, selectors.EVENT_READ, ("exit", worker))
+
+    def _replenish(self) -> None:
+        if self._closing or self._broken is not None:
+            return
+        active = sum(1 for w in self._workers.values() if not w.retiring)
+        for _ in range(self._size - active):
+            self._spawn()
+
+    def _retire(self, worker: _Worker) -> None:
+        try:
+            worker.conn.send_bytes(P.dumps((P.STOP,)))
+        except OSError:
+            pass
+        self._replenish()
+
+    def _stop_workers(self) -> None:
+        for worker in list(self._workers.values()):
+            worker.retiring = True
+            if self._terminating:
+                _kill(worker.pid, signal.SIGTERM)
+            else:
+                try:
+                    worker.conn.send_bytes(P.dumps((P.STOP,)))
+                except OSError:
+                    pass
+        deadline = time.monotonic() + (TERMINATE_GRACE if self._terminating else 5.0)
+        for worker in list(self._workers.values()):
+            worker.process.join(max(0.0, deadline - time.monotonic()))
+            if worker.process.exitcode is None:
+                _kill(worker.pid, signal.SIGKILL)
+                worker.process.join(5.0)
+            if not self._terminating:
+                self._drain_messages(worker)
+            self._bury(worker)
+        self._sel.close()
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _reap_everything(self) -> None:
+        for worker in list(self._workers.values()):  # only if the thread died early
+            _kill(worker.pid, signal.SIGKILL)
+            worker.process.join(5.0)
+
+    def _fail_everything(self, exc: BaseException) -> None:
+        pending, self._pending = list(self._pending), deque()
+        for batch in pending:
+            batch.fail(0, len(batch.items), exc)
+        for worker in self._workers.values():
+            while worker.inflight:
+                batch = worker.inflight.popleft()
+                batch.fail(0, len(batch.items), exc)
+
+    @staticmethod
+    def _pickle_initializer(
+        initializer: Callable[..., Any] | None, initargs: tuple[Any, ...]
+    ) -> bytes | None:
+        if initializer is None:
+            return None
+        try:
+            return bytes(cloudpickle.dumps((initializer, tuple(initargs)), P.PROTOCOL))
+        except Exception as exc:
+            raise SerializationError(
+                f"cannot pickle the initializer {initializer!r} or its initargs: {exc}"
+            ) from exc
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+

@@ -1,0 +1,96 @@
+"""The messages that travel between the dispatcher and a worker.
+
+Every message is one ``Connection.send_bytes`` frame holding a pickled tuple
+whose first element is a one-letter tag. Arguments and results ride inside as
+an already-pickled ``bytes`` payload (protocol 5), so a payload that fails to
+unpickle can be blamed on its batch instead of killing the conversation.
+
+Parent to worker::
+
+    (FN, fn_id, fn_bytes)                  cloudpickled callable, once per worker
+    (BATCH, batch_id, fn_id, star, timed, first_index, payload)
+    (STOP,)
+
+Worker to parent::
+
+    (READY, pid)                           initializer done, serving
+    (INIT_FAILED, name, error)             initializer raised; worker exits
+    (RESULTS, batch_id, payload)           payload = pickle((values, errors))
+"""
+
+from __future__ import annotations
+
+import pickle
+import traceback
+from typing import Any
+
+from .._exceptions import RemoteTraceback, SerializationError
+
+FN = "F"
+BATCH = "B"
+STOP = "S"
+READY = "R"
+INIT_FAILED = "I"
+RESULTS = "D"
+
+# How a batch's items become call arguments.
+CALL_ONE = 0  # fn(item)
+CALL_STAR = 1  # fn(*item)
+CALL_ARGS_KWARGS = 2  # fn(*item[0], **item[1])
+
+PROTOCOL = 5
+
+# Shared slot layout, one per worker (see _worker.py): which batch and which
+# item of it the worker is on, and when that item started (time.monotonic()).
+SLOT_BATCH, SLOT_ITEM, SLOT_STARTED = 0, 1, 2
+SLOT_SIZE = 3
+ITEM_UNPICKLING = -1  # slot item while the batch's arguments are being unpickled
+
+
+def dumps(obj: Any) -> bytes:
+    return pickle.dumps(obj, PROTOCOL)
+
+
+def attach_traceback(exc: BaseException) -> BaseException:
+    """Give ``exc`` its worker-side traceback text as ``__cause__``, ready to be pickled."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    exc.__cause__ = RemoteTraceback(f'\n"""\n{tb}"""')
+    exc.__traceback__ = None
+    return _Portable(exc)  # type: ignore[return-value]
+
+
+class _Portable:
+    """Pickles an exception together with its ``__cause__`` (plain pickling drops it)."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _rebuild_exc, (self.exc, self.exc.__cause__)
+
+
+def _rebuild_exc(exc: BaseException, cause: BaseException | None) -> BaseException:
+    exc.__cause__ = cause
+    return exc
+
+
+def portable_error(exc: BaseException, what: str) -> BaseException:
+    """Return ``exc`` prepared to cross the pipe, or a stand-in that will.
+
+    An exception that cannot make the round trip through pickle (unpicklable
+    attributes, an ``__init__`` that rejects its own ``args``) is replaced by a
+    SerializationError that keeps its type name, message and traceback text.
+    """
+    wrapped = attach_traceback(exc)
+    try:
+        pickle.loads(dumps(wrapped))
+    except Exception as err:
+        stand_in = SerializationError(
+            f"{what} raised {type(exc).__qualname__}: {exc}, "
+            f"which cannot be sent back to the parent ({type(err).__name__}: {err})"
+        )
+        stand_in.__cause__ = exc.__cause__
+        return _Portable(stand_in)  # type: ignore[return-value]
+    return wrapped

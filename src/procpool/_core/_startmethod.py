@@ -1,0 +1,71 @@
+"""Which start method procpool uses, and why.
+
+The default is ``forkserver`` on Linux and ``spawn`` elsewhere (macOS, Windows).
+``fork`` is never the default: forking a process that already runs threads (a
+web server, a notebook kernel, procpool's own dispatcher thread) can deadlock
+the child on a lock some other thread held, and Python 3.12+ warns about it.
+``forkserver`` is safe because it forks from a small single-threaded server
+process; it costs one server start (about 50-100 ms, once per interpreter) and
+a few milliseconds per worker. ``fork`` stays available for those who want it.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.context
+import sys
+from typing import Union
+
+__all__ = ["ContextLike", "default_start_method", "resolve_context"]
+
+ContextLike = Union[str, multiprocessing.context.BaseContext, None, object]
+
+_PRELOAD = "procpool._core._worker"
+
+
+def default_start_method() -> str:
+    """Return the start method procpool uses when none is given."""
+    if sys.platform.startswith("linux"):
+        return "forkserver"
+    return "spawn"
+
+
+def resolve_context(context: ContextLike = None) -> multiprocessing.context.BaseContext:
+    """Turn ``None``, a method name, a procpool Context or a multiprocessing context into the latter.
+
+    Raises:
+        ValueError: if the name is not a start method available on this platform.
+        TypeError: if ``context`` is none of the accepted kinds.
+    """
+    if context is None:
+        context = default_start_method()
+    if isinstance(context, str):
+        if context not in multiprocessing.get_all_start_methods():
+            raise ValueError(
+                f"unknown start method {context!r}; "
+                f"this platform has {multiprocessing.get_all_start_methods()}"
+            )
+        ctx = multiprocessing.get_context(context)
+    elif isinstance(context, multiprocessing.context.BaseContext):
+        ctx = context
+    elif isinstance(getattr(context, "mp_context", None), multiprocessing.context.BaseContext):
+        ctx = context.mp_context  # type: ignore[attr-defined]
+    else:
+        raise TypeError(
+            f"context must be a start method name or a multiprocessing context, "
+            f"not {type(context).__name__}"
+        )
+    if ctx.get_start_method() == "forkserver":
+        _preload_worker_module(ctx)
+    return ctx
+
+
+def _preload_worker_module(ctx: multiprocessing.context.BaseContext) -> None:
+    # Workers forked from a server that has already imported procpool start in
+    # milliseconds instead of re-importing it. The stdlib preloads '__main__' by
+    # default; keep whatever is there and add ours. No effect once the server runs.
+    from multiprocessing import forkserver
+
+    current = list(getattr(forkserver._forkserver, "_preload_modules", ["__main__"]))
+    if _PRELOAD not in current:
+        ctx.set_forkserver_preload([*current, _PRELOAD])  # type: ignore[attr-defined]

@@ -1,0 +1,183 @@
+"""The loop a worker process runs.
+
+A worker owns one end of a duplex pipe to the parent's dispatcher. It reads one
+message at a time, runs batches in the order they arrive, and answers each with
+one RESULTS message. It never talks to another worker.
+
+It also publishes, in a small shared-memory slot, which batch and which item of
+that batch it is running and when the item started. The dispatcher reads the
+slot only when it needs to: when the worker dies (to fail exactly the task that
+was running and re-dispatch the ones that had not started) and to enforce
+per-task timeouts. Writing the slot costs one store per item; no message.
+
+A watchdog thread waits on the parent's sentinel and ends the worker within
+milliseconds of the parent's death, even in the middle of a task.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import threading
+import time
+from collections import OrderedDict
+from multiprocessing import parent_process
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+import cloudpickle
+
+from .._exceptions import SerializationError
+from . import _protocol as P
+
+# How many callables a worker keeps unpickled; the dispatcher mirrors this
+# cache exactly, so it knows which callables it must send again.
+FN_CACHE_SIZE = 64
+
+# Exit code of a worker whose parent died: it had nobody to report to.
+_ORPHAN_EXIT = 70
+
+
+def worker_main(conn: Connection, slot: Any, init_bytes: bytes | None, stdio: bool) -> None:
+    """Entry point of a worker process (the ``target`` of its Process)."""
+    if stdio:
+        from ._stdio import install_line_writers
+
+        install_line_writers()
+    # Ctrl-C in a terminal reaches the whole process group; the parent decides
+    # what happens to workers, so they must not die on their own mid-task.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _watch_parent()
+    if init_bytes is not None and not _run_initializer(conn, init_bytes):
+        return
+    conn.send_bytes(P.dumps((P.READY, os.getpid())))
+    _serve(conn, memoryview(slot).cast("B").cast("d"))
+
+
+def _watch_parent() -> None:
+    parent = parent_process()
+    if parent is None:
+        return
+    sentinel = parent.sentinel
+
+    def watch() -> None:
+        wait([sentinel])
+        os._exit(_ORPHAN_EXIT)
+
+    threading.Thread(target=watch, name="procpool-parent-watchdog", daemon=True).start()
+
+
+def _run_initializer(conn: Connection, init_bytes: bytes) -> bool:
+    name = "<unpicklable initializer>"
+    try:
+        initializer, initargs = cloudpickle.loads(init_bytes)
+        name = getattr(initializer, "__qualname__", repr(initializer))
+        initializer(*initargs)
+    except BaseException as exc:  # noqa: BLE001 - anything, SystemExit included, is a failure
+        error = P.portable_error(exc, f"initializer {name}")
+        conn.send_bytes(P.dumps((P.INIT_FAILED, name, error)))
+        return False
+    return True
+
+
+def _serve(conn: Connection, slot: memoryview) -> None:
+    fns: OrderedDict[int, Any] = OrderedDict()
+    while True:
+        try:
+            data = conn.recv_bytes()
+        except (EOFError, OSError):
+            return  # the parent closed the pipe: nothing more will come
+        msg = pickle.loads(data)
+        tag = msg[0]
+        if tag == P.BATCH:
+            reply = _run_batch(msg, fns, slot)
+            conn.send_bytes(P.dumps((P.RESULTS, msg[1], reply)))
+        elif tag == P.FN:
+            fns[msg[1]] = msg[2]  # unpickled at first use, so a crash is blamed on a batch
+            if len(fns) > FN_CACHE_SIZE:
+                fns.popitem(last=False)
+        elif tag == P.STOP:
+            return
+
+
+def _run_batch(msg: tuple[Any, ...], fns: OrderedDict[int, Any], slot: memoryview) -> bytes:
+    _, batch_id, fn_id, star, timed, first_index, payload = msg
+    slot[P.SLOT_ITEM] = P.ITEM_UNPICKLING
+    slot[P.SLOT_STARTED] = time.monotonic()
+    slot[P.SLOT_BATCH] = batch_id
+    try:
+        fn = _callable(fns, fn_id)
+    except BaseException as exc:  # noqa: BLE001
+        err = SerializationError(f"cannot unpickle the callable in the worker: {exc!r}")
+        err.__cause__ = exc
+        return P.dumps((None, P.portable_error(err, "unpickling the callable")))
+    try:
+        items = pickle.loads(payload)
+    except BaseException as exc:  # noqa: BLE001
+        err = SerializationError(f"cannot unpickle the task's arguments in the worker: {exc!r}")
+        err.__cause__ = exc
+        return P.dumps((None, P.portable_error(err, "unpickling the arguments")))
+    values, errors = _call_all(fn, star, timed, first_index, items, slot)
+    slot[P.SLOT_ITEM] = len(items)  # from here on, a crash is in sending the results
+    try:
+        return P.dumps((values, errors))
+    except BaseException:  # noqa: BLE001 - find which results will not pickle
+        return _dumps_item_by_item(values, errors, first_index)
+
+
+def _callable(fns: OrderedDict[int, Any], fn_id: int) -> Any:
+    fn = fns[fn_id]
+    if isinstance(fn, bytes):
+        fn = fns[fn_id] = cloudpickle.loads(fn)
+    fns.move_to_end(fn_id)
+    return fn
+
+
+def _call_all(
+    fn: Any, star: int, timed: bool, first_index: int, items: list[Any], slot: memoryview
+) -> tuple[list[Any], dict[int, BaseException] | None]:
+    values: list[Any] = []
+    append = values.append
+    errors: dict[int, BaseException] | None = None
+    for i, item in enumerate(items):
+        slot[P.SLOT_ITEM] = i
+        if timed:
+            slot[P.SLOT_STARTED] = time.monotonic()
+        try:
+            if star == P.CALL_ONE:
+                append(fn(item))
+            elif star == P.CALL_STAR:
+                append(fn(*item))
+            else:
+                append(fn(*item[0], **item[1]))
+        except BaseException as exc:  # noqa: BLE001 - SystemExit in a task is its result
+            append(None)
+            if errors is None:
+                errors = {}
+            errors[i] = P.portable_error(exc, _task_name(first_index, i))
+    return values, errors
+
+
+def _dumps_item_by_item(
+    values: list[Any], errors: dict[int, BaseException] | None, first_index: int
+) -> bytes:
+    errors = dict(errors or {})
+    for i, value in enumerate(values):
+        if i in errors:
+            continue
+        try:
+            P.dumps(value)
+        except BaseException as exc:  # noqa: BLE001
+            err = SerializationError(
+                f"cannot pickle the result of {_task_name(first_index, i)} "
+                f"(type {type(value).__module__}.{type(value).__qualname__}): "
+                f"{type(exc).__name__}: {exc}"
+            )
+            errors[i] = P.portable_error(err, "pickling the result")
+            values[i] = None
+    return P.dumps((values, errors))
+
+
+def _task_name(first_index: int, i: int) -> str:
+    return "the task" if first_index < 0 else f"task {first_index + i}"

@@ -1,0 +1,210 @@
+"""``procpool.ProcessPoolExecutor``: the :mod:`concurrent.futures` surface on procpool's engine."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from multiprocessing import TimeoutError as MPTimeoutError
+from typing import Any, TypeVar
+
+from ._core import _protocol as P
+from ._core._startmethod import ContextLike
+from ._results import IMapIterator
+from ._runner import _UNSET, Runner, check_chunksize, default_workers, make_policy
+
+__all__ = ["ProcessPoolExecutor"]
+
+T = TypeVar("T")
+
+
+class _FutureSink:
+    """Hands a single task's outcome to its Future."""
+
+    __slots__ = ("future", "owner")
+
+    def __init__(self, future: cf.Future[Any], owner: ProcessPoolExecutor) -> None:
+        self.future = future
+        self.owner = owner
+
+    def start(self) -> bool:
+        """Called as the task is sent to a worker; False (cancelled) drops it."""
+        if self.future.set_running_or_notify_cancel():
+            return True
+        self.owner._forget(self.future)
+        return False
+
+    def deliver(self, first: int, values: list[Any], errors: dict[int, BaseException] | None) -> None:
+        self.owner._forget(self.future)
+        if self.future.done():
+            return
+        if errors:
+            self.future.set_exception(errors[0])
+        else:
+            self.future.set_result(values[0])
+
+
+class ProcessPoolExecutor(cf.Executor):
+    """A drop-in for :class:`concurrent.futures.ProcessPoolExecutor`.
+
+    Its futures are real :class:`concurrent.futures.Future` objects, so
+    ``as_completed``, ``wait`` and asyncio's ``run_in_executor`` work. Unlike the
+    standard library, a worker that dies fails only its own futures (with
+    WorkerCrashedError, a BrokenProcessPool) and the executor keeps serving.
+
+    Args:
+        max_workers: Number of worker processes (default: the CPUs available).
+        mp_context: A start method name or multiprocessing context (default:
+            forkserver on Linux, spawn elsewhere).
+        initializer: Called as ``initializer(*initargs)`` in each worker as it starts.
+        initargs: Arguments for ``initializer``.
+        max_tasks_per_child: Replace a worker after it has run this many tasks.
+        task_timeout: Seconds a task may run (TaskTimeoutError after that).
+        retries: How many times to re-run a task that failed with one of ``retry_on``.
+        retry_on: Exception types that cause a retry (default: crash and timeout).
+
+    Raises:
+        ValueError: if ``max_workers`` <= 0 or ``max_tasks_per_child`` is not positive.
+        TypeError: if ``initializer`` is not callable.
+    """
+
+    def __init__(
+        self,
+        max_workers: int | None = None,
+        mp_context: ContextLike = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: Iterable[Any] = (),
+        *,
+        max_tasks_per_child: int | None = None,
+        task_timeout: float | None = None,
+        retries: int = 0,
+        retry_on: Iterable[type[BaseException]] | None = None,
+    ) -> None:
+        if max_workers is None:
+            max_workers = default_workers()
+        elif isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers <= 0:
+            raise ValueError("max_workers must be greater than 0")
+        if max_tasks_per_child is not None and (
+            not isinstance(max_tasks_per_child, int) or max_tasks_per_child <= 0
+        ):
+            raise ValueError("max_tasks_per_child must be >= 1")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        policy = make_policy(task_timeout, retries, retry_on)
+        self._shutdown_lock = threading.Lock()
+        self._shutdown = False
+        self._pending: set[cf.Future[Any]] = set()
+        self._max_workers = max_workers
+        self._runner = Runner(
+            max_workers, mp_context, initializer, initargs, max_tasks_per_child, policy,
+            drain_at_exit=True,
+        )
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> cf.Future[T]:
+        """Schedule ``fn(*args, **kwargs)``; return a Future.
+
+        Raises:
+            RuntimeError: after shutdown().
+            concurrent.futures.process.BrokenProcessPool: if the initializer failed.
+            SerializationError: if ``fn`` cannot be pickled.
+        """
+        return self._submit(fn, args, kwargs, self._runner.policy)
+
+    def submit_with(
+        self,
+        fn: Callable[..., T],
+        /,
+        *args: Any,
+        task_timeout: float | None = _UNSET,
+        retries: int | None = None,
+        retry_on: Iterable[type[BaseException]] | None = None,
+        **kwargs: Any,
+    ) -> cf.Future[T]:
+        """Like :meth:`submit`, with this task's own ``task_timeout`` / ``retries`` / ``retry_on``."""
+        return self._submit(fn, args, kwargs, self._runner.policy_for(task_timeout, retries, retry_on))
+
+    def _submit(self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any],
+                policy: Any) -> cf.Future[T]:
+        with self._shutdown_lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            broken = self._runner.engine.broken
+            if broken is not None:
+                raise broken
+            future: cf.Future[T] = cf.Future()
+            self._pending.add(future)
+        sink = _FutureSink(future, self)
+        try:
+            self._runner.submit_call(fn, args, kwargs, sink, policy, sink.start)
+        except BaseException:
+            self._forget(future)
+            raise
+        return future
+
+    def map(  # type: ignore[override]
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+        buffersize: int | None = None,
+    ) -> Iterator[T]:
+        """Return an iterator of ``fn(*args)`` over zipped ``iterables``, in order.
+
+        Input is read lazily: at most ``buffersize`` tasks (default: a few per
+        worker) are submitted and not yet yielded, so a huge generator costs
+        little memory. ``timeout`` counts from this call.
+
+        Raises:
+            TimeoutError: from the iterator, if a result is not ready in time.
+            ValueError: if ``chunksize`` < 1.
+        """
+        check_chunksize(chunksize)
+        with self._shutdown_lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+        end = None if timeout is None else time.monotonic() + timeout
+        if buffersize is None:
+            buffersize = max(8 * self._max_workers, 4 * self._max_workers * chunksize)
+        it: IMapIterator[T] = IMapIterator(
+            self._runner.chunk_submitter(fn, P.CALL_STAR, self._runner.policy),
+            zip(*iterables), chunksize, buffersize, ordered=True,
+        )
+        return _map_results(it, end)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting work; optionally cancel what has not started; optionally wait.
+
+        Safe to call more than once.
+        """
+        with self._shutdown_lock:
+            self._shutdown = True
+            pending = list(self._pending) if cancel_futures else []
+        for future in pending:
+            future.cancel()
+        engine = self._runner.engine
+        engine.close()
+        if wait:
+            engine.join()
+
+    def _forget(self, future: cf.Future[Any]) -> None:
+        with self._shutdown_lock:
+            self._pending.discard(future)
+
+    def __repr__(self) -> str:
+        return f"<procpool.ProcessPoolExecutor max_workers={self._max_workers}>"
+
+
+def _map_results(it: IMapIterator[T], end: float | None) -> Iterator[T]:
+    try:
+        while True:
+            remaining = None if end is None else max(0.0, end - time.monotonic())
+            try:
+                yield it.next(remaining)
+            except StopIteration:
+                return
+            except MPTimeoutError:
+                raise cf.TimeoutError from None
+    finally:
+        it.close()

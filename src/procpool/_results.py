@@ -1,0 +1,286 @@
+"""Where outcomes land: AsyncResult for one call or a whole map, and the lazy imap iterator.
+
+Each class here is a ``_core._batch.Sink``: the dispatcher thread calls
+``deliver`` with the outcomes of consecutive tasks; callers wait on them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from itertools import islice
+from multiprocessing import TimeoutError as MPTimeoutError
+from typing import Any, Generic, TypeVar
+
+from ._core._batch import Batch
+
+T = TypeVar("T")
+
+__all__ = ["ApplyResult", "AsyncResult", "IMapIterator", "MapResult"]
+
+
+class AsyncResult(Generic[T]):
+    """The pending outcome of ``apply_async``, ``map_async`` or ``starmap_async``.
+
+    Compatible with :class:`multiprocessing.pool.AsyncResult`.
+    """
+
+    def __init__(
+        self,
+        callback: Callable[[T], object] | None = None,
+        error_callback: Callable[[BaseException], object] | None = None,
+    ) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._callback = callback
+        self._error_callback = error_callback
+        self._value: Any = None
+        self._success = False
+
+    def ready(self) -> bool:
+        """Return whether the call has completed."""
+        return self._event.is_set()
+
+    def successful(self) -> bool:
+        """Return whether the call completed without raising.
+
+        Raises:
+            ValueError: if the result is not ready yet.
+        """
+        if not self.ready():
+            raise ValueError(f"{self!r} not ready")
+        return self._success
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait until the result is available or ``timeout`` seconds pass."""
+        self._event.wait(timeout)
+
+    def get(self, timeout: float | None = None) -> T:
+        """Return the result when it arrives.
+
+        Raises:
+            multiprocessing.TimeoutError: if it does not arrive within ``timeout`` seconds.
+            BaseException: the task's own exception (with the worker traceback as
+                ``__cause__``), WorkerCrashedError, TaskTimeoutError, SerializationError.
+        """
+        self.wait(timeout)
+        if not self.ready():
+            raise MPTimeoutError
+        if self._success:
+            return self._value  # type: ignore[no-any-return]
+        raise self._value
+
+    def _finish(self, success: bool, value: Any) -> None:
+        # Callbacks run before waiters wake, as in the stdlib; an exception in a
+        # callback becomes the call's outcome rather than vanishing in a thread.
+        try:
+            if success and self._callback is not None:
+                self._callback(value)
+            elif not success and self._error_callback is not None:
+                self._error_callback(value)
+        except BaseException as exc:  # noqa: BLE001
+            success, value = False, exc
+        self._success, self._value = success, value
+        self._event.set()
+
+
+ApplyResult = AsyncResult
+
+
+class _ApplySink(AsyncResult[T]):
+    def deliver(self, first: int, values: list[Any], errors: dict[int, BaseException] | None) -> None:
+        if errors:
+            self._finish(False, errors[0])
+        else:
+            self._finish(True, values[0])
+
+
+class MapResult(AsyncResult[list[T]]):
+    """The pending outcome of a whole ``map_async``: a list, or the first task's error."""
+
+    def __init__(
+        self,
+        length: int,
+        callback: Callable[[list[T]], object] | None = None,
+        error_callback: Callable[[BaseException], object] | None = None,
+        *,
+        return_exceptions: bool = False,
+    ) -> None:
+        super().__init__(callback, error_callback)
+        self._values: list[Any] = [None] * length
+        self._left = length
+        self._first_error: tuple[int, BaseException] | None = None
+        self._return_exceptions = return_exceptions
+        if length == 0:
+            self._finish(True, self._values)
+
+    def deliver(self, first: int, values: list[Any], errors: dict[int, BaseException] | None) -> None:
+        with self._lock:
+            self._values[first : first + len(values)] = values
+            if errors:
+                self._note_errors(first, errors)
+            self._left -= len(values)
+            done = self._left == 0
+        if done:
+            if self._first_error is None or self._return_exceptions:
+                self._finish(True, self._values)
+            else:
+                self._values = []
+                self._finish(False, self._first_error[1])
+
+    def _note_errors(self, first: int, errors: dict[int, BaseException]) -> None:
+        for offset, exc in errors.items():
+            index = first + offset
+            if self._return_exceptions:
+                self._values[index] = exc
+            elif self._first_error is None or index < self._first_error[0]:
+                self._first_error = (index, exc)
+
+
+class IMapIterator(Iterator[T]):
+    """Results of ``imap`` / ``imap_unordered``, pulled lazily with bounded memory.
+
+    The input is read on the consumer's thread, a chunk at a time, only while
+    fewer than ``buffersize`` tasks are submitted-but-not-yet-returned; a slow
+    consumer therefore holds the workers back instead of piling results up.
+    """
+
+    def __init__(
+        self,
+        submit: Callable[[list[Any], int, IMapIterator[T]], list[Batch]],
+        iterable: Any,
+        chunksize: int,
+        buffersize: int,
+        *,
+        ordered: bool,
+        return_exceptions: bool = False,
+    ) -> None:
+        self._submit = submit
+        self._input = iter(iterable)
+        self._chunksize = chunksize
+        self._buffersize = max(buffersize, chunksize)
+        self._ordered = ordered
+        self._return_exceptions = return_exceptions
+        self._cond = threading.Condition(threading.Lock())
+        self._chunks: dict[int, tuple[list[Any], dict[int, BaseException] | None]] = {}
+        self._arrived: deque[tuple[list[Any], dict[int, BaseException] | None]] = deque()
+        self._current: list[Any] = []
+        self._current_errors: dict[int, BaseException] | None = None
+        self._pos = 0
+        self._next_index = 0  # ordered: index of the first task of the next chunk
+        self._submitted = 0
+        self._yielded = 0
+        self._length: int | None = None  # known once the input is exhausted
+        self._closed = False
+        self._top_up()
+
+    def __iter__(self) -> IMapIterator[T]:
+        return self
+
+    def __next__(self) -> T:
+        return self.next()
+
+    def next(self, timeout: float | None = None) -> T:
+        """Return the next result, waiting at most ``timeout`` seconds.
+
+        Raises:
+            multiprocessing.TimeoutError: if no result arrives in time.
+            StopIteration: when every result has been returned.
+        """
+        if self._pos >= len(self._current) and not self._advance(timeout):
+            raise StopIteration
+        pos = self._pos
+        self._pos = pos + 1
+        self._yielded += 1
+        errors = self._current_errors
+        if errors is not None and pos in errors:
+            exc = errors[pos]
+            if self._return_exceptions:
+                return exc  # type: ignore[return-value]
+            raise exc
+        return self._current[pos]  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        """Stop reading the input; tasks not yet started are dropped."""
+        self._closed = True
+
+    # The consumer's side -------------------------------------------------
+
+    def _advance(self, timeout: float | None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._top_up()
+        with self._cond:
+            while True:
+                chunk = self._take_chunk()
+                if chunk is not None:
+                    break
+                if self._length is not None and self._yielded >= self._length:
+                    return False
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise MPTimeoutError
+                self._cond.wait(remaining)
+        self._current, self._current_errors = chunk
+        self._pos = 0
+        return True
+
+    def _take_chunk(self) -> tuple[list[Any], dict[int, BaseException] | None] | None:
+        if not self._ordered:
+            return self._arrived.popleft() if self._arrived else None
+        chunk = self._chunks.pop(self._next_index, None)
+        if chunk is not None:
+            self._next_index += len(chunk[0])
+        return chunk
+
+    def _top_up(self) -> None:
+        """Submit more input while the buffer has room (runs on the consumer's thread)."""
+        while self._length is None and not self._closed:
+            room = self._buffersize - (self._submitted - self._yielded)
+            if room < self._chunksize and self._submitted > self._yielded:
+                return
+            start = self._submitted
+            try:
+                items = list(islice(self._input, self._chunksize))
+            except BaseException as exc:  # noqa: BLE001 - the input's own error, in place
+                self._end_input(start + 1)
+                self.deliver(start, [None], {0: exc})
+                return
+            if not items:
+                self._end_input(start)
+                return
+            self._submitted += len(items)
+            try:
+                self._submit(items, start, self)
+            except BaseException as exc:  # noqa: BLE001 - pool closed or broken
+                self._end_input(start + len(items))
+                self.deliver(start, [None] * len(items), dict.fromkeys(range(len(items)), exc))
+                return
+
+    def _feed_all(self) -> None:
+        """Submit the rest of the input now, whatever the buffer (Pool.join() needs it)."""
+        self._buffersize = 1 << 62
+        self._top_up()
+
+    def _end_input(self, length: int) -> None:
+        with self._cond:
+            self._length = length
+            self._submitted = length
+            self._cond.notify_all()
+
+    # The dispatcher's side ----------------------------------------------
+
+    def deliver(self, first: int, values: list[Any], errors: dict[int, BaseException] | None) -> None:
+        with self._cond:
+            if self._ordered:
+                self._chunks[first] = (values, errors)
+                if first == self._next_index:
+                    self._cond.notify()
+            else:
+                self._arrived.append((values, errors))
+                self._cond.notify()
+
+    def accepting(self) -> bool:
+        """Whether batches of this iterator should still start (False once closed)."""
+        return not self._closed

@@ -1,0 +1,185 @@
+"""What Pool and ProcessPoolExecutor share: an engine, a callable cache, task policies.
+
+Options that belong together travel as one small frozen object
+(:class:`TaskPolicy` in the engine); this module turns the public keyword
+arguments into it and validates them once, with errors that name the option.
+"""
+
+from __future__ import annotations
+
+import atexit
+import math
+import os
+import threading
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from ._core import _protocol as P
+from ._core._batch import Batch, CallableCache, Sink, TaskPolicy, make_batches
+from ._core._dispatcher import Dispatcher
+from ._core._startmethod import ContextLike, resolve_context
+from ._exceptions import TaskTimeoutError, WorkerCrashedError
+
+DEFAULT_RETRY_ON: tuple[type[BaseException], ...] = (WorkerCrashedError, TaskTimeoutError)
+
+_UNSET: Any = object()
+
+
+def default_workers() -> int:
+    """The CPUs this process may run on (``os.cpu_count()`` where affinity is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def make_policy(
+    task_timeout: float | None, retries: int, retry_on: Iterable[type[BaseException]] | None
+) -> TaskPolicy:
+    """Validate the fault options and bundle them. Raises ValueError/TypeError naming the option."""
+    if task_timeout is not None:
+        if isinstance(task_timeout, bool) or not isinstance(task_timeout, (int, float)):
+            raise TypeError(f"task_timeout must be a number of seconds, not {task_timeout!r}")
+        if not task_timeout > 0 or math.isinf(task_timeout):
+            raise ValueError(f"task_timeout must be a positive number of seconds, not {task_timeout!r}")
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ValueError(f"retries must be an int >= 0, not {retries!r}")
+    kinds = DEFAULT_RETRY_ON if retry_on is None else tuple(retry_on)
+    for kind in kinds:
+        if not (isinstance(kind, type) and issubclass(kind, BaseException)):
+            raise TypeError(f"retry_on must hold exception types, not {kind!r}")
+    return TaskPolicy(task_timeout, retries, kinds)
+
+
+class Runner:
+    """An engine plus the caches that make submitting to it cheap."""
+
+    def __init__(
+        self,
+        workers: int,
+        context: ContextLike,
+        initializer: Callable[..., Any] | None,
+        initargs: Iterable[Any],
+        max_tasks_per_worker: int | None,
+        policy: TaskPolicy,
+        *,
+        drain_at_exit: bool,
+    ) -> None:
+        self.ctx = resolve_context(context)
+        self.policy = policy
+        self.callables = CallableCache()
+        self.engine = Dispatcher(
+            self.ctx,
+            workers,
+            initializer=initializer,
+            initargs=tuple(initargs),
+            max_tasks_per_worker=max_tasks_per_worker,
+        )
+        _register(self.engine, drain_at_exit)
+
+    @property
+    def workers(self) -> int:
+        return self.engine.size
+
+    def policy_for(
+        self, task_timeout: float | None, retries: int | None, retry_on: Any
+    ) -> TaskPolicy:
+        """The pool's policy, with any per-call overrides applied."""
+        if task_timeout is _UNSET and retries is None and retry_on is None:
+            return self.policy
+        base = self.policy
+        return make_policy(
+            base.timeout if task_timeout is _UNSET else task_timeout,
+            base.retries if retries is None else retries,
+            base.retry_on if retry_on is None else retry_on,
+        )
+
+    def submit_call(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        sink: Sink,
+        policy: TaskPolicy,
+        on_start: Callable[[], bool] | None = None,
+    ) -> None:
+        ref = self.callables.get(fn)
+        batches = make_batches(ref, P.CALL_ARGS_KWARGS, [(args, kwargs)], 0, sink, policy, named=False)
+        for batch in batches:
+            batch.on_start = on_start
+        if batches:
+            self.engine.submit(batches)
+
+    def chunk_submitter(
+        self, fn: Callable[..., Any], star: int, policy: TaskPolicy
+    ) -> Callable[[list[Any], int, Sink], list[Batch]]:
+        """A function that submits one chunk of a map, pickling ``fn`` only once.
+
+        A sink with an ``accepting()`` method (a lazy iterator) can drop its
+        batches that have not started yet, once nobody wants their results.
+        """
+        ref = self.callables.get(fn)
+        engine = self.engine
+
+        def submit(items: list[Any], first: int, sink: Sink) -> list[Batch]:
+            batches = make_batches(ref, star, items, first, sink, policy)
+            on_start = getattr(sink, "accepting", None)
+            if on_start is not None:
+                for batch in batches:
+                    batch.on_start = on_start
+            if batches:
+                engine.submit(batches)
+            return batches
+
+        return submit
+
+
+def map_chunksize(length: int, workers: int) -> int:
+    """Default chunk size for a map over ``length`` items: about 4 chunks per worker."""
+    chunksize, extra = divmod(length, workers * 4)
+    return max(1, chunksize + (1 if extra else 0))
+
+
+def check_chunksize(chunksize: int | None) -> None:
+    if chunksize is not None and (
+        isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1
+    ):
+        raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
+
+
+# -------------------------------------------------------------- at exit
+
+_engines: dict[int, tuple[weakref.ref[Dispatcher], bool]] = {}
+_engines_lock = threading.Lock()
+
+
+def _register(engine: Dispatcher, drain_at_exit: bool) -> None:
+    key = id(engine)
+
+    def forget(_: object) -> None:
+        with _engines_lock:
+            _engines.pop(key, None)
+
+    with _engines_lock:
+        _engines[key] = (weakref.ref(engine, forget), drain_at_exit)
+
+
+def _shutdown_all() -> None:
+    """At interpreter exit: executors finish their queued work, pools stop at once."""
+    with _engines_lock:
+        entries = list(_engines.values())
+    for ref, drain in entries:
+        engine = ref()
+        if engine is None:
+            continue
+        if drain:
+            engine.close()
+            engine.join()
+        else:
+            engine.terminate()
+
+
+# Registered after multiprocessing's own exit hook (imported above), so it runs
+# first: workers are gone before multiprocessing joins its children.
+atexit.register(_shutdown_all)
