@@ -1,0 +1,61 @@
+"""Suite-wide guards: every test must leave no worker process and no procpool thread behind."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import psutil
+import pytest
+
+# Long-lived helpers the standard library starts once per interpreter and keeps
+# on purpose; they are not leaks.
+_SERVICE_MARKERS = ("forkserver", "resource_tracker")
+
+
+def _leftover_children() -> list[psutil.Process]:
+    left = []
+    for child in psutil.Process(os.getpid()).children(recursive=False):
+        try:
+            cmdline = " ".join(child.cmdline())
+            if child.status() == psutil.STATUS_ZOMBIE:
+                left.append(child)
+            elif not any(marker in cmdline for marker in _SERVICE_MARKERS):
+                left.append(child)
+        except psutil.NoSuchProcess:
+            continue
+    return left
+
+
+def _procpool_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("procpool-")]
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers(request: pytest.FixtureRequest) -> object:
+    yield
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        children, threads = _leftover_children(), _procpool_threads()
+        if not children and not threads:
+            return
+        time.sleep(0.05)
+    for child in children:  # clean up so one leak does not fail every later test
+        try:
+            child.kill()
+            child.wait(5)
+        except psutil.NoSuchProcess:
+            pass
+    pytest.fail(
+        f"{request.node.nodeid} left behind processes "
+        f"{[(c.pid, c.name()) for c in children if c.is_running()]} and threads {threads}"
+    )
+
+
+START_METHODS = ["fork", "spawn", "forkserver"]
+
+
+@pytest.fixture(params=START_METHODS)
+def start_method(request: pytest.FixtureRequest) -> str:
+    return str(request.param)

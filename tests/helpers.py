@@ -1,0 +1,41 @@
+"""Module-level task functions: importable by reference under every start method."""
+
+from __future__ import annotations
+
+import os
+import time
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+def pid(_: object = None) -> int:
+    return os.getpid()
+
+
+def fail_on(x: int, bad: int = 3) -> int:
+    if x == bad:
+        raise ValueError(f"bad input {x}")
+    return x
+
+
+def sleep_return(seconds: float, value: object = None) -> object:
+    time.sleep(seconds)
+    return value
+
+
+def identity(x: object) -> object:
+    return x
+
+
+def set_env(name: str, value: str) -> None:
+    os.environ[name] = value
+
+
+def get_env(name: str) -> str | None:
+    return os.environ.get(name)

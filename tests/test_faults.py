@@ -1,0 +1,169 @@
+"""The crash matrix: failure kind x stage x start method, each with what the caller sees.
+
+Every row runs a real failure (a real segfault, a real SIGKILL, a real
+os._exit) and then checks that the pool still serves.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from procpool import (
+    InitializerError,
+    Pool,
+    SerializationError,
+    TaskTimeoutError,
+    WorkerCrashedError,
+)
+from procpool import testing as crash
+from tests.helpers import square
+
+# (id, function, args, pool options, expected type, message pattern)
+TASK_ROWS: list[tuple[str, Callable[..., Any], tuple[Any, ...], dict[str, Any], type, str]] = [
+    ("exception/run", crash.raise_error, ("boom",), {}, crash.CrasherError, "boom"),
+    ("sys.exit/run", crash.sys_exit, (3,), {}, SystemExit, "3"),
+    ("os._exit/run", crash.exit_abruptly, (3,), {}, WorkerCrashedError, r"died running the task: exit code 3"),
+    ("sigkill/run", crash.kill_self, (), {}, WorkerCrashedError, r"SIGKILL \(-9\).*out of memory"),
+    ("segfault/run", crash.segfault, (), {}, WorkerCrashedError, r"SIGSEGV \(-11\)"),
+    ("timeout/run", crash.sleep, (30,), {"task_timeout": 0.5}, TaskTimeoutError, r"task_timeout of 0.5 s"),
+    ("exception/pickle-args", str, (crash.Unpicklable(),), {}, SerializationError,
+     r"cannot pickle the arguments of the task \(type procpool.testing.Unpicklable\)"),
+    ("exception/unpickle-args", str, (crash.FailsOnUnpickle(),), {}, SerializationError,
+     r"cannot unpickle the task's arguments in the worker"),
+    ("os._exit/unpickle-args", str, (crash.CrashesOnUnpickle(7),), {}, WorkerCrashedError,
+     r"while unpickling the arguments of the task: exit code 7"),
+    ("exception/pickle-result", crash.return_unpicklable, (), {}, SerializationError,
+     r"cannot pickle the result of the task \(type procpool.testing.Unpicklable\)"),
+    ("os._exit/pickle-result", crash.return_crashes_on_pickle, (), {}, WorkerCrashedError,
+     r"while sending the results of the task: exit code 9"),
+    ("exception/unpickle-result", crash.return_fails_on_unpickle, (), {}, SerializationError,
+     r"cannot unpickle the results of tasks .* in the parent"),
+]
+
+
+@pytest.mark.parametrize(
+    ("fn", "args", "options", "expected", "pattern"),
+    [pytest.param(*row[1:], id=row[0]) for row in TASK_ROWS],
+)
+def test_task_fault(
+    start_method: str,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    options: dict[str, Any],
+    expected: type,
+    pattern: str,
+) -> None:
+    with Pool(2, context=start_method, **options) as pool:
+        with pytest.raises(expected, match=pattern):
+            pool.apply(fn, args)
+        # The same failure inside a map fails that task only.
+        out = pool.map(_call, [(square, (i,)) for i in range(4)] + [(fn, args)],
+                       chunksize=1, return_exceptions=True)
+        assert out[:4] == [0, 1, 4, 9]
+        assert isinstance(out[4], expected)
+        assert pool.apply(square, (7,)) == 49
+
+
+def _call(spec: tuple[Callable[..., Any], tuple[Any, ...]]) -> Any:
+    fn, args = spec
+    return fn(*args)
+
+
+INIT_ROWS = [
+    ("exception/initializer", crash.raise_error, ("init failed",), r"initializer 'raise_error' raised CrasherError: init failed"),
+    ("os._exit/initializer", crash.exit_abruptly, (5,), r"died while running the pool's initializer: exit code 5"),
+    ("segfault/initializer", crash.segfault, (), r"SIGSEGV"),
+]
+
+
+@pytest.mark.parametrize(("init", "initargs", "pattern"), [pytest.param(*r[1:], id=r[0]) for r in INIT_ROWS])
+def test_initializer_fault(start_method: str, init: Callable[..., Any], initargs: tuple[Any, ...], pattern: str) -> None:
+    started = time.monotonic()
+    with Pool(2, initializer=init, initargs=initargs, context=start_method) as pool:
+        with pytest.raises(InitializerError, match=pattern):
+            pool.map(square, range(10))
+        with pytest.raises(InitializerError):
+            pool.apply(square, (1,))
+    assert time.monotonic() - started < 30  # no respawn loop
+
+
+def test_crash_mid_batch_fails_the_running_task_and_reruns_the_unstarted(start_method: str) -> None:
+    specs = [(square, (i,)) for i in range(3)] + [(crash.exit_abruptly, (4,))] + [(square, (i,)) for i in range(4, 8)]
+    with Pool(1, context=start_method) as pool:
+        out = pool.map(_call, specs, chunksize=8, return_exceptions=True)
+    # Tasks 0-2 ran, but their results died with the worker: they fail, saying so.
+    for i in range(3):
+        assert isinstance(out[i], WorkerCrashedError)
+        assert "before returning its result" in str(out[i]) and out[i].task_index == i
+    assert isinstance(out[3], WorkerCrashedError) and "died running task 3" in str(out[3])
+    assert out[3].exitcode == 4
+    # Tasks 4-7 had not started: they ran on the replacement worker.
+    assert out[4:] == [16, 25, 36, 49]
+
+
+def test_sigkill_from_outside_fails_only_that_worker_s_task(tmp_path: Any) -> None:
+    pidfile = tmp_path / "pid"
+    with Pool(2) as pool:
+        victim = pool.apply_async(_write_pid_and_sleep, (str(pidfile),))
+        survivor = pool.apply_async(crash.sleep, (0.5, "alive"))
+        deadline = time.monotonic() + 10
+        while not pidfile.exists() or not pidfile.read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        os.kill(int(pidfile.read_text()), signal.SIGKILL)
+        with pytest.raises(WorkerCrashedError, match=r"SIGKILL \(-9\)") as info:
+            victim.get(10)
+        assert info.value.exitcode == -signal.SIGKILL
+        assert survivor.get(5) == "alive"
+        assert pool.map(square, range(5)) == [0, 1, 4, 9, 16]
+
+
+def _write_pid_and_sleep(path: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(path + ".tmp", path)
+    time.sleep(30)
+
+
+def test_retries_rerun_crashed_tasks_on_fresh_workers() -> None:
+    with Pool(2, retries=2) as pool:
+        flag = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"procpool-retry-{os.getpid()}")
+        if os.path.exists(flag):
+            os.unlink(flag)
+        assert pool.apply(_crash_first_time, (flag,)) == "second try"
+        os.unlink(flag)
+        with pytest.raises(WorkerCrashedError):
+            pool.apply(crash.exit_abruptly, (1,))
+
+
+def _crash_first_time(flag: str) -> str:
+    if not os.path.exists(flag):
+        open(flag, "w").close()
+        os._exit(1)
+    return "second try"
+
+
+def test_timeout_does_not_fail_tasks_queued_behind() -> None:
+    with Pool(1, task_timeout=0.5) as pool:
+        slow = pool.apply_async(crash.sleep, (30,))
+        queued = [pool.apply_async(square, (i,)) for i in range(5)]
+        with pytest.raises(TaskTimeoutError):
+            slow.get(10)
+        assert [r.get(10) for r in queued] == [0, 1, 4, 9, 16]
+
+
+def test_nothing_hangs_when_workers_die_in_parallel() -> None:
+    stop = threading.Event()
+    with Pool(2) as pool:
+        results = pool.map(_call, [(crash.exit_abruptly, (1,))] * 20 + [(square, (2,))] * 20,
+                           chunksize=1, return_exceptions=True)
+        stop.set()
+    assert all(isinstance(r, WorkerCrashedError) for r in results[:20])
+    assert results[20:] == [4] * 20

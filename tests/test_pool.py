@@ -1,0 +1,224 @@
+"""procpool.Pool: the multiprocessing.pool.Pool surface, under every start method."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+
+from procpool import Pool, RemoteTraceback, SerializationError
+from procpool.testing import Unpicklable, return_unpicklable
+from tests.helpers import add, fail_on, get_env, pid, set_env, sleep_return, square
+
+
+def test_every_method_gives_the_stdlib_answer(start_method: str) -> None:
+    with Pool(2, context=start_method) as pool:
+        assert pool.map(square, range(100)) == [x * x for x in range(100)]
+        assert pool.starmap(add, [(1, 2), (3, 4)]) == [3, 7]
+        assert pool.apply(add, (2, 3)) == 5
+        assert pool.apply_async(add, (2,), {"b": 5}).get(10) == 7
+        assert list(pool.imap(square, range(20))) == [x * x for x in range(20)]
+        assert sorted(pool.imap_unordered(square, range(20))) == [x * x for x in range(20)]
+        assert pool.map_async(square, [1, 2]).get(10) == [1, 4]
+        assert pool.starmap_async(add, [(1, 1)]).get(10) == [2]
+
+
+def test_any_callable_under_any_start_method(start_method: str) -> None:
+    offset = 10
+
+    def closure(x: int) -> int:
+        return x + offset
+
+    class Scaler:
+        def __init__(self, k: int) -> None:
+            self.k = k
+
+        def scale(self, x: int) -> int:
+            return x * self.k
+
+    with Pool(2, context=start_method) as pool:
+        assert pool.map(lambda x: x + 1, [1, 2, 3]) == [2, 3, 4]
+        assert pool.map(closure, [1, 2]) == [11, 12]
+        assert pool.map(Scaler(3).scale, [1, 2]) == [3, 6]
+
+
+def test_functions_defined_in_main_run_under_spawn_and_forkserver(tmp_path: object) -> None:
+    script = textwrap.dedent(
+        """
+        import procpool
+
+        def cube(x):
+            return x ** 3
+
+        if __name__ == "__main__":
+            for method in ("spawn", "forkserver", "fork"):
+                with procpool.Pool(2, context=method) as pool:
+                    assert pool.map(cube, range(5)) == [0, 1, 8, 27, 64], method
+                    assert pool.apply(lambda: cube(2)) == 8
+            print("ok")
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == "ok"
+
+
+def test_tasks_run_in_other_processes() -> None:
+    with Pool(2) as pool:
+        pids = set(pool.map(pid, range(50), chunksize=1))
+    assert os.getpid() not in pids
+    assert 1 <= len(pids) <= 2
+
+
+def test_error_keeps_its_type_and_the_worker_traceback() -> None:
+    with Pool(2) as pool:
+        with pytest.raises(ValueError, match="bad input 3") as info:
+            pool.apply(fail_on, (3,))
+        cause = info.value.__cause__
+        assert isinstance(cause, RemoteTraceback)
+        assert "fail_on" in str(cause) and "raise ValueError" in str(cause)
+        # The pool serves on after a task error.
+        assert pool.apply(square, (4,)) == 16
+
+
+def test_map_raises_the_lowest_indexed_error_after_all_finished() -> None:
+    with Pool(2) as pool:
+        with pytest.raises(ValueError, match="bad input 3"):
+            pool.map(fail_on, range(10), chunksize=1)
+
+
+def test_return_exceptions_puts_errors_in_place() -> None:
+    with Pool(2) as pool:
+        out = pool.map(fail_on, range(6), return_exceptions=True)
+        assert out[:3] == [0, 1, 2] and out[4:] == [4, 5]
+        assert isinstance(out[3], ValueError)
+        items = list(pool.imap(fail_on, range(6), return_exceptions=True))
+        assert isinstance(items[3], ValueError) and items[5] == 5
+
+
+def test_imap_raises_at_the_failing_item_and_goes_on() -> None:
+    with Pool(2) as pool:
+        it = pool.imap(fail_on, range(6))
+        assert [next(it), next(it), next(it)] == [0, 1, 2]
+        with pytest.raises(ValueError):
+            next(it)
+        assert list(it) == [4, 5]
+
+
+def test_imap_next_timeout() -> None:
+    with Pool(1) as pool:
+        it = pool.imap(sleep_return, [1.0])
+        with pytest.raises(multiprocessing.TimeoutError):
+            it.next(timeout=0.05)
+
+
+def test_callbacks_run_and_their_errors_propagate() -> None:
+    seen: list[object] = []
+    done = threading.Event()
+    with Pool(2) as pool:
+        r = pool.apply_async(square, (3,), callback=seen.append)
+        assert r.get(10) == 9 and seen == [9]
+        e = pool.apply_async(fail_on, (3,), error_callback=lambda exc: done.set())
+        with pytest.raises(ValueError):
+            e.get(10)
+        assert done.is_set()
+
+        def bad_callback(_: object) -> None:
+            raise RuntimeError("callback failed")
+
+        with pytest.raises(RuntimeError, match="callback failed"):
+            pool.apply_async(square, (2,), callback=bad_callback).get(10)
+
+
+def test_async_result_states() -> None:
+    with Pool(1) as pool:
+        r = pool.apply_async(sleep_return, (0.3, "x"))
+        assert not r.ready()
+        with pytest.raises(ValueError):
+            r.successful()
+        with pytest.raises(multiprocessing.TimeoutError):
+            r.get(timeout=0.01)
+        r.wait()
+        assert r.ready() and r.successful() and r.get() == "x"
+
+
+def test_closed_and_invalid_calls_raise_value_error() -> None:
+    with pytest.raises(ValueError):
+        Pool(0)
+    with pytest.raises(ValueError):
+        Pool(-1)
+    pool = Pool(1)
+    with pytest.raises(ValueError):
+        pool.map(square, [1], chunksize=-1)
+    with pytest.raises(ValueError):
+        list(pool.imap(square, [1], chunksize=0))
+    with pytest.raises(ValueError):
+        pool.join()  # still running
+    pool.close()
+    with pytest.raises(ValueError):
+        pool.map(square, [1])
+    with pytest.raises(ValueError):
+        pool.apply_async(square, (1,))
+    pool.join()
+    pool.terminate()  # twice is fine
+
+
+def test_close_lets_queued_work_finish() -> None:
+    pool = Pool(2)
+    result = pool.map_async(sleep_return, [(0.01)] * 20)
+    it = pool.imap(square, range(50))
+    pool.close()
+    pool.join()
+    assert result.get(0) == [None] * 20
+    assert list(it) == [x * x for x in range(50)]
+
+
+def test_terminate_fails_unfinished_work_instead_of_hanging() -> None:
+    pool = Pool(1)
+    result = pool.apply_async(sleep_return, (30,))
+    pool.terminate()
+    pool.join()
+    with pytest.raises(ValueError):
+        result.get(5)
+
+
+def test_initializer_runs_in_each_worker() -> None:
+    with Pool(2, initializer=set_env, initargs=("PROCPOOL_T", "set")) as pool:
+        assert set(pool.map(get_env, ["PROCPOOL_T"] * 4)) == {"set"}
+
+
+def test_maxtasksperchild_replaces_workers() -> None:
+    with Pool(1, maxtasksperchild=2) as pool:
+        pids = [pool.apply(pid) for _ in range(6)]
+    assert len(set(pids)) == 3
+
+
+def test_unpicklable_argument_fails_only_its_task() -> None:
+    with Pool(2) as pool:
+        out = pool.map(str, [1, Unpicklable(), 3], chunksize=3, return_exceptions=True)
+        assert out[0] == "1" and out[2] == "3"
+        assert isinstance(out[1], SerializationError)
+        assert "task 1" in str(out[1]) and "Unpicklable" in str(out[1])
+        with pytest.raises(SerializationError, match="Unpicklable"):
+            pool.apply(str, (Unpicklable(),))
+        assert pool.apply(square, (5,)) == 25
+
+
+def test_unpicklable_result_fails_only_its_task() -> None:
+    with Pool(2) as pool:
+        with pytest.raises(SerializationError, match="cannot pickle the result"):
+            pool.apply(return_unpicklable)
+        assert pool.map(square, [1, 2]) == [1, 4]
+
+
+def test_pool_cannot_be_pickled() -> None:
+    import pickle
+
+    with Pool(1) as pool, pytest.raises(NotImplementedError):
+        pickle.dumps(pool)
