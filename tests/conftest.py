@@ -19,9 +19,8 @@ def _leftover_children() -> list[psutil.Process]:
     for child in psutil.Process(os.getpid()).children(recursive=False):
         try:
             cmdline = " ".join(child.cmdline())
-            if child.status() == psutil.STATUS_ZOMBIE:
-                left.append(child)
-            elif not any(marker in cmdline for marker in _SERVICE_MARKERS):
+            service = any(marker in cmdline for marker in _SERVICE_MARKERS)
+            if child.status() == psutil.STATUS_ZOMBIE or not service:
                 left.append(child)
         except psutil.NoSuchProcess:
             continue
@@ -59,3 +58,14 @@ START_METHODS = ["fork", "spawn", "forkserver"]
 @pytest.fixture(params=START_METHODS)
 def start_method(request: pytest.FixtureRequest) -> str:
     return str(request.param)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The whole run must end with no worker left (the per-test guard may miss late ones)."""
+    deadline = time.monotonic() + 5.0
+    while _leftover_children() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = _leftover_children()
+    if left:
+        session.exitstatus = 1
+        print(f"\nERROR: the test run left child processes behind: {[c.pid for c in left]}")

@@ -29,22 +29,72 @@ from tests.helpers import square
 TASK_ROWS: list[tuple[str, Callable[..., Any], tuple[Any, ...], dict[str, Any], type, str]] = [
     ("exception/run", crash.raise_error, ("boom",), {}, crash.CrasherError, "boom"),
     ("sys.exit/run", crash.sys_exit, (3,), {}, SystemExit, "3"),
-    ("os._exit/run", crash.exit_abruptly, (3,), {}, WorkerCrashedError, r"died running the task: exit code 3"),
+    (
+        "os._exit/run",
+        crash.exit_abruptly,
+        (3,),
+        {},
+        WorkerCrashedError,
+        r"died running the task: exit code 3",
+    ),
     ("sigkill/run", crash.kill_self, (), {}, WorkerCrashedError, r"SIGKILL \(-9\).*out of memory"),
     ("segfault/run", crash.segfault, (), {}, WorkerCrashedError, r"SIGSEGV \(-11\)"),
-    ("timeout/run", crash.sleep, (30,), {"task_timeout": 0.5}, TaskTimeoutError, r"task_timeout of 0.5 s"),
-    ("exception/pickle-args", str, (crash.Unpicklable(),), {}, SerializationError,
-     r"cannot pickle the arguments of the task \(type procpool.testing.Unpicklable\)"),
-    ("exception/unpickle-args", str, (crash.FailsOnUnpickle(),), {}, SerializationError,
-     r"cannot unpickle the task's arguments in the worker"),
-    ("os._exit/unpickle-args", str, (crash.CrashesOnUnpickle(7),), {}, WorkerCrashedError,
-     r"while unpickling the arguments of the task: exit code 7"),
-    ("exception/pickle-result", crash.return_unpicklable, (), {}, SerializationError,
-     r"cannot pickle the result of the task \(type procpool.testing.Unpicklable\)"),
-    ("os._exit/pickle-result", crash.return_crashes_on_pickle, (), {}, WorkerCrashedError,
-     r"while sending the results of the task: exit code 9"),
-    ("exception/unpickle-result", crash.return_fails_on_unpickle, (), {}, SerializationError,
-     r"cannot unpickle the results of tasks .* in the parent"),
+    (
+        "timeout/run",
+        crash.sleep,
+        (30,),
+        {"task_timeout": 0.5},
+        TaskTimeoutError,
+        r"task_timeout of 0.5 s",
+    ),
+    (
+        "exception/pickle-args",
+        str,
+        (crash.Unpicklable(),),
+        {},
+        SerializationError,
+        r"cannot pickle the arguments of the task \(type procpool.testing.Unpicklable\)",
+    ),
+    (
+        "exception/unpickle-args",
+        str,
+        (crash.FailsOnUnpickle(),),
+        {},
+        SerializationError,
+        r"cannot unpickle the task's arguments in the worker",
+    ),
+    (
+        "os._exit/unpickle-args",
+        str,
+        (crash.CrashesOnUnpickle(7),),
+        {},
+        WorkerCrashedError,
+        r"while unpickling the arguments of the task: exit code 7",
+    ),
+    (
+        "exception/pickle-result",
+        crash.return_unpicklable,
+        (),
+        {},
+        SerializationError,
+        r"cannot pickle the result of the task \(type procpool.testing.Unpicklable\)",
+    ),
+    (
+        "os._exit/pickle-result",
+        crash.return_crashes_on_pickle,
+        (),
+        {},
+        WorkerCrashedError,
+        r"while sending the results of the task: exit code 9",
+    ),
+    (
+        "exception/unpickle-result",
+        crash.return_fails_on_unpickle,
+        (),
+        {},
+        SerializationError,
+        r"cannot unpickle the results of tasks .* in the parent",
+    ),
 ]
 
 
@@ -64,8 +114,12 @@ def test_task_fault(
         with pytest.raises(expected, match=pattern):
             pool.apply(fn, args)
         # The same failure inside a map fails that task only.
-        out = pool.map(_call, [(square, (i,)) for i in range(4)] + [(fn, args)],
-                       chunksize=1, return_exceptions=True)
+        out = pool.map(
+            _call,
+            [(square, (i,)) for i in range(4)] + [(fn, args)],
+            chunksize=1,
+            return_exceptions=True,
+        )
         assert out[:4] == [0, 1, 4, 9]
         assert isinstance(out[4], expected)
         assert pool.apply(square, (7,)) == 49
@@ -77,14 +131,28 @@ def _call(spec: tuple[Callable[..., Any], tuple[Any, ...]]) -> Any:
 
 
 INIT_ROWS = [
-    ("exception/initializer", crash.raise_error, ("init failed",), r"initializer 'raise_error' raised CrasherError: init failed"),
-    ("os._exit/initializer", crash.exit_abruptly, (5,), r"died while running the pool's initializer: exit code 5"),
+    (
+        "exception/initializer",
+        crash.raise_error,
+        ("init failed",),
+        r"initializer 'raise_error' raised CrasherError: init failed",
+    ),
+    (
+        "os._exit/initializer",
+        crash.exit_abruptly,
+        (5,),
+        r"died while running the pool's initializer: exit code 5",
+    ),
     ("segfault/initializer", crash.segfault, (), r"SIGSEGV"),
 ]
 
 
-@pytest.mark.parametrize(("init", "initargs", "pattern"), [pytest.param(*r[1:], id=r[0]) for r in INIT_ROWS])
-def test_initializer_fault(start_method: str, init: Callable[..., Any], initargs: tuple[Any, ...], pattern: str) -> None:
+@pytest.mark.parametrize(
+    ("init", "initargs", "pattern"), [pytest.param(*r[1:], id=r[0]) for r in INIT_ROWS]
+)
+def test_initializer_fault(
+    start_method: str, init: Callable[..., Any], initargs: tuple[Any, ...], pattern: str
+) -> None:
     started = time.monotonic()
     with Pool(2, initializer=init, initargs=initargs, context=start_method) as pool:
         with pytest.raises(InitializerError, match=pattern):
@@ -95,7 +163,11 @@ def test_initializer_fault(start_method: str, init: Callable[..., Any], initargs
 
 
 def test_crash_mid_batch_fails_the_running_task_and_reruns_the_unstarted(start_method: str) -> None:
-    specs = [(square, (i,)) for i in range(3)] + [(crash.exit_abruptly, (4,))] + [(square, (i,)) for i in range(4, 8)]
+    specs = (
+        [(square, (i,)) for i in range(3)]
+        + [(crash.exit_abruptly, (4,))]
+        + [(square, (i,)) for i in range(4, 8)]
+    )
     with Pool(1, context=start_method) as pool:
         out = pool.map(_call, specs, chunksize=8, return_exceptions=True)
     # Tasks 0-2 ran, but their results died with the worker: they fail, saying so.
@@ -162,8 +234,12 @@ def test_timeout_does_not_fail_tasks_queued_behind() -> None:
 def test_nothing_hangs_when_workers_die_in_parallel() -> None:
     stop = threading.Event()
     with Pool(2) as pool:
-        results = pool.map(_call, [(crash.exit_abruptly, (1,))] * 20 + [(square, (2,))] * 20,
-                           chunksize=1, return_exceptions=True)
+        results = pool.map(
+            _call,
+            [(crash.exit_abruptly, (1,))] * 20 + [(square, (2,))] * 20,
+            chunksize=1,
+            return_exceptions=True,
+        )
         stop.set()
     assert all(isinstance(r, WorkerCrashedError) for r in results[:20])
     assert results[20:] == [4] * 20

@@ -88,9 +88,8 @@ def test_error_keeps_its_type_and_the_worker_traceback() -> None:
 
 
 def test_map_raises_the_lowest_indexed_error_after_all_finished() -> None:
-    with Pool(2) as pool:
-        with pytest.raises(ValueError, match="bad input 3"):
-            pool.map(fail_on, range(10), chunksize=1)
+    with Pool(2) as pool, pytest.raises(ValueError, match="bad input 3"):
+        pool.map(fail_on, range(10), chunksize=1)
 
 
 def test_return_exceptions_puts_errors_in_place() -> None:

@@ -12,6 +12,7 @@ Layers (each imports only from the layers above it in this list; a test checks):
 
 from __future__ import annotations
 
+from ._context import Context, get_context
 from ._exceptions import (
     InitializerError,
     ProcpoolError,
@@ -22,21 +23,28 @@ from ._exceptions import (
 )
 from ._executor import ProcessPoolExecutor
 from ._pool import Pool
+from ._process import Process
 from ._results import AsyncResult, IMapIterator
+from ._sync import Lock, Queue
 from ._version import __version__
 
 __all__ = [
     "AsyncResult",
+    "Context",
     "IMapIterator",
     "InitializerError",
+    "Lock",
     "Pool",
+    "Process",
     "ProcessPoolExecutor",
     "ProcpoolError",
+    "Queue",
     "RemoteTraceback",
     "SerializationError",
     "TaskTimeoutError",
     "WorkerCrashedError",
     "__version__",
+    "get_context",
 ]
 
 # Public objects say they live in `procpool`, so tracebacks and pickles show the

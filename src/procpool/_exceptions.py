@@ -90,9 +90,15 @@ class WorkerCrashedError(ProcpoolError, BrokenProcessPool):
     def __reduce__(self) -> tuple[object, ...]:
         return (
             _rebuild,
-            (type(self), self.args, {
-                "exitcode": self.exitcode, "pid": self.pid, "task_index": self.task_index,
-            }),
+            (
+                type(self),
+                self.args,
+                {
+                    "exitcode": self.exitcode,
+                    "pid": self.pid,
+                    "task_index": self.task_index,
+                },
+            ),
         )
 
 
@@ -143,7 +149,9 @@ class RemoteTraceback(Exception):
         return self.tb
 
 
-def _rebuild(cls: type[BaseException], args: tuple[object, ...], attrs: dict[str, object]) -> BaseException:
+def _rebuild(
+    cls: type[BaseException], args: tuple[object, ...], attrs: dict[str, object]
+) -> BaseException:
     exc = cls.__new__(cls)
     exc.args = args
     for name, value in attrs.items():

@@ -35,7 +35,9 @@ class _FutureSink:
         self.owner._forget(self.future)
         return False
 
-    def deliver(self, first: int, values: list[Any], errors: dict[int, BaseException] | None) -> None:
+    def deliver(
+        self, first: int, values: list[Any], errors: dict[int, BaseException] | None
+    ) -> None:
         self.owner._forget(self.future)
         if self.future.done():
             return
@@ -97,7 +99,12 @@ class ProcessPoolExecutor(cf.Executor):
         self._pending: set[cf.Future[Any]] = set()
         self._max_workers = max_workers
         self._runner = Runner(
-            max_workers, mp_context, initializer, initargs, max_tasks_per_child, policy,
+            max_workers,
+            mp_context,
+            initializer,
+            initargs,
+            max_tasks_per_child,
+            policy,
             drain_at_exit=True,
         )
 
@@ -121,11 +128,14 @@ class ProcessPoolExecutor(cf.Executor):
         retry_on: Iterable[type[BaseException]] | None = None,
         **kwargs: Any,
     ) -> cf.Future[T]:
-        """Like :meth:`submit`, with this task's own ``task_timeout`` / ``retries`` / ``retry_on``."""
-        return self._submit(fn, args, kwargs, self._runner.policy_for(task_timeout, retries, retry_on))
+        """Like :meth:`submit`, with this task's own task_timeout / retries / retry_on."""
+        return self._submit(
+            fn, args, kwargs, self._runner.policy_for(task_timeout, retries, retry_on)
+        )
 
-    def _submit(self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any],
-                policy: Any) -> cf.Future[T]:
+    def _submit(
+        self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any], policy: Any
+    ) -> cf.Future[T]:
         with self._shutdown_lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
@@ -169,7 +179,10 @@ class ProcessPoolExecutor(cf.Executor):
             buffersize = max(8 * self._max_workers, 4 * self._max_workers * chunksize)
         it: IMapIterator[T] = IMapIterator(
             self._runner.chunk_submitter(fn, P.CALL_STAR, self._runner.policy),
-            zip(*iterables), chunksize, buffersize, ordered=True,
+            zip(*iterables),
+            chunksize,
+            buffersize,
+            ordered=True,
         )
         return _map_results(it, end)
 

@@ -82,7 +82,12 @@ class Pool:
             raise TypeError("initializer must be a callable")
         policy = make_policy(task_timeout, retries, retry_on)
         self._runner = Runner(
-            processes, context, initializer, initargs, maxtasksperchild, policy,
+            processes,
+            context,
+            initializer,
+            initargs,
+            maxtasksperchild,
+            policy,
             drain_at_exit=False,
         )
         self._processes = processes
@@ -93,16 +98,20 @@ class Pool:
         return f"<procpool.Pool state={self._state} pool_size={self._processes}>"
 
     def __reduce__(self) -> Any:
-        raise NotImplementedError(
-            "pool objects cannot be passed between processes or pickled"
-        )
+        raise NotImplementedError("pool objects cannot be passed between processes or pickled")
 
     # ------------------------------------------------------------ one call
 
-    def apply(self, func: Callable[..., R], args: Iterable[Any] = (), kwds: Mapping[str, Any] = {},
-              **options: Any) -> R:
+    def apply(
+        self,
+        func: Callable[..., R],
+        args: Iterable[Any] = (),
+        kwds: Mapping[str, Any] = {},
+        **options: Any,
+    ) -> R:
         """Run ``func(*args, **kwds)`` in a worker and return its result (blocks)."""
-        return self.apply_async(func, args, kwds, **options).get()
+        result: R = self.apply_async(func, args, kwds, **options).get()
+        return result
 
     def apply_async(
         self,
@@ -133,8 +142,13 @@ class Pool:
 
     # ---------------------------------------------------------------- maps
 
-    def map(self, func: Callable[[T], R], iterable: Iterable[T], chunksize: int | None = None,
-            **options: Any) -> list[R]:
+    def map(
+        self,
+        func: Callable[[T], R],
+        iterable: Iterable[T],
+        chunksize: int | None = None,
+        **options: Any,
+    ) -> list[R]:
         """Return ``[func(x) for x in iterable]``, computed by the workers.
 
         Raises the error of the lowest-indexed failing task (after all finished),
@@ -156,8 +170,13 @@ class Pool:
             func, iterable, P.CALL_ONE, chunksize, callback, error_callback, **options
         )
 
-    def starmap(self, func: Callable[..., R], iterable: Iterable[Iterable[Any]],
-                chunksize: int | None = None, **options: Any) -> list[R]:
+    def starmap(
+        self,
+        func: Callable[..., R],
+        iterable: Iterable[Iterable[Any]],
+        chunksize: int | None = None,
+        **options: Any,
+    ) -> list[R]:
         """Return ``[func(*args) for args in iterable]``."""
         return self._map_async(func, iterable, P.CALL_STAR, chunksize, **options).get()
 
@@ -175,8 +194,13 @@ class Pool:
             func, iterable, P.CALL_STAR, chunksize, callback, error_callback, **options
         )
 
-    def imap(self, func: Callable[[T], R], iterable: Iterable[T], chunksize: int | None = None,
-             **options: Any) -> IMapIterator[R]:
+    def imap(
+        self,
+        func: Callable[[T], R],
+        iterable: Iterable[T],
+        chunksize: int | None = None,
+        **options: Any,
+    ) -> IMapIterator[R]:
         """Lazily yield ``func(x)`` for each ``x``, in order, with bounded memory.
 
         Keyword options: ``buffersize`` (tasks submitted but not yet yielded; default
@@ -184,8 +208,13 @@ class Pool:
         """
         return self._imap(func, iterable, chunksize, ordered=True, **options)
 
-    def imap_unordered(self, func: Callable[[T], R], iterable: Iterable[T],
-                       chunksize: int | None = None, **options: Any) -> IMapIterator[R]:
+    def imap_unordered(
+        self,
+        func: Callable[[T], R],
+        iterable: Iterable[T],
+        chunksize: int | None = None,
+        **options: Any,
+    ) -> IMapIterator[R]:
         """Like :meth:`imap`, but yield results as they complete."""
         return self._imap(func, iterable, chunksize, ordered=False, **options)
 
@@ -242,7 +271,11 @@ class Pool:
         policy = self._runner.policy_for(task_timeout, retries, retry_on)
         it: IMapIterator[Any] = IMapIterator(
             self._runner.chunk_submitter(func, star, policy),
-            iterable, chunksize, buffersize, ordered=ordered, return_exceptions=return_exceptions,
+            iterable,
+            chunksize,
+            buffersize,
+            ordered=ordered,
+            return_exceptions=return_exceptions,
         )
         self._iterators.add(it)
         return it

@@ -80,7 +80,7 @@ class AsyncResult(Generic[T]):
                 self._callback(value)
             elif not success and self._error_callback is not None:
                 self._error_callback(value)
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             success, value = False, exc
         self._success, self._value = success, value
         self._event.set()
@@ -90,7 +90,9 @@ ApplyResult = AsyncResult
 
 
 class _ApplySink(AsyncResult[T]):
-    def deliver(self, first: int, values: list[Any], errors: dict[int, BaseException] | None) -> None:
+    def deliver(
+        self, first: int, values: list[Any], errors: dict[int, BaseException] | None
+    ) -> None:
         if errors:
             self._finish(False, errors[0])
         else:
@@ -116,7 +118,9 @@ class MapResult(AsyncResult[list[T]]):
         if length == 0:
             self._finish(True, self._values)
 
-    def deliver(self, first: int, values: list[Any], errors: dict[int, BaseException] | None) -> None:
+    def deliver(
+        self, first: int, values: list[Any], errors: dict[int, BaseException] | None
+    ) -> None:
         with self._lock:
             self._values[first : first + len(values)] = values
             if errors:
@@ -243,7 +247,7 @@ class IMapIterator(Iterator[T]):
             start = self._submitted
             try:
                 items = list(islice(self._input, self._chunksize))
-            except BaseException as exc:  # noqa: BLE001 - the input's own error, in place
+            except BaseException as exc:
                 self._end_input(start + 1)
                 self.deliver(start, [None], {0: exc})
                 return
@@ -253,7 +257,7 @@ class IMapIterator(Iterator[T]):
             self._submitted += len(items)
             try:
                 self._submit(items, start, self)
-            except BaseException as exc:  # noqa: BLE001 - pool closed or broken
+            except BaseException as exc:
                 self._end_input(start + len(items))
                 self.deliver(start, [None] * len(items), dict.fromkeys(range(len(items)), exc))
                 return
@@ -271,7 +275,9 @@ class IMapIterator(Iterator[T]):
 
     # The dispatcher's side ----------------------------------------------
 
-    def deliver(self, first: int, values: list[Any], errors: dict[int, BaseException] | None) -> None:
+    def deliver(
+        self, first: int, values: list[Any], errors: dict[int, BaseException] | None
+    ) -> None:
         with self._cond:
             if self._ordered:
                 self._chunks[first] = (values, errors)

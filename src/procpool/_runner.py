@@ -42,7 +42,9 @@ def make_policy(
         if isinstance(task_timeout, bool) or not isinstance(task_timeout, (int, float)):
             raise TypeError(f"task_timeout must be a number of seconds, not {task_timeout!r}")
         if not task_timeout > 0 or math.isinf(task_timeout):
-            raise ValueError(f"task_timeout must be a positive number of seconds, not {task_timeout!r}")
+            raise ValueError(
+                f"task_timeout must be a positive number of seconds, not {task_timeout!r}"
+            )
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
         raise ValueError(f"retries must be an int >= 0, not {retries!r}")
     kinds = DEFAULT_RETRY_ON if retry_on is None else tuple(retry_on)
@@ -105,7 +107,9 @@ class Runner:
         on_start: Callable[[], bool] | None = None,
     ) -> None:
         ref = self.callables.get(fn)
-        batches = make_batches(ref, P.CALL_ARGS_KWARGS, [(args, kwargs)], 0, sink, policy, named=False)
+        batches = make_batches(
+            ref, P.CALL_ARGS_KWARGS, [(args, kwargs)], 0, sink, policy, named=False
+        )
         for batch in batches:
             batch.on_start = on_start
         if batches:

@@ -87,8 +87,14 @@ class Batch:
     def subset(self, start: int, stop: int, *, attempts: int | None = None) -> Batch:
         items = self.items[start:stop]
         return Batch(
-            self.fn, self.star, items, P.dumps(items), self.first_index + start, self.sink,
-            self.policy, named=self.named,
+            self.fn,
+            self.star,
+            items,
+            P.dumps(items),
+            self.first_index + start,
+            self.sink,
+            self.policy,
+            named=self.named,
             attempts=self.attempts if attempts is None else attempts,
         )
 
@@ -179,7 +185,7 @@ def make_batches(
     """
     try:
         payload = P.dumps(items)
-    except Exception:  # noqa: BLE001 - anything a __reduce__ raises
+    except Exception:
         return _make_batches_item_by_item(fn, star, items, first_index, sink, policy, named)
     return [Batch(fn, star, items, payload, first_index, sink, policy, named=named)]
 
@@ -197,7 +203,7 @@ def _make_batches_item_by_item(
     for i, item in enumerate(items):
         try:
             payload = P.dumps([item])
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             where = f"task {first_index + i}" if named else "the task"
             err = SerializationError(
                 f"cannot pickle the arguments of {where} "
@@ -206,9 +212,7 @@ def _make_batches_item_by_item(
             err.__cause__ = exc
             sink.deliver(first_index + i, [None], {0: err})
             continue
-        batches.append(
-            Batch(fn, star, [item], payload, first_index + i, sink, policy, named=named)
-        )
+        batches.append(Batch(fn, star, [item], payload, first_index + i, sink, policy, named=named))
     return batches
 
 
@@ -224,6 +228,6 @@ def _type_name(item: Any, star: int) -> str:
     for part in parts:
         try:
             pickle.dumps(part, P.PROTOCOL)
-        except Exception:  # noqa: BLE001
+        except Exception:
             return f"{type(part).__module__}.{type(part).__qualname__}"
     return type(item).__qualname__

@@ -2,24 +2,25 @@ r"""The dispatcher: one thread in the parent that moves batches to workers and b
 
 ::
 
-      caller threads                     dispatcher thread                 worker processes
-      ──────────────                     ─────────────────                 ────────────────
+      caller threads                    dispatcher thread                  worker processes
+      --------------                    -----------------                  ----------------
    map / submit / apply
-        │ pickle args (once per batch)
-        │ pickle fn (once per call)
-        ▼
-   ┌──────────┐  deque.append     ┌───────────────────────────┐  FN, BATCH    ┌──────────────┐
-   │ Batch ×n │ ───────────────▶  │ pending ──▶ pick worker ──┼─────────────▶ │ worker 0     │
-   └──────────┘  + wake-up byte   │             (idle first,  │  duplex pipe  │  unpickle,   │
-                                  │              then 1 small │ ◀─────────────│  run, pickle │
-        ▲                         │              prefetch)    │   RESULTS     └──────────────┘
-        │ sink.deliver            │                           │                ┌────────────┐
-        └──────────────────────── │ inflight[w]: what each    │ ─────────────▶ │ worker 1   │
-          (AsyncResult, Future,   │ worker holds, in order    │ ◀───────────── │            │
-           imap iterator)         │                           │                └────────────┘
-                                  │ selector: every pipe, every worker's sentinel,
-                                  │ the wake-up pipe; deadlines for task timeouts
-                                  └───────────────────────────┘
+        |  pickle args (once per batch)
+        |  pickle fn (once per call)
+        v
+   +-----------+  deque.append    +-----------------------------+  FN, BATCH   +--------------+
+   | Batch x n | ---------------> | pending --> pick a worker --|------------> | worker 0     |
+   +-----------+  + wake-up byte  |   (idle first, then one     |  duplex pipe | unpickle,    |
+                                  |    small prefetch each)     | <------------| run, pickle  |
+        ^                         |                             |   RESULTS    +--------------+
+        |  sink.deliver           | inflight[w]: what each      |              +--------------+
+        +------------------------ | worker holds, in order      | -----------> | worker 1     |
+          (AsyncResult, Future,   |                             | <----------- |              |
+           imap iterator)         | one selector: every pipe,   |              +--------------+
+                                  | every worker's sentinel,    |   shared slot per worker:
+                                  | the wake-up pipe; deadlines | <- - - - -   batch, item, start
+                                  | for task timeouts           |   (read on death / timeout)
+                                  +-----------------------------+
 
 Actors.
 
@@ -100,8 +101,18 @@ class _Worker:
     """The dispatcher's record of one worker process."""
 
     __slots__ = (
-        "conn", "deadline_item", "fns", "id", "inflight", "pid", "process", "ready",
-        "retiring", "slot", "tasks_done", "timed_out",
+        "conn",
+        "deadline_item",
+        "fns",
+        "id",
+        "inflight",
+        "pid",
+        "process",
+        "ready",
+        "retiring",
+        "slot",
+        "tasks_done",
+        "timed_out",
     )
 
     def __init__(self, wid: int, process: Any, conn: Any, slot: Any) -> None:
@@ -238,7 +249,7 @@ class Dispatcher:
                 for key, _ in self._sel.select(self._poll_timeout()):
                     self._on_ready(key)
                 self._enforce_timeouts()
-        except BaseException as exc:  # noqa: BLE001 - never leave callers hanging
+        except BaseException as exc:
             self._fail_everything(
                 ProcpoolError(f"procpool's dispatcher failed: {type(exc).__name__}: {exc}")
             )
@@ -281,12 +292,15 @@ class Dispatcher:
         now = time.monotonic()
         nearest: float | None = None
         for worker in self._workers.values():
-            if not worker.inflight or worker.inflight[0].policy.timeout is None:
+            if not worker.inflight:
                 continue
             head = worker.inflight[0]
+            timeout = head.policy.timeout
+            if timeout is None:
+                continue
             batch_id, item, started = worker.read_slot()
             if batch_id == head.id and item >= 0:
-                left = max(0.0, started + head.policy.timeout - now) + 0.001
+                left = max(0.0, started + timeout - now) + 0.001
             else:
                 left = 0.01  # not started yet: look again soon
             nearest = left if nearest is None else min(nearest, left)
@@ -302,8 +316,10 @@ class Dispatcher:
             if worker is None:
                 return
             pending.popleft()
-            if batch.on_start is not None and not batch.on_start():
-                continue  # cancelled before it started
+            if batch.on_start is not None:
+                on_start, batch.on_start = batch.on_start, None  # once, even if re-queued
+                if not on_start():
+                    continue  # cancelled before it started
             self._send(worker, batch)
 
     def _pick_worker(self, batch: Batch) -> _Worker | None:
@@ -376,7 +392,7 @@ class Dispatcher:
         worker.tasks_done += len(batch.items)
         try:
             values, errors = pickle.loads(payload)
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             err = SerializationError(
                 f"cannot unpickle the results of tasks {batch.first_index}.."
                 f"{batch.first_index + len(batch.items) - 1} in the parent: "
@@ -442,18 +458,22 @@ class Dispatcher:
             self.crashes += 1
         if not worker.ready and self._init_bytes is not None and self._broken is None:
             if not worker.retiring:
-                self._break(InitializerError(
-                    f"a worker died while running the pool's initializer: "
-                    f"{describe_exitcode(exitcode)}; no task can run"
-                ))
+                self._break(
+                    InitializerError(
+                        f"a worker died while running the pool's initializer: "
+                        f"{describe_exitcode(exitcode)}; no task can run"
+                    )
+                )
         elif not worker.ready and not worker.retiring:
             self._startup_deaths += 1
             if self._startup_deaths >= MAX_STARTUP_DEATHS and self._broken is None:
-                self._break(WorkerCrashedError(
-                    f"{self._startup_deaths} workers in a row died while starting "
-                    f"({describe_exitcode(exitcode)}); giving up",
-                    exitcode=exitcode,
-                ))
+                self._break(
+                    WorkerCrashedError(
+                        f"{self._startup_deaths} workers in a row died while starting "
+                        f"({describe_exitcode(exitcode)}); giving up",
+                        exitcode=exitcode,
+                    )
+                )
         self._replenish()
 
     def _drain_messages(self, worker: _Worker) -> None:
@@ -502,28 +522,55 @@ class Dispatcher:
         who = f"worker {worker.id} (pid {worker.pid})"
         if item == P.ITEM_UNPICKLING or item >= n:
             stage = "unpickling the arguments of" if item < 0 else "sending the results of"
-            self._fail_or_retry(head, 0, n, lambda i: WorkerCrashedError(
-                f"{who} died while {stage} {head.task_name(i)}: {how}",
-                exitcode=exitcode, pid=worker.pid, task_index=head.first_index + i,
-            ))
+            self._fail_or_retry(
+                head,
+                0,
+                n,
+                lambda i: WorkerCrashedError(
+                    f"{who} died while {stage} {head.task_name(i)}: {how}",
+                    exitcode=exitcode,
+                    pid=worker.pid,
+                    task_index=head.first_index + i,
+                ),
+            )
             return
         if worker.timed_out == (head.id, item):
             timeout = head.policy.timeout
-            self._fail_or_retry(head, item, item + 1, lambda i: TaskTimeoutError(
-                f"{head.task_name(i)} ran longer than its task_timeout of {timeout} s; "
-                f"{who} was killed and replaced", timeout=timeout,
-                task_index=head.first_index + i,
-            ))
+            self._fail_or_retry(
+                head,
+                item,
+                item + 1,
+                lambda i: TaskTimeoutError(
+                    f"{head.task_name(i)} ran longer than its task_timeout of {timeout} s; "
+                    f"{who} was killed and replaced",
+                    timeout=timeout,
+                    task_index=head.first_index + i,
+                ),
+            )
         else:
-            self._fail_or_retry(head, item, item + 1, lambda i: WorkerCrashedError(
-                f"{who} died running {head.task_name(i)}: {how}",
-                exitcode=exitcode, pid=worker.pid, task_index=head.first_index + i,
-            ))
-        self._fail_or_retry(head, 0, item, lambda i: WorkerCrashedError(
-            f"{who} died ({how}) after running {head.task_name(i)} but before returning its "
-            f"result; {head.task_name(item)} of the same batch was running",
-            exitcode=exitcode, pid=worker.pid, task_index=head.first_index + i,
-        ))
+            self._fail_or_retry(
+                head,
+                item,
+                item + 1,
+                lambda i: WorkerCrashedError(
+                    f"{who} died running {head.task_name(i)}: {how}",
+                    exitcode=exitcode,
+                    pid=worker.pid,
+                    task_index=head.first_index + i,
+                ),
+            )
+        self._fail_or_retry(
+            head,
+            0,
+            item,
+            lambda i: WorkerCrashedError(
+                f"{who} died ({how}) after running {head.task_name(i)} but before returning its "
+                f"result; {head.task_name(item)} of the same batch was running",
+                exitcode=exitcode,
+                pid=worker.pid,
+                task_index=head.first_index + i,
+            ),
+        )
         if item + 1 < n:
             requeue.insert(0, head.tail(item + 1))
 
@@ -644,4 +691,3 @@ def _kill(pid: int, sig: int) -> None:
         os.kill(pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
-

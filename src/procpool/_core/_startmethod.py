@@ -14,11 +14,11 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.context
 import sys
-from typing import Union
 
 __all__ = ["ContextLike", "default_start_method", "resolve_context"]
 
-ContextLike = Union[str, multiprocessing.context.BaseContext, None, object]
+# A start method name, a multiprocessing context, a procpool Context, or None.
+ContextLike = object
 
 _PRELOAD = "procpool._core._worker"
 
@@ -31,7 +31,7 @@ def default_start_method() -> str:
 
 
 def resolve_context(context: ContextLike = None) -> multiprocessing.context.BaseContext:
-    """Turn ``None``, a method name, a procpool Context or a multiprocessing context into the latter.
+    """Turn None, a method name, a procpool Context or a multiprocessing context into the latter.
 
     Raises:
         ValueError: if the name is not a start method available on this platform.

@@ -74,14 +74,14 @@ def _run_initializer(conn: Connection, init_bytes: bytes) -> bool:
         initializer, initargs = cloudpickle.loads(init_bytes)
         name = getattr(initializer, "__qualname__", repr(initializer))
         initializer(*initargs)
-    except BaseException as exc:  # noqa: BLE001 - anything, SystemExit included, is a failure
+    except BaseException as exc:
         error = P.portable_error(exc, f"initializer {name}")
         conn.send_bytes(P.dumps((P.INIT_FAILED, name, error)))
         return False
     return True
 
 
-def _serve(conn: Connection, slot: memoryview) -> None:
+def _serve(conn: Connection, slot: Any) -> None:
     fns: OrderedDict[int, Any] = OrderedDict()
     while True:
         try:
@@ -101,20 +101,20 @@ def _serve(conn: Connection, slot: memoryview) -> None:
             return
 
 
-def _run_batch(msg: tuple[Any, ...], fns: OrderedDict[int, Any], slot: memoryview) -> bytes:
+def _run_batch(msg: tuple[Any, ...], fns: OrderedDict[int, Any], slot: Any) -> bytes:
     _, batch_id, fn_id, star, timed, first_index, payload = msg
     slot[P.SLOT_ITEM] = P.ITEM_UNPICKLING
     slot[P.SLOT_STARTED] = time.monotonic()
     slot[P.SLOT_BATCH] = batch_id
     try:
         fn = _callable(fns, fn_id)
-    except BaseException as exc:  # noqa: BLE001
+    except BaseException as exc:
         err = SerializationError(f"cannot unpickle the callable in the worker: {exc!r}")
         err.__cause__ = exc
         return P.dumps((None, P.portable_error(err, "unpickling the callable")))
     try:
         items = pickle.loads(payload)
-    except BaseException as exc:  # noqa: BLE001
+    except BaseException as exc:
         err = SerializationError(f"cannot unpickle the task's arguments in the worker: {exc!r}")
         err.__cause__ = exc
         return P.dumps((None, P.portable_error(err, "unpickling the arguments")))
@@ -122,7 +122,7 @@ def _run_batch(msg: tuple[Any, ...], fns: OrderedDict[int, Any], slot: memoryvie
     slot[P.SLOT_ITEM] = len(items)  # from here on, a crash is in sending the results
     try:
         return P.dumps((values, errors))
-    except BaseException:  # noqa: BLE001 - find which results will not pickle
+    except BaseException:
         return _dumps_item_by_item(values, errors, first_index)
 
 
@@ -135,7 +135,7 @@ def _callable(fns: OrderedDict[int, Any], fn_id: int) -> Any:
 
 
 def _call_all(
-    fn: Any, star: int, timed: bool, first_index: int, items: list[Any], slot: memoryview
+    fn: Any, star: int, timed: bool, first_index: int, items: list[Any], slot: Any
 ) -> tuple[list[Any], dict[int, BaseException] | None]:
     values: list[Any] = []
     append = values.append
@@ -151,7 +151,7 @@ def _call_all(
                 append(fn(*item))
             else:
                 append(fn(*item[0], **item[1]))
-        except BaseException as exc:  # noqa: BLE001 - SystemExit in a task is its result
+        except BaseException as exc:
             append(None)
             if errors is None:
                 errors = {}
@@ -168,7 +168,7 @@ def _dumps_item_by_item(
             continue
         try:
             P.dumps(value)
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             err = SerializationError(
                 f"cannot pickle the result of {_task_name(first_index, i)} "
                 f"(type {type(value).__module__}.{type(value).__qualname__}): "

@@ -1,0 +1,376 @@
+"""Whole-line stdout and stderr for child processes.
+
+When several processes share one terminal or pipe, the standard library's
+streams can tear lines: an unbuffered stream (``PYTHONUNBUFFERED=1``, ``-u``)
+writes ``print(a, b)`` as several ``write()`` calls, and a block-buffered one
+flushes at 8 KiB boundaries that fall mid-line, so another process's output
+lands in the middle of a line.
+
+:func:`install_line_writers`, called first thing in every child, replaces
+``sys.stdout`` and ``sys.stderr`` with :class:`LineWriter` streams that keep
+bytes until a line is complete and then hand complete lines to the kernel in
+a single ``os.write()``. POSIX makes a write of at most ``PIPE_BUF`` bytes
+(4096 on Linux) to a pipe atomic, so lines up to that size never tear; several
+short lines are grouped into one write up to that size. A longer line still
+goes out in one ``write()`` call (looping only on partial writes), which keeps
+it whole on terminals and files in practice.
+
+A partial line is held until its newline arrives, an explicit ``flush()``
+(progress bars that redraw with ``\\r`` flush), the held text grows past
+:data:`MAX_HELD` bytes, or the process exits (the multiprocessing bootstrap
+flushes ``sys.stdout``/``sys.stderr``, and an ``atexit`` hook covers the rest).
+"""
+
+from __future__ import annotations
+
+import atexit
+import io
+import os
+import select
+import sys
+import threading
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+__all__ = ["MAX_HELD", "PIPE_BUF", "LineWriter", "install_line_writers"]
+
+# The atomic-write size for pipes; POSIX guarantees at least 512.
+PIPE_BUF: int = getattr(select, "PIPE_BUF", 512)
+
+# A partial line is emitted anyway past this size: a stream that never writes
+# a newline must not grow without bound.
+MAX_HELD = 1 << 20
+
+# Every live line buffer, so one fork hook and one exit hook serve them all.
+_BUFFERS: weakref.WeakSet[_LineBuffer] = weakref.WeakSet()
+
+
+class _LineBuffer(io.BufferedIOBase):
+    """Binary layer: holds bytes and writes complete lines to a file descriptor.
+
+    This is ``LineWriter.buffer``, so ``sys.stdout.buffer.write(b"...")`` is
+    line-buffered too and stays in order with text writes.
+    """
+
+    def __init__(self, fd: int, *, name: str) -> None:
+        super().__init__()
+        self._fd = fd
+        self._name = name
+        self._held = bytearray()
+        self._at_line_start = True
+        self._prefix: bytes | None = None
+        # Re-entrant: a signal handler that prints while the main thread is
+        # inside write() must not deadlock.
+        self._lock = threading.RLock()
+        _BUFFERS.add(self)
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def prefix(self) -> bytes | None:
+        """Bytes put at the start of every line written, or None."""
+        return self._prefix
+
+    @prefix.setter
+    def prefix(self, value: bytes | None) -> None:
+        with self._lock:
+            self._prefix = value or None
+
+    def write(self, data: Any) -> int:
+        """Hold ``data`` (any bytes-like object); write out every line it completes.
+
+        Returns:
+            The number of bytes taken, always all of them.
+
+        Raises:
+            ValueError: if the stream is closed.
+            OSError: if the write to the file descriptor fails (e.g. BrokenPipeError).
+        """
+        if self.closed:
+            raise ValueError("write to closed file")
+        chunk = data if isinstance(data, bytes) else memoryview(data).cast("B").tobytes()
+        with self._lock:
+            self._held += chunk
+            if b"\n" in chunk:
+                self._emit(self._held.rfind(b"\n") + 1)
+            elif len(self._held) > MAX_HELD:
+                self._emit(len(self._held))
+        return len(chunk)
+
+    def flush(self) -> None:
+        """Write out everything held, partial line included.
+
+        Raises:
+            ValueError: if the stream is closed.
+            OSError: if the write to the file descriptor fails.
+        """
+        if self.closed:
+            raise ValueError("flush of closed file")
+        with self._lock:
+            self._emit(len(self._held))
+
+    def close(self) -> None:
+        """Flush and mark closed. The file descriptor itself stays open (like ``sys.stdout``)."""
+        if self.closed:
+            return
+        try:
+            self.flush()
+        finally:
+            super().close()
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def isatty(self) -> bool:
+        try:
+            return os.isatty(self._fd)
+        except OSError:
+            return False
+
+    def writable(self) -> bool:
+        return True
+
+    def _emit(self, end: int) -> None:
+        # Caller holds the lock. Take the bytes out before writing so that an
+        # error (a broken pipe) does not leave them to be written again.
+        if end <= 0:
+            return
+        data = bytes(self._held[:end])
+        del self._held[:end]
+        if self._prefix is not None:
+            data = self._add_prefix(data, self._prefix)
+        for chunk in split_lines(data, PIPE_BUF):
+            _write_all(self._fd, chunk)
+
+    def _add_prefix(self, data: bytes, prefix: bytes) -> bytes:
+        out = bytearray()
+        for line in data.splitlines(keepends=True):
+            if self._at_line_start:
+                out += prefix
+            out += line
+            self._at_line_start = line.endswith(b"\n")
+        return bytes(out)
+
+    def _after_fork_in_child(self) -> None:
+        # What a parent held belongs to the parent; the child must not print
+        # it a second time. The lock may have been held by a parent thread.
+        self._lock = threading.RLock()
+        self._held.clear()
+        self._at_line_start = True
+
+
+def split_lines(data: bytes, limit: int) -> Iterator[bytes]:
+    """Cut ``data`` at line ends into chunks of at most ``limit`` bytes.
+
+    A line longer than ``limit`` becomes a chunk of its own, whole. ``data``
+    may end with a partial line (an explicit flush); it is the last chunk.
+    """
+    start, size = 0, len(data)
+    while size - start > limit:
+        cut = data.rfind(b"\n", start, start + limit) + 1
+        if cut <= start:
+            cut = data.find(b"\n", start + limit) + 1 or size
+        yield data[start:cut]
+        start = cut
+    if start < size:
+        yield data[start:]
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            written = os.write(fd, view)
+        except BlockingIOError:
+            # Someone made the descriptor non-blocking; wait until it drains.
+            select.select([], [fd], [])
+            continue
+        view = view[written:]
+
+
+class LineWriter(io.TextIOBase):
+    """A text stream for ``sys.stdout``/``sys.stderr`` that writes whole lines only.
+
+    Behaves like the stream it replaces (``write`` returns the number of
+    characters, ``encoding``, ``errors``, ``fileno``, ``isatty``, ``buffer``,
+    ``reconfigure``), but output reaches the file descriptor a complete line
+    at a time; see the module docstring.
+
+    Args:
+        fd: The file descriptor to write to.
+        encoding: The text encoding.
+        errors: The encoding error handler; ``"strict"`` becomes
+            ``"backslashreplace"`` so that a stray surrogate cannot kill a worker.
+        name: The stream's name, e.g. ``"<stdout>"``.
+    """
+
+    def __init__(
+        self, fd: int, *, encoding: str = "utf-8", errors: str = "backslashreplace", name: str = ""
+    ) -> None:
+        super().__init__()
+        self._buffer = _LineBuffer(fd, name=name)
+        self._encoding = encoding
+        self._errors = "backslashreplace" if errors == "strict" else errors
+        # Text mode on Windows writes "\r\n"; keep that behaviour.
+        self._linesep = os.linesep if os.linesep != "\n" else None
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return self._encoding
+
+    @property
+    def errors(self) -> str:  # type: ignore[override]
+        return self._errors
+
+    @property
+    def newlines(self) -> None:  # type: ignore[override]
+        return None
+
+    @property
+    def buffer(self) -> io.BufferedIOBase:
+        """The binary layer; bytes written here are line-buffered the same way."""
+        return self._buffer
+
+    @property
+    def line_buffering(self) -> bool:
+        return True
+
+    @property
+    def name(self) -> str:
+        return self._buffer.name
+
+    @property
+    def mode(self) -> str:
+        return "w"
+
+    @property
+    def prefix(self) -> str | None:
+        """Text put at the start of every line (e.g. ``"[w1] "``), or None for none."""
+        prefix = self._buffer.prefix
+        return None if prefix is None else prefix.decode(self._encoding, self._errors)
+
+    @prefix.setter
+    def prefix(self, value: str | None) -> None:
+        self._buffer.prefix = None if value is None else value.encode(self._encoding, self._errors)
+
+    def write(self, s: str) -> int:
+        """Write ``s``; complete lines go out at once. Returns ``len(s)``.
+
+        Raises:
+            TypeError: if ``s`` is not a str.
+            ValueError: if the stream is closed.
+            OSError: if the underlying write fails (e.g. BrokenPipeError).
+        """
+        if not isinstance(s, str):
+            raise TypeError(f"write() argument must be str, not {type(s).__name__}")
+        text = s if self._linesep is None else s.replace("\n", self._linesep)
+        self._buffer.write(text.encode(self._encoding, self._errors))
+        return len(s)
+
+    def flush(self) -> None:
+        """Write out everything held, a partial line included.
+
+        Raises:
+            ValueError: if the stream is closed.
+        """
+        self._buffer.flush()
+
+    def close(self) -> None:
+        """Flush and mark closed; the file descriptor stays open."""
+        # Not IOBase.close(): it would flush again after the buffer is closed.
+        self._buffer.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._buffer.closed
+
+    def fileno(self) -> int:
+        return self._buffer.fileno()
+
+    def isatty(self) -> bool:
+        return self._buffer.isatty()
+
+    def writable(self) -> bool:
+        return True
+
+    def reconfigure(
+        self, *, encoding: str | None = None, errors: str | None = None, **_: object
+    ) -> None:
+        """Change ``encoding`` or ``errors``; other options are accepted and ignored.
+
+        Buffering options have no meaning here: output is always whole-line.
+        """
+        self.flush()
+        if encoding is not None:
+            self._encoding = encoding
+        if errors is not None:
+            self._errors = errors
+
+    def __repr__(self) -> str:
+        return f"<procpool LineWriter name={self.name!r} fd={self.fileno()}>"
+
+
+def install_line_writers() -> None:
+    """Replace ``sys.stdout`` and ``sys.stderr`` with :class:`LineWriter` streams.
+
+    Called at the start of every child process. A stream is replaced only when
+    it is a real file-backed text stream; ``None`` (no console), a ``StringIO``
+    or a notebook's stream object is left alone. Calling it twice is harmless.
+    ``logging`` handlers that already pointed at the old stream are moved to
+    the new one, so log records come out whole-line too.
+    """
+    for attr in ("stdout", "stderr"):
+        old = getattr(sys, attr)
+        new = _line_writer_for(old, f"<{attr}>")
+        if new is not None:
+            setattr(sys, attr, new)
+            _rebind_logging(old, new)
+
+
+def _line_writer_for(stream: object, name: str) -> LineWriter | None:
+    if isinstance(stream, LineWriter) or not isinstance(stream, io.TextIOWrapper):
+        return None
+    try:
+        fd = stream.fileno()
+        # Output written before the swap (a spawn child importing __main__)
+        # goes first.
+        stream.flush()
+    except (OSError, ValueError):
+        return None
+    return LineWriter(fd, encoding=stream.encoding, errors=stream.errors or "strict", name=name)
+
+
+def _rebind_logging(old: object, new: LineWriter) -> None:
+    # Only if logging is in use: importing it here would cost every child.
+    logging = sys.modules.get("logging")
+    if logging is None:
+        return
+    loggers = [logging.getLogger()]
+    loggers += [
+        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if isinstance(handler, logging.StreamHandler) and handler.stream is old:
+                handler.setStream(new)
+
+
+def _flush_all() -> None:
+    for buffer in list(_BUFFERS):
+        try:
+            buffer.flush()
+        except (OSError, ValueError):
+            pass  # at exit, a closed pipe is nobody's problem any more
+
+
+def _after_fork_in_child() -> None:
+    for buffer in list(_BUFFERS):
+        buffer._after_fork_in_child()
+
+
+atexit.register(_flush_all)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

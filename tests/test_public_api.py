@@ -1,0 +1,76 @@
+"""The public surface is exact, and the layers import only downwards."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import procpool
+
+SRC = pathlib.Path(procpool.__file__).parent
+
+
+def test_all_is_sorted_and_complete() -> None:
+    assert procpool.__all__ == sorted(procpool.__all__)
+    public = {name for name in dir(procpool) if not name.startswith("_")}
+    assert public - {"testing"} <= set(procpool.__all__) | {"annotations"}
+
+
+def test_exported_objects_say_they_live_in_procpool() -> None:
+    for name in procpool.__all__:
+        obj = getattr(procpool, name)
+        if isinstance(obj, str):
+            continue
+        assert obj.__module__ == "procpool", name
+
+
+# Layer of each private module; a module may import only from lower-or-equal layers.
+LAYERS = {
+    "_exceptions": 0,
+    "_version": 0,
+    "_core": 1,
+    "backends": 2,
+    "_results": 3,
+    "_runner": 3,
+    "_pool": 3,
+    "_executor": 3,
+    "_process": 3,
+    "_sync": 3,
+    "_context": 3,
+    "_progress": 3,
+    "testing": 0,
+    "_cli": 4,
+    "__main__": 4,
+}
+
+
+def _layer_of(module: str) -> int | None:
+    head = module.split(".")[0]
+    return LAYERS.get(head)
+
+
+def test_layers_import_only_downwards() -> None:
+    for path in SRC.rglob("*.py"):
+        rel = path.relative_to(SRC).with_suffix("")
+        parts = rel.parts
+        own = _layer_of(parts[0]) if parts[0] != "__init__" else None
+        if own is None:
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level > 0:
+                base = list(parts[: len(parts) - node.level])
+                target = ".".join([*base, node.module or ""]).strip(".")
+                if not target:
+                    continue
+                layer = _layer_of(target)
+                assert layer is None or layer <= own, (
+                    f"{rel} imports {target} (layer {layer} > {own})"
+                )
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.level == 0
+                and (node.module or "").startswith("procpool.")
+            ):
+                layer = _layer_of(node.module.split(".", 1)[1])  # type: ignore[union-attr]
+                assert layer is None or layer <= own, f"{rel} imports {node.module}"
