@@ -65,6 +65,8 @@ class ProcessPoolExecutor(cf.Executor):
         task_timeout: Seconds a task may run (TaskTimeoutError after that).
         retries: How many times to re-run a task that failed with one of ``retry_on``.
         retry_on: Exception types that cause a retry (default: crash and timeout).
+        max_memory_per_worker: Bytes (or ``"2GB"``): a worker above it after a task
+            is replaced before its next task.
 
     Raises:
         ValueError: if ``max_workers`` <= 0 or ``max_tasks_per_child`` is not positive.
@@ -82,6 +84,7 @@ class ProcessPoolExecutor(cf.Executor):
         task_timeout: float | None = None,
         retries: int = 0,
         retry_on: Iterable[type[BaseException]] | None = None,
+        max_memory_per_worker: int | str | None = None,
     ) -> None:
         if max_workers is None:
             max_workers = default_workers()
@@ -106,6 +109,7 @@ class ProcessPoolExecutor(cf.Executor):
             max_tasks_per_child,
             policy,
             drain_at_exit=True,
+            max_memory_per_worker=max_memory_per_worker,
         )
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> cf.Future[T]:
@@ -200,6 +204,14 @@ class ProcessPoolExecutor(cf.Executor):
         engine.close()
         if wait:
             engine.join()
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool | None:
+        if exc_type is not None and not issubclass(exc_type, Exception):
+            # Ctrl-C or SystemExit: stop now rather than wait for running tasks.
+            self.shutdown(wait=False, cancel_futures=True)
+            self._runner.engine.terminate()
+            return None
+        return super().__exit__(exc_type, exc, tb)
 
     def _forget(self, future: cf.Future[Any]) -> None:
         with self._shutdown_lock:

@@ -49,6 +49,8 @@ class Pool:
             again, on a fresh worker.
         retry_on: Exception types that cause a retry (default: WorkerCrashedError,
             TaskTimeoutError).
+        max_memory_per_worker: Bytes (or a size such as ``"2GB"``) of resident memory;
+            a worker above it after a task is replaced before its next task.
 
     Raises:
         ValueError: if ``processes`` < 1 or ``maxtasksperchild`` is not a positive int.
@@ -66,6 +68,7 @@ class Pool:
         task_timeout: float | None = None,
         retries: int = 0,
         retry_on: Iterable[type[BaseException]] | None = None,
+        max_memory_per_worker: int | str | None = None,
     ) -> None:
         self._state = _TERMINATE  # until fully built, so __del__ stays quiet
         if processes is None:
@@ -89,6 +92,7 @@ class Pool:
             maxtasksperchild,
             policy,
             drain_at_exit=False,
+            max_memory_per_worker=max_memory_per_worker,
         )
         self._processes = processes
         self._iterators: weakref.WeakSet[IMapIterator[Any]] = weakref.WeakSet()

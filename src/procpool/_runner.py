@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import math
 import os
+import signal
 import threading
 import weakref
 from collections.abc import Callable, Iterable
@@ -67,6 +68,7 @@ class Runner:
         policy: TaskPolicy,
         *,
         drain_at_exit: bool,
+        max_memory_per_worker: int | str | None = None,
     ) -> None:
         self.ctx = resolve_context(context)
         self.policy = policy
@@ -77,8 +79,10 @@ class Runner:
             initializer=initializer,
             initargs=tuple(initargs),
             max_tasks_per_worker=max_tasks_per_worker,
+            max_memory_per_worker=parse_bytes(max_memory_per_worker),
         )
         _register(self.engine, drain_at_exit)
+        _handle_sigterm()
 
     @property
     def workers(self) -> int:
@@ -139,6 +143,45 @@ class Runner:
         return submit
 
 
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 1000,
+    "KB": 1000,
+    "KIB": 1024,
+    "M": 1000**2,
+    "MB": 1000**2,
+    "MIB": 1024**2,
+    "G": 1000**3,
+    "GB": 1000**3,
+    "GIB": 1024**3,
+    "T": 1000**4,
+    "TB": 1000**4,
+    "TIB": 1024**4,
+}
+
+
+def parse_bytes(value: int | str | None) -> int | None:
+    """``2_000_000``, ``"2MB"``, ``"1.5 GiB"`` -> bytes. Raises ValueError naming the option."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip().upper().replace(" ", "")
+        number = text.rstrip("KMGTIB")
+        unit = text[len(number) :]
+        try:
+            if unit not in _UNITS:
+                raise ValueError(unit)
+            value = int(float(number) * _UNITS[unit])
+        except ValueError:
+            raise ValueError(
+                f"max_memory_per_worker must be bytes or a size like '2GB', not {value!r}"
+            ) from None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"max_memory_per_worker must be a positive number of bytes, not {value!r}")
+    return value
+
+
 def map_chunksize(length: int, workers: int) -> int:
     """Default chunk size for a map over ``length`` items: about 4 chunks per worker."""
     chunksize, extra = divmod(length, workers * 4)
@@ -182,6 +225,26 @@ def _shutdown_all() -> None:
             engine.join()
         else:
             engine.terminate()
+
+
+def _handle_sigterm() -> None:
+    """Make SIGTERM a clean shutdown (like Ctrl-C) instead of an abrupt death.
+
+    Only when nobody else handles SIGTERM and we are on the main thread: the
+    handler raises SystemExit(143) in the main thread, so ``with`` blocks close
+    their pools and the exit hooks stop every worker. A second SIGTERM kills
+    outright, as usual.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 # Registered after multiprocessing's own exit hook (imported above), so it runs

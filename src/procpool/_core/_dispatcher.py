@@ -101,8 +101,8 @@ class _Worker:
     """The dispatcher's record of one worker process."""
 
     __slots__ = (
+        "busy",
         "conn",
-        "deadline_item",
         "fns",
         "id",
         "inflight",
@@ -127,7 +127,7 @@ class _Worker:
         self.ready = False
         self.retiring = False
         self.timed_out: tuple[int, int] | None = None  # (batch id, item) we killed it for
-        self.deadline_item: tuple[int, int] | None = None
+        self.busy = 0.0  # seconds spent running tasks, as the worker measured
 
     def read_slot(self) -> tuple[int, int, float]:
         for _ in range(100):  # the worker may be writing: read until stable
@@ -154,12 +154,14 @@ class Dispatcher:
         initializer: Callable[..., Any] | None = None,
         initargs: tuple[Any, ...] = (),
         max_tasks_per_worker: int | None = None,
+        max_memory_per_worker: int | None = None,
         line_stdio: bool = True,
     ) -> None:
         self._ctx = ctx
         self._size = workers
         self._max_tasks = max_tasks_per_worker
-        self._line_stdio = line_stdio
+        self._worker_options = {"stdio": line_stdio, "max_rss": max_memory_per_worker}
+        self.recycled = 0
         self._init_bytes = self._pickle_initializer(initializer, initargs)
         self._pending: deque[Batch] = deque()
         self._workers: dict[int, _Worker] = {}
@@ -379,17 +381,24 @@ class Dispatcher:
             return
         tag = msg[0]
         if tag == P.RESULTS:
-            self._on_results(worker, msg[1], msg[2])
+            self._on_results(worker, msg)
         elif tag == P.READY:
             worker.ready = True
             self._startup_deaths = 0
         elif tag == P.INIT_FAILED:
             self._on_init_failed(msg[1], msg[2])
 
-    def _on_results(self, worker: _Worker, batch_id: int, payload: bytes) -> None:
+    def _on_results(self, worker: _Worker, msg: tuple[Any, ...]) -> None:
+        _, batch_id, payload, busy, recycle = msg
         batch = worker.inflight.popleft()
         assert batch.id == batch_id, (batch.id, batch_id)
         worker.tasks_done += len(batch.items)
+        worker.busy += busy
+        if recycle and not worker.retiring:
+            # Over its memory limit: it finishes what it holds, then is replaced.
+            worker.retiring = True
+            self.recycled += 1
+            self._replenish()
         try:
             values, errors = pickle.loads(payload)
         except BaseException as exc:
@@ -481,7 +490,7 @@ class Dispatcher:
             while worker.conn.poll():
                 msg = pickle.loads(worker.conn.recv_bytes())
                 if msg[0] == P.RESULTS:
-                    self._on_results(worker, msg[1], msg[2])
+                    self._on_results(worker, msg)
                 elif msg[0] == P.INIT_FAILED:
                     self._on_init_failed(msg[1], msg[2])
         except (EOFError, OSError):
@@ -608,7 +617,7 @@ class Dispatcher:
         slot = self._ctx.RawArray("d", P.SLOT_SIZE)  # type: ignore[attr-defined]
         process = self._ctx.Process(  # type: ignore[attr-defined]
             target=worker_main,
-            args=(child_end, slot, self._init_bytes, self._line_stdio),
+            args=(child_end, slot, self._init_bytes, self._worker_options),
             name=f"procpool-worker-{wid}",
         )
         process.start()

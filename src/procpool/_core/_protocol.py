@@ -15,7 +15,9 @@ Worker to parent::
 
     (READY, pid)                           initializer done, serving
     (INIT_FAILED, name, error)             initializer raised; worker exits
-    (RESULTS, batch_id, payload)           payload = pickle((values, errors))
+    (RESULTS, batch_id, payload, busy, recycle)
+                                           payload = pickle((values, errors)); busy = seconds
+                                           spent running it; recycle = over its memory limit
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import pickle
 import signal
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -39,20 +40,28 @@ FN_CACHE_SIZE = 64
 _ORPHAN_EXIT = 70
 
 
-def worker_main(conn: Connection, slot: Any, init_bytes: bytes | None, stdio: bool) -> None:
-    """Entry point of a worker process (the ``target`` of its Process)."""
-    if stdio:
+def worker_main(
+    conn: Connection, slot: Any, init_bytes: bytes | None, options: dict[str, Any]
+) -> None:
+    """Entry point of a worker process (the ``target`` of its Process).
+
+    Options: ``stdio`` (install whole-line stdout/stderr), ``max_rss`` (bytes of
+    resident memory after which the worker asks to be replaced, or None).
+    """
+    if options.get("stdio", True):
         from ._stdio import install_line_writers
 
         install_line_writers()
     # Ctrl-C in a terminal reaches the whole process group; the parent decides
     # what happens to workers, so they must not die on their own mid-task.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A forked worker inherits the parent's SIGTERM handler; terminate() means die.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _watch_parent()
     if init_bytes is not None and not _run_initializer(conn, init_bytes):
         return
     conn.send_bytes(P.dumps((P.READY, os.getpid())))
-    _serve(conn, memoryview(slot).cast("B").cast("d"))
+    _serve(conn, memoryview(slot).cast("B").cast("d"), options.get("max_rss"))
 
 
 def _watch_parent() -> None:
@@ -81,7 +90,7 @@ def _run_initializer(conn: Connection, init_bytes: bytes) -> bool:
     return True
 
 
-def _serve(conn: Connection, slot: Any) -> None:
+def _serve(conn: Connection, slot: Any, max_rss: int | None) -> None:
     fns: OrderedDict[int, Any] = OrderedDict()
     while True:
         try:
@@ -91,8 +100,11 @@ def _serve(conn: Connection, slot: Any) -> None:
         msg = pickle.loads(data)
         tag = msg[0]
         if tag == P.BATCH:
+            started = time.perf_counter()
             reply = _run_batch(msg, fns, slot)
-            conn.send_bytes(P.dumps((P.RESULTS, msg[1], reply)))
+            busy = time.perf_counter() - started
+            recycle = max_rss is not None and resident_bytes() > max_rss
+            conn.send_bytes(P.dumps((P.RESULTS, msg[1], reply, busy, recycle)))
         elif tag == P.FN:
             fns[msg[1]] = msg[2]  # unpickled at first use, so a crash is blamed on a batch
             if len(fns) > FN_CACHE_SIZE:
@@ -177,6 +189,21 @@ def _dumps_item_by_item(
             errors[i] = P.portable_error(err, "pickling the result")
             values[i] = None
     return P.dumps((values, errors))
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux: /proc; elsewhere: the peak so far)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE_SIZE
+    except OSError:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 def _task_name(first_index: int, i: int) -> str:

@@ -1,0 +1,294 @@
+"""Interrupts, parent death, bounded memory, failures in place, leaks, recycling, chaos."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import psutil
+import pytest
+
+from procpool import Pool, ProcessPoolExecutor, TaskTimeoutError, WorkerCrashedError
+from procpool import testing as crash
+from tests.helpers import fail_on, pid, square
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CALLS = {
+    "map": "pool.map(time.sleep, [30] * 4, chunksize=1)",
+    "imap": "list(pool.imap(time.sleep, [30] * 4))",
+    "apply": "pool.apply(time.sleep, (30,))",
+    "submit": "ex.submit(time.sleep, 30).result()",
+}
+
+
+def _script(call: str) -> str:
+    return textwrap.dedent(
+        f"""
+        import multiprocessing, os, sys, time
+        import procpool
+
+        if __name__ == "__main__":
+            pool = procpool.Pool(2)
+            ex = procpool.ProcessPoolExecutor(2)
+            pool.apply(os.getpid); ex.submit(os.getpid).result()
+            print(" ".join(str(p.pid) for p in multiprocessing.active_children()), flush=True)
+            try:
+                with pool, ex:
+                    {call}
+            except KeyboardInterrupt:
+                print("interrupted", flush=True)
+        """
+    )
+
+
+def _start(call: str) -> tuple[subprocess.Popen[str], list[int]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _script(call)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.stdout is not None
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    assert len(pids) >= 4, pids
+    time.sleep(0.5)  # let the call start
+    return proc, pids
+
+
+def _gone_within(pids: list[int], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        alive = [p for p in pids if _alive(p)]
+        if not alive:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _alive(pid_: int) -> bool:
+    try:
+        return psutil.Process(pid_).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.mark.parametrize("call", sorted(CALLS))
+def test_ctrl_c_interrupts_within_a_second_and_leaves_no_worker(call: str) -> None:
+    proc, pids = _start(CALLS[call])
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    assert line == "interrupted"
+    assert time.monotonic() - sent < 1.0
+    proc.wait(5)
+    proc.stdout.close()
+    assert _gone_within(pids, 2.0)
+
+
+def test_sigterm_is_a_clean_shutdown() -> None:
+    proc, pids = _start(CALLS["map"])
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(5) == 128 + signal.SIGTERM
+    proc.stdout.close()  # type: ignore[union-attr]
+    assert _gone_within(pids, 2.0)
+
+
+def test_workers_exit_by_themselves_when_the_parent_is_killed() -> None:
+    proc, pids = _start(CALLS["map"])
+    proc.kill()
+    proc.wait(5)
+    proc.stdout.close()  # type: ignore[union-attr]
+    assert _gone_within(pids, 2.0)
+
+
+def test_imap_reads_its_input_lazily_and_stopping_early_is_cheap() -> None:
+    pulled = 0
+
+    def numbers():  # a 10,000,000-item generator
+        nonlocal pulled
+        for i in range(10_000_000):
+            pulled += 1
+            yield i
+
+    with Pool(2) as pool:
+        started = time.monotonic()
+        for n, _ in enumerate(pool.imap(square, numbers())):
+            if n == 999:
+                break
+        assert time.monotonic() - started < 5
+        assert pulled < 5_000
+        # A slow consumer holds the workers back instead of piling up results.
+        it = pool.imap_unordered(square, numbers(), buffersize=100)
+        next(it)
+        before = pulled
+        time.sleep(0.5)
+        assert pulled - before <= 100
+        assert pool.map(square, [3]) == [9]  # still usable
+
+
+MEMORY_SCRIPT = """
+import resource, sys, time
+import multiprocessing, procpool
+
+def square(x):
+    return x * x
+
+def rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 1e6
+
+if __name__ == "__main__":
+    kind = sys.argv[1]
+    pool = procpool.Pool(2) if kind == "procpool" else multiprocessing.Pool(2)
+    base = rss_mb()
+    it = pool.imap(square, range(5_000_000))
+    for n, _ in enumerate(it):
+        if n == 1000:
+            break
+        time.sleep(0.001)  # a slow consumer
+    time.sleep(1.0)
+    print(rss_mb() - base)
+    pool.terminate()
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_slow_consumer_memory_growth_is_bounded_unlike_the_stdlib() -> None:
+    growth = {}
+    for kind in ("procpool", "stdlib"):
+        out = subprocess.run(
+            [sys.executable, "-c", MEMORY_SCRIPT, kind],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+            cwd=ROOT,
+        )
+        growth[kind] = float(out.stdout.strip())
+    assert growth["procpool"] < 20, growth  # MB
+    assert growth["stdlib"] > growth["procpool"], growth
+
+
+def test_a_million_tasks_with_three_failures_in_place() -> None:
+    bad = {12, 500_000, 999_999}
+    with Pool(2) as pool:
+        out = pool.map(_fail_if_bad, range(1_000_000), return_exceptions=True)
+    errors = [i for i, r in enumerate(out) if isinstance(r, ValueError)]
+    assert errors == sorted(bad)
+    assert sum(1 for r in out if not isinstance(r, ValueError)) == 999_997
+    assert out[13] == 13 and out[999_998] == 999_998
+
+
+def _fail_if_bad(x: int) -> int:
+    if x in (12, 500_000, 999_999):
+        raise ValueError(x)
+    return x
+
+
+def test_max_memory_per_worker_recycles_the_worker() -> None:
+    with Pool(1, max_memory_per_worker="60MB") as pool:
+        first = pool.apply(pid)
+        pool.apply(crash.allocate, (100_000_000,))
+        assert pool.apply(pid) != first  # replaced before its next task
+        second = pool.apply(pid)
+        assert pool.apply(pid) == second  # not replaced without cause
+    with pytest.raises(ValueError, match="max_memory_per_worker"):
+        Pool(1, max_memory_per_worker="lots")
+
+
+def _count_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize(("method", "rounds"), [("fork", 1000), ("forkserver", 100), ("spawn", 10)])
+def test_pools_and_executors_leave_nothing_behind(method: str, rounds: int) -> None:
+    Pool(1, context=method).terminate()  # warm up the start method's helpers
+    fds, threads = _count_fds(), threading.active_count()
+    children = {c.pid for c in psutil.Process().children()}
+    for i in range(rounds):
+        if i % 2:
+            with Pool(1, context=method) as pool:
+                pool.apply(square, (i,))
+        else:
+            with ProcessPoolExecutor(1, mp_context=method) as ex:
+                ex.submit(square, i).result()
+    assert _count_fds() <= fds
+    assert threading.active_count() <= threads
+    assert {c.pid for c in psutil.Process().children()} <= children
+
+
+def test_a_dropped_pool_does_not_leave_workers_running() -> None:
+    pool = Pool(2)
+    pool.apply(square, (1,))
+    workers = [p.pid for p in __import__("multiprocessing").active_children()]
+    with pytest.warns(ResourceWarning):
+        del pool
+        import gc
+
+        gc.collect()
+    assert _gone_within([p for p in workers if p], 3.0)
+
+
+def test_chaos_every_task_ends_exactly_once_and_retries_make_them_right() -> None:
+    import multiprocessing
+
+    stop = threading.Event()
+
+    def killer() -> None:
+        rng = random.Random(1)
+        while not stop.wait(0.05):
+            victims = [
+                p.pid
+                for p in multiprocessing.active_children()
+                if p.name.startswith("procpool-worker")
+            ]
+            if victims:
+                try:
+                    os.kill(rng.choice(victims), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    n = 20_000
+    with Pool(2) as pool:
+        thread = threading.Thread(target=killer)
+        thread.start()
+        try:
+            plain = pool.map(_slow_square, range(n), chunksize=20, return_exceptions=True)
+            retried = pool.map(_slow_square, range(n), chunksize=20, retries=50)
+        finally:
+            stop.set()
+            thread.join()
+    assert len(plain) == n
+    assert all(r == i * i or isinstance(r, WorkerCrashedError) for i, r in enumerate(plain))
+    assert any(isinstance(r, WorkerCrashedError) for r in plain)
+    assert retried == [i * i for i in range(n)]
+
+
+def _slow_square(x: int) -> int:
+    if x % 100 == 0:
+        time.sleep(0.002)
+    return x * x
+
+
+def test_per_call_timeout_and_retry_options() -> None:
+    with Pool(2) as pool:
+        out = pool.map(
+            crash.sleep, [0.0, 5.0, 0.0], chunksize=1, task_timeout=0.3, return_exceptions=True
+        )
+        assert out[0] is None and out[2] is None
+        assert isinstance(out[1], TaskTimeoutError) and out[1].task_index == 1
+        with pytest.raises(TaskTimeoutError):
+            pool.apply(crash.sleep, (5.0,), task_timeout=0.2)
+        with pytest.raises(ValueError, match="task_timeout"):
+            pool.map(square, [1], task_timeout=-1)
+        with pytest.raises(ValueError):
+            pool.map(fail_on, [3], retries=2, retry_on=(ValueError,))
