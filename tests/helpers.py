@@ -39,3 +39,10 @@ def set_env(name: str, value: str) -> None:
 
 def get_env(name: str) -> str | None:
     return os.environ.get(name)
+
+
+def slow_square(x: int) -> int:
+    """Square, sleeping 2 ms on every 100th input (the chaos test's workload)."""
+    if x % 100 == 0:
+        time.sleep(0.002)
+    return x * x

@@ -268,16 +268,13 @@ class Pool:
         check_chunksize(chunksize)
         if buffersize is not None and (not isinstance(buffersize, int) or buffersize < 1):
             raise ValueError(f"buffersize must be a positive int, not {buffersize!r}")
-        if chunksize is None:
-            chunksize = 1
-        if buffersize is None:
-            buffersize = max(8 * self._processes, 4 * self._processes * chunksize)
         policy = self._runner.policy_for(task_timeout, retries, retry_on)
         it: IMapIterator[Any] = IMapIterator(
             self._runner.chunk_submitter(func, star, policy),
             iterable,
             chunksize,
             buffersize,
+            workers=self._processes,
             ordered=ordered,
             return_exceptions=return_exceptions,
         )

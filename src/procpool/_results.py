@@ -143,6 +143,10 @@ class MapResult(AsyncResult[list[T]]):
                 self._first_error = (index, exc)
 
 
+TARGET_BATCH_SECONDS = 0.005
+MAX_CHUNK = 8192
+
+
 class IMapIterator(Iterator[T]):
     """Results of ``imap`` / ``imap_unordered``, pulled lazily with bounded memory.
 
@@ -155,16 +159,22 @@ class IMapIterator(Iterator[T]):
         self,
         submit: Callable[[list[Any], int, IMapIterator[T]], list[Batch]],
         iterable: Any,
-        chunksize: int,
-        buffersize: int,
+        chunksize: int | None,
+        buffersize: int | None,
         *,
+        workers: int,
         ordered: bool,
         return_exceptions: bool = False,
     ) -> None:
         self._submit = submit
         self._input = iter(iterable)
-        self._chunksize = chunksize
-        self._buffersize = max(buffersize, chunksize)
+        # chunksize None: adaptive (see observe); buffersize None: a few chunks per worker.
+        self._adaptive = chunksize is None
+        self._chunksize = 1 if chunksize is None else chunksize
+        self._fixed_buffer = buffersize
+        self._workers = workers
+        self._buffersize = self._buffer_for(self._chunksize)
+        self._per_item: float | None = None  # seconds per task, as workers measured
         self._ordered = ordered
         self._return_exceptions = return_exceptions
         self._cond = threading.Condition(threading.Lock())
@@ -261,6 +271,33 @@ class IMapIterator(Iterator[T]):
                 self._end_input(start + len(items))
                 self.deliver(start, [None] * len(items), dict.fromkeys(range(len(items)), exc))
                 return
+
+    def _buffer_for(self, chunksize: int) -> int:
+        if self._fixed_buffer is not None:
+            return max(self._fixed_buffer, chunksize)
+        return max(8 * self._workers, 4 * self._workers * chunksize)
+
+    def observe(self, count: int, busy: float) -> None:
+        """Learn how long tasks take (dispatcher thread); grow or shrink the chunk size.
+
+        Adaptive chunking aims at batches of about ``TARGET_BATCH_SECONDS`` of work:
+        long enough that per-batch overhead (~50 us) is noise for tiny tasks,
+        short enough that work still balances when durations vary. The size at
+        most doubles per observation, and stays small enough to keep at least two
+        batches per worker inside the buffer.
+        """
+        if not self._adaptive or count <= 0:
+            return
+        sample = busy / count
+        per_item = sample if self._per_item is None else 0.7 * self._per_item + 0.3 * sample
+        self._per_item = per_item
+        ideal = int(TARGET_BATCH_SECONDS / per_item) if per_item > 0 else MAX_CHUNK
+        limit = MAX_CHUNK
+        if self._fixed_buffer is not None:
+            limit = max(1, self._fixed_buffer // (2 * self._workers))
+        size = max(1, min(ideal, 2 * self._chunksize, limit))
+        self._chunksize = size
+        self._buffersize = self._buffer_for(size)
 
     def _feed_all(self) -> None:
         """Submit the rest of the input now, whatever the buffer (Pool.join() needs it)."""

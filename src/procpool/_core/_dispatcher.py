@@ -394,6 +394,9 @@ class Dispatcher:
         assert batch.id == batch_id, (batch.id, batch_id)
         worker.tasks_done += len(batch.items)
         worker.busy += busy
+        observe = getattr(batch.sink, "observe", None)
+        if observe is not None:
+            observe(len(batch.items), busy)
         if recycle and not worker.retiring:
             # Over its memory limit: it finishes what it holds, then is replaced.
             worker.retiring = True

@@ -57,7 +57,9 @@ class _LineBuffer(io.BufferedIOBase):
         super().__init__()
         self._fd = fd
         self._name = name
-        self._held = bytearray()
+        # Partial lines, one per thread: print() makes several write() calls
+        # per line, and two threads printing at once must not mix them.
+        self._held: dict[int, bytearray] = {}
         self._at_line_start = True
         self._prefix: bytes | None = None
         # Re-entrant: a signal handler that prints while the main thread is
@@ -92,16 +94,20 @@ class _LineBuffer(io.BufferedIOBase):
         if self.closed:
             raise ValueError("write to closed file")
         chunk = data if isinstance(data, bytes) else memoryview(data).cast("B").tobytes()
+        ident = threading.get_ident()
         with self._lock:
-            self._held += chunk
+            held = self._held.setdefault(ident, bytearray())
+            held += chunk
             if b"\n" in chunk:
-                self._emit(self._held.rfind(b"\n") + 1)
-            elif len(self._held) > MAX_HELD:
-                self._emit(len(self._held))
+                self._emit(held, held.rfind(b"\n") + 1)
+            elif len(held) > MAX_HELD:
+                self._emit(held, len(held))
+            if not held:
+                del self._held[ident]
         return len(chunk)
 
     def flush(self) -> None:
-        """Write out everything held, partial line included.
+        """Write out everything held, every thread's partial line included.
 
         Raises:
             ValueError: if the stream is closed.
@@ -110,7 +116,12 @@ class _LineBuffer(io.BufferedIOBase):
         if self.closed:
             raise ValueError("flush of closed file")
         with self._lock:
-            self._emit(len(self._held))
+            # The calling thread's first: it is the one that asked.
+            mine = self._held.pop(threading.get_ident(), None)
+            for held in [mine, *self._held.values()]:
+                if held:
+                    self._emit(held, len(held))
+            self._held.clear()
 
     def close(self) -> None:
         """Flush and mark closed. The file descriptor itself stays open (like ``sys.stdout``)."""
@@ -133,13 +144,11 @@ class _LineBuffer(io.BufferedIOBase):
     def writable(self) -> bool:
         return True
 
-    def _emit(self, end: int) -> None:
+    def _emit(self, held: bytearray, end: int) -> None:
         # Caller holds the lock. Take the bytes out before writing so that an
         # error (a broken pipe) does not leave them to be written again.
-        if end <= 0:
-            return
-        data = bytes(self._held[:end])
-        del self._held[:end]
+        data = bytes(held[:end])
+        del held[:end]
         if self._prefix is not None:
             data = self._add_prefix(data, self._prefix)
         for chunk in split_lines(data, PIPE_BUF):
@@ -185,10 +194,19 @@ def _write_all(fd: int, data: bytes) -> None:
         try:
             written = os.write(fd, view)
         except BlockingIOError:
-            # Someone made the descriptor non-blocking; wait until it drains.
-            select.select([], [fd], [])
+            _wait_writable(fd)  # someone made the descriptor non-blocking
             continue
         view = view[written:]
+
+
+def _wait_writable(fd: int) -> None:
+    # poll(), not select(): select() cannot watch descriptors numbered 1024+.
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        poller.poll()
+    else:
+        select.select([], [fd], [])
 
 
 class LineWriter(io.TextIOBase):
