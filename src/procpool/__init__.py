@@ -12,7 +12,7 @@ Layers (each imports only from the layers above it in this list; a test checks):
 
 from __future__ import annotations
 
-from ._context import Context, get_context
+from ._context import Context, cpu_count, get_context
 from ._exceptions import (
     InitializerError,
     ProcpoolError,
@@ -25,25 +25,45 @@ from ._executor import ProcessPoolExecutor
 from ._pool import Pool
 from ._process import Process
 from ._results import AsyncResult, IMapIterator
-from ._sync import Lock, Queue
+from ._sync import (
+    Barrier,
+    BoundedSemaphore,
+    Condition,
+    Event,
+    JoinableQueue,
+    Lock,
+    Queue,
+    RLock,
+    Semaphore,
+    SimpleQueue,
+)
 from ._version import __version__
 
 __all__ = [
     "AsyncResult",
+    "Barrier",
+    "BoundedSemaphore",
+    "Condition",
     "Context",
+    "Event",
     "IMapIterator",
     "InitializerError",
+    "JoinableQueue",
     "Lock",
     "Pool",
     "Process",
     "ProcessPoolExecutor",
     "ProcpoolError",
     "Queue",
+    "RLock",
     "RemoteTraceback",
+    "Semaphore",
     "SerializationError",
+    "SimpleQueue",
     "TaskTimeoutError",
     "WorkerCrashedError",
     "__version__",
+    "cpu_count",
     "get_context",
 ]
 

@@ -9,11 +9,6 @@ is never the default.
 from __future__ import annotations
 
 import multiprocessing
-import multiprocessing.connection
-import multiprocessing.context
-import multiprocessing.managers
-import multiprocessing.queues
-import multiprocessing.synchronize
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +16,14 @@ from ._core._startmethod import default_start_method, resolve_context
 from ._process import Process, process_class
 
 if TYPE_CHECKING:
+    # For annotations only: multiprocessing.managers alone costs ~10 ms to
+    # import, in every program and in the fork server.
+    import multiprocessing.connection
+    import multiprocessing.context
+    import multiprocessing.managers
+    import multiprocessing.queues
+    import multiprocessing.synchronize
+
     from ._executor import ProcessPoolExecutor
     from ._pool import Pool
 

@@ -15,7 +15,8 @@ How a result travels::
 The parent reads the pipe while it waits for the child to exit, so a return
 value larger than the pipe's buffer never deadlocks ``join()``; and it closes
 the reader as soon as the message (or the child's death) has been seen, so a
-thousand processes started at once cost no more descriptors than the stdlib's.
+thousand processes started at once need only one more descriptor each than
+the stdlib's (and the soft descriptor limit is raised when they run short).
 
 Targets, arguments and the class itself cross with a pickler that is
 cloudpickle (lambdas, closures, functions defined in ``__main__`` or a
@@ -32,8 +33,10 @@ import multiprocessing
 import multiprocessing.context
 import os
 import pickle
+import threading
 import time
 import traceback
+import types
 from collections import ChainMap
 from collections.abc import Callable, Iterable, Mapping
 from multiprocessing import connection
@@ -49,9 +52,28 @@ from ._exceptions import RemoteTraceback, SerializationError, WorkerCrashedError
 
 __all__ = ["ForkProcess", "ForkServerProcess", "Process", "SpawnProcess", "process_class"]
 
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None  # type: ignore[assignment]
+
+# Descriptors a start may need beyond the result pipe (the stdlib's pipes, the
+# fork server's socket), with room to spare.
+_FD_HEADROOM = 32
+
 # First byte of the one message a child sends: a return value, or an error.
 _VALUE = b"R"
 _ERROR = b"E"
+
+
+_CLOUDPICKLE_CODE_REDUCE = cloudpickle.Pickler.dispatch_table[types.CodeType]
+
+
+def _reduce_code(code: types.CodeType) -> tuple[Any, ...]:
+    # cloudpickle renames the file of code sent by value to "<dynamic-code>";
+    # keep the real one so the child's traceback shows file, line and source.
+    ctor, args = _CLOUDPICKLE_CODE_REDUCE(code)
+    return ctor, tuple(code.co_filename if arg == "<dynamic-code>" else arg for arg in args)
 
 
 class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
@@ -59,6 +81,7 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
     # handed to the child, not an integer), then cloudpickle's, then copyreg's.
     dispatch_table = ChainMap(
         ForkingPickler._extra_reducers,  # type: ignore[attr-defined]
+        {types.CodeType: _reduce_code},
         cloudpickle.Pickler.dispatch_table,
     )
 
@@ -119,6 +142,8 @@ class Process(multiprocessing.context.Process):
     _outcome_blob: bytes | None = None
     _outcome: tuple[bool, Any] | None = None
     _final_exitcode: int | None = None
+    # For subclasses whose __init__ skips ours; each instance gets its own.
+    _receive_lock = threading.Lock()
 
     def __init__(
         self,
@@ -131,6 +156,9 @@ class Process(multiprocessing.context.Process):
         daemon: bool | None = None,
     ) -> None:
         super().__init__(group, target, name, args, kwargs or {}, daemon=daemon)
+        # Two threads may wait on one process (join here, result there): only
+        # one of them may read the pipe.
+        self._receive_lock = threading.Lock()
 
     # -- parent side ---------------------------------------------------
 
@@ -156,6 +184,7 @@ class Process(multiprocessing.context.Process):
         # to make the same method the child's own default.
         self._start_method = ctx.get_start_method()
         reader, writer = connection.Pipe(duplex=False)
+        _ensure_fd_headroom(writer.fileno())
         self._result_writer = writer
         try:
             super().start()
@@ -173,6 +202,7 @@ class Process(multiprocessing.context.Process):
         # pickle target and args by reference; cloudpickle them instead, into a
         # blob the child opens in run(), where a failure becomes a result.
         state = self.__dict__.copy()
+        state.pop("_receive_lock", None)  # the child never reads; locks do not pickle
         call = (state.pop("_target", None), state.pop("_args", ()), state.pop("_kwargs", {}))
         try:
             state["_call_blob"] = _dumps(call)
@@ -275,7 +305,10 @@ class Process(multiprocessing.context.Process):
                 return True
             waitables = [sentinel] if reader is None else [reader, sentinel]
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready = connection.wait(waitables, remaining)
+            try:
+                ready = connection.wait(waitables, remaining)
+            except OSError:
+                continue  # another thread read the result and closed the reader
             if reader is not None and reader in ready:
                 self._receive(reader)
             elif sentinel in ready:
@@ -284,17 +317,23 @@ class Process(multiprocessing.context.Process):
                 return False
 
     def _receive(self, reader: Connection) -> None:
-        # One message per child, so the reader is done after it either way.
-        try:
-            self._outcome_blob = reader.recv_bytes()
-        except (EOFError, OSError):
-            pass  # died before (or while) writing: the exit code tells why
-        self._close_reader()
+        with self._receive_lock:
+            if self._result_reader is not reader:
+                return  # another thread got here first
+            # One message per child, so the reader is done after it either way.
+            try:
+                self._outcome_blob = reader.recv_bytes()
+            except (EOFError, OSError):
+                pass  # died before (or while) writing: the exit code tells why
+            self._close_reader()
 
     def _drain_nowait(self) -> None:
         reader = self._result_reader
-        if reader is not None and reader.poll(0):
-            self._receive(reader)
+        try:
+            if reader is not None and reader.poll(0):
+                self._receive(reader)
+        except OSError:
+            pass  # closed by another thread that read it
 
     def _finish(self) -> None:
         # The child has exited: whatever it wrote is in the pipe already.
@@ -371,6 +410,22 @@ class Process(multiprocessing.context.Process):
 
 
 Process.__module__ = "procpool"
+
+
+def _ensure_fd_headroom(newest_fd: int) -> None:
+    # Descriptors are numbered lowest-free first, so a high number means the
+    # table is nearly full. Desktops default to a soft limit of 1,024 with a
+    # far higher hard limit, for programs that need more to raise it: a
+    # thousand processes started at once need ~3,000. Raise it (doubling, up to
+    # the hard limit) before the standard library's own pipes fail with EMFILE.
+    if resource is None:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or newest_fd + _FD_HEADROOM < soft:
+        return
+    wanted = soft * 2 if hard == resource.RLIM_INFINITY else min(hard, soft * 2)
+    if wanted > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
 def _load_or_raise(blob: bytes | memoryview, what: str, cause: BaseException | None = None) -> Any:

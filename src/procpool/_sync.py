@@ -10,13 +10,15 @@ take them from ``procpool.get_context(method)`` instead: a lock made for
 
 from __future__ import annotations
 
-import multiprocessing.context
-import multiprocessing.queues
-import multiprocessing.synchronize
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._core._startmethod import resolve_context
+
+if TYPE_CHECKING:
+    import multiprocessing.context
+    import multiprocessing.queues
+    import multiprocessing.synchronize
 
 __all__ = [
     "Barrier",

@@ -1,0 +1,310 @@
+"""procpool.Process: a drop-in multiprocessing.Process that also returns results."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import psutil
+import pytest
+
+import procpool
+from procpool import testing
+from tests.helpers import square
+
+BIG = 50_000_000
+
+
+def big_bytes() -> bytes:
+    return bytes(BIG)
+
+
+def stdout_type() -> str:
+    return type(sys.stdout).__name__
+
+
+def start_method_inside() -> str:
+    return multiprocessing.get_start_method()
+
+
+class Returning(procpool.Process):
+    """A subclass overriding run(), the stdlib way; its return value is the result."""
+
+    def __init__(self, value: int) -> None:
+        super().__init__()
+        self.value = value
+
+    def run(self) -> int:
+        return self.value * 2
+
+
+def started(method: str, target: Any, *args: Any) -> procpool.Process:
+    proc = procpool.get_context(method).Process(target=target, args=args)
+    proc.start()
+    return proc
+
+
+def finished(method: str, target: Any, *args: Any) -> procpool.Process:
+    proc = started(method, target, *args)
+    proc.join()
+    return proc
+
+
+# -- results ---------------------------------------------------------------
+
+
+def test_lambda_closure_result(start_method: str) -> None:
+    factor = 3
+    proc = finished(start_method, lambda x, y=1: x * factor + y, 4)
+    assert proc.result() == 13
+    assert proc.exitcode == 0
+
+
+def test_result_waits_for_the_process(start_method: str) -> None:
+    proc = started(start_method, testing.sleep, 0.2, "late")
+    assert proc.result(timeout=10) == "late"
+    proc.join()
+
+
+def test_subclass_run_return_value_is_the_result(start_method: str) -> None:
+    proc = procpool.get_context(start_method).Process
+    assert issubclass(proc, procpool.Process)
+    child = Returning(21)  # procpool's default start method
+    child.start()
+    assert child.result() == 42
+    child.join()
+
+
+def test_child_runs_the_method_it_was_started_with(start_method: str) -> None:
+    # The child's own default matches, so processes it starts use it too.
+    assert finished(start_method, start_method_inside).result() == start_method
+
+
+def test_child_stdout_writes_whole_lines(start_method: str) -> None:
+    assert finished(start_method, stdout_type).result() == "LineWriter"
+
+
+def test_default_start_method_and_drop_in_types() -> None:
+    proc = procpool.Process(target=square, args=(7,))
+    assert isinstance(proc, multiprocessing.Process)
+    assert type(proc).__module__ == "procpool"
+    assert re.fullmatch(r"Process-\d+(:\d+)*", proc.name)
+    assert proc.pid is None and proc.exitcode is None and not proc.is_alive()
+    proc.start()
+    assert proc.result() == 49
+    proc.join()
+    expected = "forkserver" if sys.platform.startswith("linux") else "spawn"
+    assert proc._start_method == expected
+
+
+# -- errors ----------------------------------------------------------------
+
+
+def test_exception_keeps_type_and_remote_traceback(start_method: str) -> None:
+    proc = finished(start_method, testing.raise_error, "kaput")
+    with pytest.raises(testing.CrasherError, match="kaput") as info:
+        proc.result()
+    cause = info.value.__cause__
+    assert isinstance(cause, procpool.RemoteTraceback)
+    assert "raise_error" in str(cause) and "CrasherError: kaput" in str(cause)
+    assert proc.exitcode == 1  # as with multiprocessing: the child printed it and failed
+
+
+def test_traceback_of_code_sent_by_value_names_its_file(start_method: str) -> None:
+    # A lambda cannot be imported in the child: cloudpickle sends its code.
+    proc = finished(start_method, lambda: {}["missing key"])
+    with pytest.raises(KeyError) as info:
+        proc.result()
+    text = str(info.value.__cause__)
+    assert f'File "{__file__}"' in text
+    assert '{}["missing key"]' in text  # the source line, found from the real file
+
+
+CRASHES = [
+    pytest.param(testing.exit_abruptly, (3,), 3, "exit code 3", id="os._exit"),
+    pytest.param(testing.sys_exit, (4,), 4, "exit code 4", id="sys.exit"),
+    pytest.param(testing.kill_self, (signal.SIGKILL,), -9, "SIGKILL", id="SIGKILL"),
+    pytest.param(testing.segfault, (), -11, "SIGSEGV", id="segfault"),
+]
+
+
+@pytest.mark.parametrize(("target", "args", "exitcode", "words"), CRASHES)
+def test_crash_names_exit_code_or_signal(
+    start_method: str, target: Any, args: tuple[Any, ...], exitcode: int, words: str
+) -> None:
+    proc = finished(start_method, target, *args)
+    assert proc.exitcode == exitcode
+    with pytest.raises(procpool.WorkerCrashedError, match=words) as info:
+        proc.result()
+    assert info.value.exitcode == exitcode
+    assert info.value.pid == proc.pid
+
+
+def test_result_of_a_process_that_dies_unjoined() -> None:
+    proc = started("forkserver", testing.exit_abruptly, 5)
+    with pytest.raises(procpool.WorkerCrashedError, match="exit code 5"):
+        proc.result()
+    assert proc.exitcode == 5 and not proc.is_alive()
+
+
+def test_killed_from_outside() -> None:
+    proc = started("forkserver", testing.sleep, 30)
+    with pytest.raises(TimeoutError):
+        proc.result(timeout=0.1)
+    proc.kill()
+    with pytest.raises(procpool.WorkerCrashedError, match="SIGKILL"):
+        proc.result()
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_unpicklable_argument_fails_at_start(method: str) -> None:
+    proc = procpool.get_context(method).Process(target=print, args=(testing.Unpicklable(),))
+    with pytest.raises(procpool.SerializationError, match="cannot send"):
+        proc.start()
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_argument_failing_to_unpickle_in_child(method: str) -> None:
+    proc = finished(method, print, testing.FailsOnUnpickle())
+    with pytest.raises(procpool.SerializationError, match="could not unpickle its target"):
+        proc.result()
+
+
+def test_unpicklable_return_value(start_method: str) -> None:
+    proc = finished(start_method, testing.return_unpicklable)
+    with pytest.raises(procpool.SerializationError, match="could not pickle the return value"):
+        proc.result()
+
+
+def test_return_value_failing_to_unpickle_in_parent() -> None:
+    proc = finished("forkserver", testing.return_fails_on_unpickle)
+    with pytest.raises(procpool.SerializationError, match="return value"):
+        proc.result()
+
+
+# -- waiting, draining, resources -----------------------------------------
+
+
+def test_join_timeout_returns_while_running() -> None:
+    proc = started("forkserver", testing.sleep, 30)
+    begin = time.monotonic()
+    proc.join(0.2)
+    assert time.monotonic() - begin < 5
+    assert proc.is_alive() and proc.exitcode is None
+    proc.terminate()
+    proc.join()
+    assert proc.exitcode == -signal.SIGTERM
+    with pytest.raises(procpool.WorkerCrashedError, match="SIGTERM"):
+        proc.result()
+
+
+def test_big_return_value_does_not_deadlock_join(start_method: str) -> None:
+    proc = finished(start_method, big_bytes)  # the pipe holds 64 KiB; join reads it
+    assert proc.exitcode == 0
+    assert len(proc.result()) == BIG
+
+
+@pytest.mark.parametrize("poll", ["is_alive", "exitcode"])
+def test_polling_drains_a_big_return_value(poll: str) -> None:
+    proc = started("forkserver", big_bytes)
+    deadline = time.monotonic() + 30
+    while proc.is_alive() if poll == "is_alive" else proc.exitcode is None:
+        assert time.monotonic() < deadline, "the child never finished: nobody read its result"
+        time.sleep(0.01)
+    assert len(proc.result()) == BIG
+    proc.join()
+
+
+def test_result_twice_and_after_close() -> None:
+    proc = finished("forkserver", square, 9)
+    proc.close()
+    assert proc.result() == 81
+    assert proc.result() == 81
+    with pytest.raises(ValueError, match="closed"):
+        proc.is_alive()
+
+
+def test_misuse_errors_match_the_stdlib() -> None:
+    proc = procpool.Process(target=testing.sleep, args=(30,))
+    with pytest.raises(ValueError, match="not started"):
+        proc.result()
+    with pytest.raises(AssertionError):
+        proc.join()
+    proc.start()
+    with pytest.raises(AssertionError):
+        proc.start()
+    with pytest.raises(ValueError, match="still running"):
+        proc.close()
+    proc.kill()
+    proc.join()
+    proc.close()
+
+
+def _open_fds() -> int:
+    return psutil.Process().num_fds()
+
+
+def test_many_processes_started_then_joined_release_descriptors() -> None:
+    before = _open_fds()
+    procs = [procpool.Process(target=square, args=(i,)) for i in range(300)]
+    for proc in procs:
+        proc.start()
+    # At most the stdlib's two descriptors per live process, plus our reader.
+    assert _open_fds() - before <= 3 * len(procs) + 10
+    for proc in procs:
+        proc.join()
+    assert [p.result() for p in procs] == [i * i for i in range(300)]
+    assert [p.exitcode for p in procs] == [0] * 300
+    # Our readers are closed; the stdlib keeps its own until close() or GC.
+    for proc in procs:
+        proc.close()
+    assert _open_fds() - before <= 5
+
+
+def test_daemon_flag_and_identity() -> None:
+    proc = procpool.Process(target=os.getpid, daemon=True, name="worker-x")
+    assert proc.daemon and proc.name == "worker-x"
+    proc.start()
+    assert proc.result() == proc.pid == proc.ident
+    assert isinstance(proc.sentinel, int)
+    proc.join()
+    assert "worker-x" in repr(proc)
+
+
+LOW_LIMIT = """
+import resource, sys
+import procpool
+
+if __name__ == "__main__":
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    procs = [procpool.Process(target=abs, args=(-i,)) for i in range(200)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    assert [p.result() for p in procs] == list(range(200))
+    print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX descriptor limits")
+def test_soft_descriptor_limit_is_raised_when_short(tmp_path: Any) -> None:
+    # 200 processes at once need ~600 descriptors; the stdlib fails at 256.
+    import resource
+
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[1] < 1024:
+        pytest.skip("hard descriptor limit too low to raise")
+    script = tmp_path / "low_limit.py"
+    script.write_text(LOW_LIMIT)
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) > 256
