@@ -46,3 +46,9 @@ def slow_square(x: int) -> int:
     if x % 100 == 0:
         time.sleep(0.002)
     return x * x
+
+
+def draw(_: object = None) -> float:
+    import random
+
+    return random.random()

@@ -25,6 +25,7 @@ from ._executor import ProcessPoolExecutor
 from ._pool import Pool
 from ._process import Process
 from ._results import AsyncResult, IMapIterator
+from ._statistics import PoolStatistics, WorkerStatistics
 from ._sync import (
     Barrier,
     BoundedSemaphore,
@@ -51,6 +52,7 @@ __all__ = [
     "JoinableQueue",
     "Lock",
     "Pool",
+    "PoolStatistics",
     "Process",
     "ProcessPoolExecutor",
     "ProcpoolError",
@@ -62,6 +64,7 @@ __all__ = [
     "SimpleQueue",
     "TaskTimeoutError",
     "WorkerCrashedError",
+    "WorkerStatistics",
     "__version__",
     "cpu_count",
     "get_context",

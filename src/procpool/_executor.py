@@ -13,6 +13,7 @@ from ._core import _protocol as P
 from ._core._startmethod import ContextLike
 from ._results import IMapIterator
 from ._runner import _UNSET, Runner, check_chunksize, default_workers, make_policy
+from ._statistics import PoolStatistics
 
 __all__ = ["ProcessPoolExecutor"]
 
@@ -65,6 +66,9 @@ class ProcessPoolExecutor(cf.Executor):
         task_timeout: Seconds a task may run (TaskTimeoutError after that).
         retries: How many times to re-run a task that failed with one of ``retry_on``.
         retry_on: Exception types that cause a retry (default: crash and timeout).
+        seed: Seeds ``random`` (and NumPy's global generator) before each task
+            from (seed, task index), so results do not depend on the number of
+            workers or the scheduling.
         max_memory_per_worker: Bytes (or ``"2GB"``): a worker above it after a task
             is replaced before its next task.
 
@@ -85,6 +89,7 @@ class ProcessPoolExecutor(cf.Executor):
         retries: int = 0,
         retry_on: Iterable[type[BaseException]] | None = None,
         max_memory_per_worker: int | str | None = None,
+        seed: int | None = None,
     ) -> None:
         if max_workers is None:
             max_workers = default_workers()
@@ -96,7 +101,7 @@ class ProcessPoolExecutor(cf.Executor):
             raise ValueError("max_tasks_per_child must be >= 1")
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
-        policy = make_policy(task_timeout, retries, retry_on)
+        policy = make_policy(task_timeout, retries, retry_on, seed)
         self._shutdown_lock = threading.Lock()
         self._shutdown = False
         self._pending: set[cf.Future[Any]] = set()
@@ -190,6 +195,10 @@ class ProcessPoolExecutor(cf.Executor):
             ordered=True,
         )
         return _map_results(it, end)
+
+    def statistics(self) -> PoolStatistics:
+        """Task counts, faults, and how each worker spent its time, as of now."""
+        return self._runner.engine.statistics()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting work; optionally cancel what has not started; optionally wait.

@@ -18,6 +18,7 @@ from ._runner import (
     make_policy,
     map_chunksize,
 )
+from ._statistics import PoolStatistics
 
 __all__ = ["Pool"]
 
@@ -49,6 +50,9 @@ class Pool:
             again, on a fresh worker.
         retry_on: Exception types that cause a retry (default: WorkerCrashedError,
             TaskTimeoutError).
+        seed: Seeds ``random`` (and NumPy's global generator) before each task
+            from (seed, task index), so results do not depend on the number of
+            workers or the scheduling.
         max_memory_per_worker: Bytes (or a size such as ``"2GB"``) of resident memory;
             a worker above it after a task is replaced before its next task.
 
@@ -69,6 +73,7 @@ class Pool:
         retries: int = 0,
         retry_on: Iterable[type[BaseException]] | None = None,
         max_memory_per_worker: int | str | None = None,
+        seed: int | None = None,
     ) -> None:
         self._state = _TERMINATE  # until fully built, so __del__ stays quiet
         if processes is None:
@@ -83,7 +88,7 @@ class Pool:
             raise ValueError("maxtasksperchild must be a positive int or None")
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
-        policy = make_policy(task_timeout, retries, retry_on)
+        policy = make_policy(task_timeout, retries, retry_on, seed)
         self._runner = Runner(
             processes,
             context,
@@ -286,6 +291,10 @@ class Pool:
     def _check_running(self) -> None:
         if self._state != _RUN:
             raise ValueError("Pool not running")
+
+    def statistics(self) -> PoolStatistics:
+        """Task counts, faults, and how each worker spent its time, as of now."""
+        return self._runner.engine.statistics()
 
     def close(self) -> None:
         """Accept no more tasks; the workers exit once the queued work is done."""

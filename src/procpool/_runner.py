@@ -8,6 +8,7 @@ arguments into it and validates them once, with errors that name the option.
 from __future__ import annotations
 
 import atexit
+import itertools
 import math
 import os
 import signal
@@ -36,7 +37,10 @@ def default_workers() -> int:
 
 
 def make_policy(
-    task_timeout: float | None, retries: int, retry_on: Iterable[type[BaseException]] | None
+    task_timeout: float | None,
+    retries: int,
+    retry_on: Iterable[type[BaseException]] | None,
+    seed: int | None = None,
 ) -> TaskPolicy:
     """Validate the fault options and bundle them. Raises ValueError/TypeError naming the option."""
     if task_timeout is not None:
@@ -52,7 +56,9 @@ def make_policy(
     for kind in kinds:
         if not (isinstance(kind, type) and issubclass(kind, BaseException)):
             raise TypeError(f"retry_on must hold exception types, not {kind!r}")
-    return TaskPolicy(task_timeout, retries, kinds)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed must be an int or None, not {seed!r}")
+    return TaskPolicy(task_timeout, retries, kinds, seed)
 
 
 class Runner:
@@ -73,6 +79,7 @@ class Runner:
         self.ctx = resolve_context(context)
         self.policy = policy
         self.callables = CallableCache()
+        self._calls = itertools.count()  # single calls' sequence numbers, for seeds
         self.engine = Dispatcher(
             self.ctx,
             workers,
@@ -99,6 +106,7 @@ class Runner:
             base.timeout if task_timeout is _UNSET else task_timeout,
             base.retries if retries is None else retries,
             base.retry_on if retry_on is None else retry_on,
+            base.seed,
         )
 
     def submit_call(
@@ -111,11 +119,13 @@ class Runner:
         on_start: Callable[[], bool] | None = None,
     ) -> None:
         ref = self.callables.get(fn)
+        call_index = next(self._calls)
         batches = make_batches(
             ref, P.CALL_ARGS_KWARGS, [(args, kwargs)], 0, sink, policy, named=False
         )
         for batch in batches:
             batch.on_start = on_start
+            batch.seed_base = call_index
         if batches:
             self.engine.submit(batches)
 

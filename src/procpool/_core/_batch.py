@@ -43,6 +43,7 @@ class Batch:
         "on_start",
         "payload",
         "policy",
+        "seed_base",
         "sink",
         "star",
     )
@@ -60,6 +61,7 @@ class Batch:
         named: bool = True,
         attempts: int = 0,
         on_start: Callable[[], bool] | None = None,
+        seed_base: int | None = None,
     ) -> None:
         self.id = next(_batch_ids)
         self.fn = fn
@@ -72,6 +74,9 @@ class Batch:
         self.named = named
         self.attempts = attempts
         self.on_start = on_start
+        # Index of the first task for per-task random seeds (a map's own index,
+        # or a single call's sequence number in its pool).
+        self.seed_base = first_index if seed_base is None else seed_base
 
     @property
     def size(self) -> int:
@@ -96,6 +101,7 @@ class Batch:
             self.policy,
             named=self.named,
             attempts=self.attempts if attempts is None else attempts,
+            seed_base=self.seed_base + start,
         )
 
     def fail(self, start: int, stop: int, exc: BaseException) -> None:
@@ -110,17 +116,19 @@ class Batch:
 class TaskPolicy:
     """What to do about slow and failing tasks of one call (shared by its batches)."""
 
-    __slots__ = ("retries", "retry_on", "timeout")
+    __slots__ = ("retries", "retry_on", "seed", "timeout")
 
     def __init__(
         self,
         timeout: float | None = None,
         retries: int = 0,
         retry_on: tuple[type[BaseException], ...] = (),
+        seed: int | None = None,
     ) -> None:
         self.timeout = timeout
         self.retries = retries
         self.retry_on = retry_on
+        self.seed = seed
 
     def should_retry(self, exc: BaseException, attempts: int) -> bool:
         return attempts < self.retries and isinstance(exc, self.retry_on)

@@ -76,6 +76,7 @@ from .._exceptions import (
     WorkerCrashedError,
     describe_exitcode,
 )
+from .._statistics import PoolStatistics, WorkerStatistics
 from . import _protocol as P
 from ._batch import Batch
 from ._worker import FN_CACHE_SIZE, worker_main
@@ -111,8 +112,10 @@ class _Worker:
         "ready",
         "retiring",
         "slot",
+        "started",
         "tasks_done",
         "timed_out",
+        "transfer",
     )
 
     def __init__(self, wid: int, process: Any, conn: Any, slot: Any) -> None:
@@ -128,6 +131,8 @@ class _Worker:
         self.retiring = False
         self.timed_out: tuple[int, int] | None = None  # (batch id, item) we killed it for
         self.busy = 0.0  # seconds spent running tasks, as the worker measured
+        self.transfer = 0.0  # seconds spent (un)pickling arguments and results
+        self.started = time.monotonic()
 
     def read_slot(self) -> tuple[int, int, float]:
         for _ in range(100):  # the worker may be writing: read until stable
@@ -162,6 +167,11 @@ class Dispatcher:
         self._max_tasks = max_tasks_per_worker
         self._worker_options = {"stdio": line_stdio, "max_rss": max_memory_per_worker}
         self.recycled = 0
+        self.timeouts = 0
+        self.retried = 0
+        self.tasks_completed = 0
+        self.tasks_failed = 0
+        self._gone: list[WorkerStatistics] = []  # workers that have exited
         self._init_bytes = self._pickle_initializer(initializer, initargs)
         self._pending: deque[Batch] = deque()
         self._workers: dict[int, _Worker] = {}
@@ -239,6 +249,21 @@ class Dispatcher:
                 os.write(self._wake_w, b"\0")
             except (BlockingIOError, OSError):
                 pass
+
+    def statistics(self) -> PoolStatistics:
+        """A snapshot of task counts, faults, and how each worker spent its time."""
+        now = time.monotonic()
+        live = [_worker_statistics(w, now, None, alive=True) for w in list(self._workers.values())]
+        return PoolStatistics(
+            workers=self._size,
+            tasks_completed=self.tasks_completed,
+            tasks_failed=self.tasks_failed,
+            crashes=self.crashes,
+            timeouts=self.timeouts,
+            retries=self.retried,
+            recycled=self.recycled,
+            per_worker=(*self._gone, *live),
+        )
 
     # ------------------------------------------------------ dispatcher loop
 
@@ -360,8 +385,9 @@ class Dispatcher:
                     worker.fns.popitem(last=False)
             first = batch.first_index if batch.named else -1
             timed = batch.policy.timeout is not None
+            seed = None if batch.policy.seed is None else (batch.policy.seed, batch.seed_base)
             worker.conn.send_bytes(
-                P.dumps((P.BATCH, batch.id, fn.id, batch.star, timed, first, batch.payload))
+                P.dumps((P.BATCH, batch.id, fn.id, batch.star, timed, first, seed, batch.payload))
             )
         except OSError:
             # The worker is gone; its sentinel will fire and this batch,
@@ -389,11 +415,13 @@ class Dispatcher:
             self._on_init_failed(msg[1], msg[2])
 
     def _on_results(self, worker: _Worker, msg: tuple[Any, ...]) -> None:
-        _, batch_id, payload, busy, recycle = msg
+        _, batch_id, payload, busy, transfer, recycle = msg
         batch = worker.inflight.popleft()
         assert batch.id == batch_id, (batch.id, batch_id)
         worker.tasks_done += len(batch.items)
+        self.tasks_completed += len(batch.items)
         worker.busy += busy
+        worker.transfer += transfer
         observe = getattr(batch.sink, "observe", None)
         if observe is not None:
             observe(len(batch.items), busy)
@@ -424,12 +452,16 @@ class Dispatcher:
         self, batch: Batch, values: list[Any], errors: dict[int, BaseException] | None
     ) -> None:
         retry = set()
+        if errors:
+            self.tasks_failed += len(errors)
         if errors and batch.policy.retries:
             retry = {i for i, e in errors.items() if batch.policy.should_retry(e, batch.attempts)}
         if not retry:
             batch.sink.deliver(batch.first_index, values, errors)
             return
         assert errors is not None
+        self.tasks_failed -= len(retry)
+        self.retried += len(retry)
         for i in sorted(retry, reverse=True):
             self._pending.appendleft(batch.subset(i, i + 1, attempts=batch.attempts + 1))
         for i, value in enumerate(values):  # the others, one by one around the gaps
@@ -512,6 +544,7 @@ class Dispatcher:
         exitcode: int | None = worker.process.exitcode
         if exitcode is not None:
             worker.process.close()
+        self._gone.append(_worker_statistics(worker, time.monotonic(), exitcode, alive=False))
         return exitcode
 
     def _settle_inflight(self, worker: _Worker, exitcode: int | None) -> None:
@@ -591,9 +624,13 @@ class Dispatcher:
     ) -> None:
         for i in range(start, stop):
             exc = make(i)
+            if isinstance(exc, TaskTimeoutError):
+                self.timeouts += 1
             if batch.policy.should_retry(exc, batch.attempts):
+                self.retried += 1
                 self._pending.appendleft(batch.subset(i, i + 1, attempts=batch.attempts + 1))
             else:
+                self.tasks_failed += 1
                 batch.fail(i, i + 1, exc)
 
     # --------------------------------------------------------- timeouts
@@ -696,6 +733,22 @@ class Dispatcher:
             raise SerializationError(
                 f"cannot pickle the initializer {initializer!r} or its initargs: {exc}"
             ) from exc
+
+
+def _worker_statistics(
+    worker: _Worker, now: float, exitcode: int | None, *, alive: bool
+) -> WorkerStatistics:
+    life = now - worker.started
+    return WorkerStatistics(
+        worker_id=worker.id,
+        pid=worker.pid,
+        alive=alive,
+        tasks=worker.tasks_done,
+        busy_seconds=worker.busy,
+        transfer_seconds=worker.transfer,
+        idle_seconds=max(0.0, life - worker.busy - worker.transfer),
+        exitcode=exitcode,
+    )
 
 
 def _kill(pid: int, sig: int) -> None:

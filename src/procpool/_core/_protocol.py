@@ -8,16 +8,19 @@ unpickle can be blamed on its batch instead of killing the conversation.
 Parent to worker::
 
     (FN, fn_id, fn_bytes)                  cloudpickled callable, once per worker
-    (BATCH, batch_id, fn_id, star, timed, first_index, payload)
+    (BATCH, batch_id, fn_id, star, timed, first_index, seed, payload)
+                                           seed: None, or (S, index of the batch's first
+                                           task) from which each task's stream derives
     (STOP,)
 
 Worker to parent::
 
     (READY, pid)                           initializer done, serving
     (INIT_FAILED, name, error)             initializer raised; worker exits
-    (RESULTS, batch_id, payload, busy, recycle)
-                                           payload = pickle((values, errors)); busy = seconds
-                                           spent running it; recycle = over its memory limit
+    (RESULTS, batch_id, payload, running, transfer, recycle)
+                                           payload = pickle((values, errors)); seconds spent
+                                           running tasks and (un)pickling; recycle = the
+                                           worker is over its memory limit
 """
 
 from __future__ import annotations

@@ -16,8 +16,10 @@ milliseconds of the parent's death, even in the middle of a task.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
+import random
 import signal
 import sys
 import threading
@@ -58,6 +60,7 @@ def worker_main(
     # A forked worker inherits the parent's SIGTERM handler; terminate() means die.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _watch_parent()
+    _fresh_numpy_state()
     if init_bytes is not None and not _run_initializer(conn, init_bytes):
         return
     conn.send_bytes(P.dumps((P.READY, os.getpid())))
@@ -101,10 +104,10 @@ def _serve(conn: Connection, slot: Any, max_rss: int | None) -> None:
         tag = msg[0]
         if tag == P.BATCH:
             started = time.perf_counter()
-            reply = _run_batch(msg, fns, slot)
-            busy = time.perf_counter() - started
+            reply, running = _run_batch(msg, fns, slot)
+            transfer = time.perf_counter() - started - running
             recycle = max_rss is not None and resident_bytes() > max_rss
-            conn.send_bytes(P.dumps((P.RESULTS, msg[1], reply, busy, recycle)))
+            conn.send_bytes(P.dumps((P.RESULTS, msg[1], reply, running, transfer, recycle)))
         elif tag == P.FN:
             fns[msg[1]] = msg[2]  # unpickled at first use, so a crash is blamed on a batch
             if len(fns) > FN_CACHE_SIZE:
@@ -113,8 +116,9 @@ def _serve(conn: Connection, slot: Any, max_rss: int | None) -> None:
             return
 
 
-def _run_batch(msg: tuple[Any, ...], fns: OrderedDict[int, Any], slot: Any) -> bytes:
-    _, batch_id, fn_id, star, timed, first_index, payload = msg
+def _run_batch(msg: tuple[Any, ...], fns: OrderedDict[int, Any], slot: Any) -> tuple[bytes, float]:
+    """Run one batch; return its reply payload and the seconds spent in the tasks."""
+    _, batch_id, fn_id, star, timed, first_index, seed, payload = msg
     slot[P.SLOT_ITEM] = P.ITEM_UNPICKLING
     slot[P.SLOT_STARTED] = time.monotonic()
     slot[P.SLOT_BATCH] = batch_id
@@ -123,19 +127,21 @@ def _run_batch(msg: tuple[Any, ...], fns: OrderedDict[int, Any], slot: Any) -> b
     except BaseException as exc:
         err = SerializationError(f"cannot unpickle the callable in the worker: {exc!r}")
         err.__cause__ = exc
-        return P.dumps((None, P.portable_error(err, "unpickling the callable")))
+        return P.dumps((None, P.portable_error(err, "unpickling the callable"))), 0.0
     try:
         items = pickle.loads(payload)
     except BaseException as exc:
         err = SerializationError(f"cannot unpickle the task's arguments in the worker: {exc!r}")
         err.__cause__ = exc
-        return P.dumps((None, P.portable_error(err, "unpickling the arguments")))
-    values, errors = _call_all(fn, star, timed, first_index, items, slot)
+        return P.dumps((None, P.portable_error(err, "unpickling the arguments"))), 0.0
+    started = time.perf_counter()
+    values, errors = _call_all(fn, star, timed, first_index, seed, items, slot)
+    running = time.perf_counter() - started
     slot[P.SLOT_ITEM] = len(items)  # from here on, a crash is in sending the results
     try:
-        return P.dumps((values, errors))
+        return P.dumps((values, errors)), running
     except BaseException:
-        return _dumps_item_by_item(values, errors, first_index)
+        return _dumps_item_by_item(values, errors, first_index), running
 
 
 def _callable(fns: OrderedDict[int, Any], fn_id: int) -> Any:
@@ -147,7 +153,13 @@ def _callable(fns: OrderedDict[int, Any], fn_id: int) -> Any:
 
 
 def _call_all(
-    fn: Any, star: int, timed: bool, first_index: int, items: list[Any], slot: Any
+    fn: Any,
+    star: int,
+    timed: bool,
+    first_index: int,
+    seed: tuple[int, int] | None,
+    items: list[Any],
+    slot: Any,
 ) -> tuple[list[Any], dict[int, BaseException] | None]:
     values: list[Any] = []
     append = values.append
@@ -156,6 +168,8 @@ def _call_all(
         slot[P.SLOT_ITEM] = i
         if timed:
             slot[P.SLOT_STARTED] = time.monotonic()
+        if seed is not None:
+            seed_task(seed[0], seed[1] + i)
         try:
             if star == P.CALL_ONE:
                 append(fn(item))
@@ -189,6 +203,45 @@ def _dumps_item_by_item(
             errors[i] = P.portable_error(err, "pickling the result")
             values[i] = None
     return P.dumps((values, errors))
+
+
+def seed_task(seed: int, index: int) -> None:
+    """Seed ``random`` (and NumPy's global generator, if loaded) for one task.
+
+    The stream depends only on (seed, index), never on which worker runs the
+    task or when, so results are the same for any number of workers.
+    """
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    value = int.from_bytes(digest, "little")
+    random.seed(value)
+    numpy = _numpy()
+    if numpy is not None:
+        numpy.random.seed(value % (2**32))
+
+
+def _numpy() -> Any:
+    """NumPy, imported once per worker if installed (a task may import it after seeding)."""
+    global _NUMPY
+    if _NUMPY is False:
+        try:
+            import numpy
+
+            _NUMPY = numpy
+        except ImportError:
+            _NUMPY = None
+    return _NUMPY
+
+
+_NUMPY: Any = False
+
+
+def _fresh_numpy_state() -> None:
+    # A forked worker inherits NumPy's global generator state from its parent,
+    # so every worker would draw the same numbers; `random` re-seeds itself at
+    # fork, NumPy does not.
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed(int.from_bytes(os.urandom(4), "little"))
 
 
 def resident_bytes() -> int:

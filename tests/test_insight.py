@@ -1,0 +1,70 @@
+"""Reproducible randomness and pool.statistics()."""
+
+from __future__ import annotations
+
+import pytest
+
+from procpool import Pool, PoolStatistics, ProcessPoolExecutor, WorkerCrashedError
+from procpool import testing as crash
+from tests.helpers import draw, square
+
+
+def test_a_seed_makes_results_independent_of_workers_and_chunking() -> None:
+    with Pool(1, seed=7) as one, Pool(3, seed=7) as three:
+        a = one.map(draw, range(60), chunksize=60)
+        b = three.map(draw, range(60), chunksize=1)
+        c = list(three.imap_unordered(draw, range(60)))
+        assert a == b
+        assert sorted(a) == sorted(c)
+        assert len(set(a)) == 60  # every task has its own stream
+        assert [one.apply(draw) for _ in range(3)] == [three.apply(draw) for _ in range(3)]
+    with Pool(2, seed=8) as other:
+        assert other.map(draw, range(60)) != a
+
+
+def test_without_a_seed_forked_workers_do_not_share_random_state() -> None:
+    with Pool(2, context="fork") as pool:
+        draws = pool.map(draw, range(40), chunksize=1)
+    assert len(set(draws)) == 40
+
+
+def test_numpy_streams_are_seeded_too() -> None:
+    np = pytest.importorskip("numpy")
+    del np
+
+    def numpy_draw(_: object) -> float:
+        import numpy
+
+        return float(numpy.random.random())
+
+    with Pool(1, seed=3) as one, Pool(2, seed=3) as two:
+        assert one.map(numpy_draw, range(10)) == two.map(numpy_draw, range(10), chunksize=1)
+
+
+def test_statistics_report_tasks_faults_and_time() -> None:
+    with Pool(2) as pool:
+        pool.map(square, range(100))
+        pool.map(crash.raise_error, ["x"] * 3, return_exceptions=True)
+        with pytest.raises(WorkerCrashedError):
+            pool.apply(crash.exit_abruptly, (1,))
+        stats = pool.statistics()
+    assert isinstance(stats, PoolStatistics)
+    assert stats.workers == 2
+    assert stats.tasks_completed == 103
+    assert stats.tasks_failed == 4
+    assert stats.crashes == 1
+    # The crashed worker is still accounted for (its replacement may still be starting).
+    assert [w.exitcode for w in stats.per_worker if not w.alive] == [1]
+    assert sum(w.tasks for w in stats.per_worker) == 103
+    assert stats.busy_seconds >= 0 and stats.idle_seconds > 0
+    with pytest.raises(AttributeError):
+        stats.workers = 3  # type: ignore[misc]  # frozen
+
+
+def test_executor_statistics_count_timeouts_and_retries() -> None:
+    with ProcessPoolExecutor(1, task_timeout=0.3, retries=1) as ex:
+        fut = ex.submit(crash.sleep, 5)
+        with pytest.raises(TimeoutError):
+            fut.result(10)
+        stats = ex.statistics()
+    assert stats.timeouts == 2 and stats.retries == 1 and stats.tasks_failed == 1
