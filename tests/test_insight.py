@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from procpool import Pool, PoolStatistics, ProcessPoolExecutor, WorkerCrashedError
+from procpool import Pool, PoolStatistics, ProcessPoolExecutor, ProgressUpdate, WorkerCrashedError
 from procpool import testing as crash
-from tests.helpers import draw, square
+from tests.helpers import draw, fail_on, square
 
 
 def test_a_seed_makes_results_independent_of_workers_and_chunking() -> None:
@@ -68,3 +68,41 @@ def test_executor_statistics_count_timeouts_and_retries() -> None:
             fut.result(10)
         stats = ex.statistics()
     assert stats.timeouts == 2 and stats.retries == 1 and stats.tasks_failed == 1
+
+
+def test_progress_callback_on_map_and_imap() -> None:
+    updates: list[tuple[int, int, int | None]] = []
+
+    def listener(update: ProgressUpdate) -> None:
+        updates.append((update.done, update.failed, update.total))
+
+    with Pool(2, progress=listener) as pool:
+        pool.map(fail_on, range(50), return_exceptions=True)
+        assert updates[-1] == (50, 1, 50)
+        updates.clear()
+        assert len(list(pool.imap(square, iter(range(30))))) == 30
+        assert updates[-1] == (30, 0, None)
+        updates.clear()
+        pool.map(square, range(10), progress=False)  # per-call override
+        assert updates == []
+
+
+def test_an_error_in_a_progress_listener_reaches_the_caller() -> None:
+    def broken(update: ProgressUpdate) -> None:
+        raise RuntimeError("listener failed")
+
+    with Pool(2) as pool:
+        with pytest.raises(RuntimeError, match="listener failed"):
+            pool.map(square, range(10), progress=broken)
+        with pytest.raises(RuntimeError, match="listener failed"):
+            list(pool.imap(square, range(10), progress=broken))
+        assert pool.map(square, [2]) == [4]  # the pool is fine
+
+
+def test_progress_true_prints_plain_lines_when_not_a_terminal(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with Pool(2, progress=True) as pool:
+        pool.map(square, range(20))
+    err = capsys.readouterr().err
+    assert "20" in err

@@ -24,6 +24,7 @@ from ._exceptions import (
 from ._executor import ProcessPoolExecutor
 from ._pool import Pool
 from ._process import Process
+from ._progress import Progress, ProgressUpdate
 from ._results import AsyncResult, IMapIterator
 from ._statistics import PoolStatistics, WorkerStatistics
 from ._sync import (
@@ -56,6 +57,8 @@ __all__ = [
     "Process",
     "ProcessPoolExecutor",
     "ProcpoolError",
+    "Progress",
+    "ProgressUpdate",
     "Queue",
     "RLock",
     "RemoteTraceback",

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 from ._core import _protocol as P
 from ._core._startmethod import ContextLike
+from ._progress import Progress, ProgressUpdate, progress_for
 from ._results import AsyncResult, IMapIterator, MapResult, _ApplySink
 from ._runner import (
     _UNSET,
@@ -26,6 +27,15 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 _RUN, _CLOSE, _TERMINATE = "RUN", "CLOSE", "TERMINATE"
+
+ProgressOption = bool | Callable[[ProgressUpdate], object] | Progress | None
+
+
+def _length_hint(iterable: Iterable[Any]) -> int | None:
+    try:
+        return len(iterable)  # type: ignore[arg-type]
+    except TypeError:
+        return None
 
 
 class Pool:
@@ -50,6 +60,9 @@ class Pool:
             again, on a fresh worker.
         retry_on: Exception types that cause a retry (default: WorkerCrashedError,
             TaskTimeoutError).
+        progress: Default for the ``progress=`` option of map, starmap, imap and
+            imap_unordered: True (a bar on a terminal, plain lines on stderr
+            otherwise), a callable (called with a ProgressUpdate), or a Progress.
         seed: Seeds ``random`` (and NumPy's global generator) before each task
             from (seed, task index), so results do not depend on the number of
             workers or the scheduling.
@@ -74,6 +87,7 @@ class Pool:
         retry_on: Iterable[type[BaseException]] | None = None,
         max_memory_per_worker: int | str | None = None,
         seed: int | None = None,
+        progress: ProgressOption = None,
     ) -> None:
         self._state = _TERMINATE  # until fully built, so __del__ stays quiet
         if processes is None:
@@ -100,6 +114,8 @@ class Pool:
             max_memory_per_worker=max_memory_per_worker,
         )
         self._processes = processes
+        progress_for(progress)  # validate now, not at the first map
+        self._progress = progress
         self._iterators: weakref.WeakSet[IMapIterator[Any]] = weakref.WeakSet()
         self._state = _RUN
 
@@ -240,6 +256,7 @@ class Pool:
         task_timeout: float | None = _UNSET,
         retries: int | None = None,
         retry_on: Iterable[type[BaseException]] | None = None,
+        progress: ProgressOption = _UNSET,
     ) -> AsyncResult[list[Any]]:
         self._check_running()
         check_chunksize(chunksize)
@@ -250,6 +267,7 @@ class Pool:
         result: MapResult[Any] = MapResult(
             len(items), callback, error_callback, return_exceptions=return_exceptions
         )
+        result.progress = self._reporter(progress, len(items))
         submit = self._runner.chunk_submitter(func, star, policy)
         for start in range(0, len(items), chunksize):
             submit(list(items[start : start + chunksize]), start, result)
@@ -268,6 +286,7 @@ class Pool:
         task_timeout: float | None = _UNSET,
         retries: int | None = None,
         retry_on: Iterable[type[BaseException]] | None = None,
+        progress: ProgressOption = _UNSET,
     ) -> IMapIterator[Any]:
         self._check_running()
         check_chunksize(chunksize)
@@ -283,8 +302,12 @@ class Pool:
             ordered=ordered,
             return_exceptions=return_exceptions,
         )
+        it.progress = self._reporter(progress, _length_hint(iterable))
         self._iterators.add(it)
         return it
+
+    def _reporter(self, option: ProgressOption, total: int | None) -> Progress | None:
+        return progress_for(self._progress if option is _UNSET else option, total=total)
 
     # ----------------------------------------------------------- lifecycle
 

@@ -15,6 +15,7 @@ from multiprocessing import TimeoutError as MPTimeoutError
 from typing import Any, Generic, TypeVar
 
 from ._core._batch import Batch
+from ._progress import Progress
 
 T = TypeVar("T")
 
@@ -115,8 +116,36 @@ class MapResult(AsyncResult[list[T]]):
         self._left = length
         self._first_error: tuple[int, BaseException] | None = None
         self._return_exceptions = return_exceptions
+        self._length = length
+        self._failed = 0
+        self.progress: Progress | None = None  # reported from the thread that waits in get()
         if length == 0:
             self._finish(True, self._values)
+
+    def get(self, timeout: float | None = None) -> list[T]:
+        """Like :meth:`AsyncResult.get`; also drives the progress reporter, if any."""
+        if self.progress is not None:
+            self._wait_reporting(self.progress, timeout)
+        return super().get(timeout)
+
+    def _wait_reporting(self, progress: Progress, timeout: float | None) -> None:
+        # Progress is reported on the caller's thread, so an exception from a
+        # progress callback reaches the caller instead of the dispatcher.
+        deadline = None if timeout is None else time.monotonic() + timeout
+        reported_done = reported_failed = 0
+        try:
+            while True:
+                finished = self._event.wait(PROGRESS_POLL_SECONDS)
+                done, failed = self._length - self._left, self._failed
+                progress.update(done - reported_done, failed - reported_failed)
+                reported_done, reported_failed = done, failed
+                progress.tick()
+                if finished or (deadline is not None and time.monotonic() >= deadline):
+                    break
+        finally:
+            if self.ready():
+                progress.close()
+                self.progress = None
 
     def deliver(
         self, first: int, values: list[Any], errors: dict[int, BaseException] | None
@@ -124,6 +153,7 @@ class MapResult(AsyncResult[list[T]]):
         with self._lock:
             self._values[first : first + len(values)] = values
             if errors:
+                self._failed += len(errors)
                 self._note_errors(first, errors)
             self._left -= len(values)
             done = self._left == 0
@@ -143,6 +173,7 @@ class MapResult(AsyncResult[list[T]]):
                 self._first_error = (index, exc)
 
 
+PROGRESS_POLL_SECONDS = 0.1
 TARGET_BATCH_SECONDS = 0.005
 MAX_CHUNK = 8192
 
@@ -188,6 +219,7 @@ class IMapIterator(Iterator[T]):
         self._yielded = 0
         self._length: int | None = None  # known once the input is exhausted
         self._closed = False
+        self.progress: Progress | None = None  # updated on the consumer's thread
         self._top_up()
 
     def __iter__(self) -> IMapIterator[T]:
@@ -231,6 +263,8 @@ class IMapIterator(Iterator[T]):
                 if chunk is not None:
                     break
                 if self._length is not None and self._yielded >= self._length:
+                    if self.progress is not None:
+                        self.progress.close()
                     return False
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
@@ -238,6 +272,8 @@ class IMapIterator(Iterator[T]):
                 self._cond.wait(remaining)
         self._current, self._current_errors = chunk
         self._pos = 0
+        if self.progress is not None:
+            self.progress.update(len(chunk[0]), len(chunk[1] or ()))
         return True
 
     def _take_chunk(self) -> tuple[list[Any], dict[int, BaseException] | None] | None:
