@@ -52,3 +52,22 @@ def draw(_: object = None) -> float:
     import random
 
     return random.random()
+
+
+def double(a: object) -> object:
+    return a * 2  # type: ignore[operator]
+
+
+def make_array(n: int) -> object:
+    import numpy
+
+    return numpy.arange(n, dtype="float64")
+
+
+def crash_after_making_array(n: int) -> object:
+    import numpy
+
+    # Large result, then death while "sending" it: the segment must not leak.
+    from procpool.testing import return_crashes_on_pickle
+
+    return [numpy.arange(n, dtype="float64"), return_crashes_on_pickle()]

@@ -17,6 +17,7 @@ import cloudpickle
 
 from .._exceptions import SerializationError
 from . import _protocol as P
+from . import _shm as shm
 
 _batch_ids = itertools.count(1)
 
@@ -53,7 +54,7 @@ class Batch:
         fn: CallableRef,
         star: int,
         items: list[Any],
-        payload: bytes,
+        payload: shm.Packed,
         first_index: int,
         sink: Sink,
         policy: TaskPolicy,
@@ -80,7 +81,13 @@ class Batch:
 
     @property
     def size(self) -> int:
-        return len(self.payload)
+        payload = self.payload
+        return len(payload) if isinstance(payload, bytes) else len(payload[0])
+
+    def release(self) -> None:
+        """Remove this batch's shared-memory segment, if it has one and it is still there."""
+        if not isinstance(self.payload, bytes):
+            shm.unlink(self.payload[1])
 
     def task_name(self, offset: int = 0) -> str:
         return f"task {self.first_index + offset}" if self.named else "the task"
@@ -95,7 +102,7 @@ class Batch:
             self.fn,
             self.star,
             items,
-            P.dumps(items),
+            shm.pack(items, shm.process_namer()),
             self.first_index + start,
             self.sink,
             self.policy,
@@ -107,6 +114,7 @@ class Batch:
     def fail(self, start: int, stop: int, exc: BaseException) -> None:
         """Deliver ``exc`` as the outcome of items ``start .. stop-1``."""
         count = stop - start
+        self.release()
         if count > 0:
             self.sink.deliver(
                 self.first_index + start, [None] * count, dict.fromkeys(range(count), exc)
@@ -192,7 +200,7 @@ def make_batches(
     SerializationError naming its task and type, and the others still run.
     """
     try:
-        payload = P.dumps(items)
+        payload = shm.pack(items, shm.process_namer())
     except Exception:
         return _make_batches_item_by_item(fn, star, items, first_index, sink, policy, named)
     return [Batch(fn, star, items, payload, first_index, sink, policy, named=named)]
@@ -210,7 +218,7 @@ def _make_batches_item_by_item(
     batches = []
     for i, item in enumerate(items):
         try:
-            payload = P.dumps([item])
+            payload = shm.pack([item], shm.process_namer())
         except Exception as exc:
             where = f"task {first_index + i}" if named else "the task"
             err = SerializationError(

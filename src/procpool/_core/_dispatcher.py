@@ -78,6 +78,7 @@ from .._exceptions import (
 )
 from .._statistics import PoolStatistics, WorkerStatistics
 from . import _protocol as P
+from . import _shm as shm
 from ._batch import Batch
 from ._worker import FN_CACHE_SIZE, worker_main
 
@@ -92,6 +93,9 @@ WINDOW = 2
 MAX_STARTUP_DEATHS = 3
 # How long terminate() lets workers exit on SIGTERM before SIGKILL.
 TERMINATE_GRACE = 0.5
+
+
+_pool_ids = itertools.count()
 
 
 class PoolClosedError(ProcpoolError, ValueError):
@@ -165,7 +169,12 @@ class Dispatcher:
         self._ctx = ctx
         self._size = workers
         self._max_tasks = max_tasks_per_worker
-        self._worker_options = {"stdio": line_stdio, "max_rss": max_memory_per_worker}
+        # Shared-memory segments made by this pool's workers carry this prefix.
+        self._shm_prefix = f"procpool-{os.getpid()}-w{next(_pool_ids)}"
+        self._worker_options = {
+            "stdio": line_stdio,
+            "max_rss": max_memory_per_worker,
+        }
         self.recycled = 0
         self.timeouts = 0
         self.retried = 0
@@ -346,6 +355,7 @@ class Dispatcher:
             if batch.on_start is not None:
                 on_start, batch.on_start = batch.on_start, None  # once, even if re-queued
                 if not on_start():
+                    batch.release()
                     continue  # cancelled before it started
             self._send(worker, batch)
 
@@ -430,8 +440,9 @@ class Dispatcher:
             worker.retiring = True
             self.recycled += 1
             self._replenish()
+        batch.release()
         try:
-            values, errors = pickle.loads(payload)
+            values, errors = shm.unpack(payload)
         except BaseException as exc:
             err = SerializationError(
                 f"cannot unpickle the results of tasks {batch.first_index}.."
@@ -495,6 +506,7 @@ class Dispatcher:
     def _on_exit(self, worker: _Worker) -> None:
         self._drain_messages(worker)
         exitcode = self._bury(worker)
+        shm.remove_matching(f"{self._shm_prefix}.{worker.id}-")
         if worker.inflight:
             self.crashes += 1
             self._settle_inflight(worker, exitcode)
@@ -657,7 +669,12 @@ class Dispatcher:
         slot = self._ctx.RawArray("d", P.SLOT_SIZE)  # type: ignore[attr-defined]
         process = self._ctx.Process(  # type: ignore[attr-defined]
             target=worker_main,
-            args=(child_end, slot, self._init_bytes, self._worker_options),
+            args=(
+                child_end,
+                slot,
+                self._init_bytes,
+                {**self._worker_options, "shm_prefix": f"{self._shm_prefix}.{wid}"},
+            ),
             name=f"procpool-worker-{wid}",
         )
         process.start()
@@ -700,6 +717,7 @@ class Dispatcher:
             if not self._terminating:
                 self._drain_messages(worker)
             self._bury(worker)
+        shm.remove_matching(f"{self._shm_prefix}.")
         self._sel.close()
         for fd in (self._wake_r, self._wake_w):
             try:

@@ -33,6 +33,7 @@ import cloudpickle
 
 from .._exceptions import SerializationError
 from . import _protocol as P
+from . import _shm as shm
 
 # How many callables a worker keeps unpickled; the dispatcher mirrors this
 # cache exactly, so it knows which callables it must send again.
@@ -64,7 +65,9 @@ def worker_main(
     if init_bytes is not None and not _run_initializer(conn, init_bytes):
         return
     conn.send_bytes(P.dumps((P.READY, os.getpid())))
-    _serve(conn, memoryview(slot).cast("B").cast("d"), options.get("max_rss"))
+    prefix = options.get("shm_prefix")
+    namer = shm.namer(prefix) if prefix and shm.available() else None
+    _serve(conn, memoryview(slot).cast("B").cast("d"), options.get("max_rss"), namer)
 
 
 def _watch_parent() -> None:
@@ -93,7 +96,7 @@ def _run_initializer(conn: Connection, init_bytes: bytes) -> bool:
     return True
 
 
-def _serve(conn: Connection, slot: Any, max_rss: int | None) -> None:
+def _serve(conn: Connection, slot: Any, max_rss: int | None, namer: shm.Namer | None) -> None:
     fns: OrderedDict[int, Any] = OrderedDict()
     while True:
         try:
@@ -104,7 +107,7 @@ def _serve(conn: Connection, slot: Any, max_rss: int | None) -> None:
         tag = msg[0]
         if tag == P.BATCH:
             started = time.perf_counter()
-            reply, running = _run_batch(msg, fns, slot)
+            reply, running = _run_batch(msg, fns, slot, namer)
             transfer = time.perf_counter() - started - running
             recycle = max_rss is not None and resident_bytes() > max_rss
             conn.send_bytes(P.dumps((P.RESULTS, msg[1], reply, running, transfer, recycle)))
@@ -116,7 +119,9 @@ def _serve(conn: Connection, slot: Any, max_rss: int | None) -> None:
             return
 
 
-def _run_batch(msg: tuple[Any, ...], fns: OrderedDict[int, Any], slot: Any) -> tuple[bytes, float]:
+def _run_batch(
+    msg: tuple[Any, ...], fns: OrderedDict[int, Any], slot: Any, namer: shm.Namer | None
+) -> tuple[shm.Packed, float]:
     """Run one batch; return its reply payload and the seconds spent in the tasks."""
     _, batch_id, fn_id, star, timed, first_index, seed, payload = msg
     slot[P.SLOT_ITEM] = P.ITEM_UNPICKLING
@@ -129,7 +134,7 @@ def _run_batch(msg: tuple[Any, ...], fns: OrderedDict[int, Any], slot: Any) -> t
         err.__cause__ = exc
         return P.dumps((None, P.portable_error(err, "unpickling the callable"))), 0.0
     try:
-        items = pickle.loads(payload)
+        items = shm.unpack(payload)
     except BaseException as exc:
         err = SerializationError(f"cannot unpickle the task's arguments in the worker: {exc!r}")
         err.__cause__ = exc
@@ -139,7 +144,7 @@ def _run_batch(msg: tuple[Any, ...], fns: OrderedDict[int, Any], slot: Any) -> t
     running = time.perf_counter() - started
     slot[P.SLOT_ITEM] = len(items)  # from here on, a crash is in sending the results
     try:
-        return P.dumps((values, errors)), running
+        return shm.pack((values, errors), namer), running
     except BaseException:
         return _dumps_item_by_item(values, errors, first_index), running
 

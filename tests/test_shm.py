@@ -1,0 +1,80 @@
+"""Large buffers travel through shared memory both ways, and no segment outlives its use."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+from procpool import Pool, WorkerCrashedError
+from tests.helpers import crash_after_making_array, double, make_array
+
+np = pytest.importorskip("numpy")
+pytestmark = pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs /dev/shm")
+
+
+def _segments() -> set[str]:
+    return {n for n in os.listdir("/dev/shm") if n.startswith(f"procpool-{os.getpid()}-")}
+
+
+def test_arrays_round_trip_through_shared_memory(start_method: str) -> None:
+    arrays = [np.random.default_rng(i).random(200_000) for i in range(6)]  # 1.6 MB each
+    with Pool(2, context=start_method) as pool:
+        out = pool.map(double, arrays, chunksize=1)
+        for got, want in zip(out, arrays):
+            np.testing.assert_array_equal(got, want * 2)
+            assert got.flags.writeable
+        big = pool.apply(make_array, (1_000_000,))
+        assert big[-1] == 999_999.0
+        small = pool.apply(make_array, (10,))  # stays in the pipe
+        assert list(small) == list(range(10))
+    assert not _segments()
+
+
+def test_bytearrays_too() -> None:
+    data = bytearray(os.urandom(1 << 20))
+    with Pool(1) as pool:
+        assert pool.apply(bytes, (data,)) == bytes(data)
+    assert not _segments()
+
+
+def test_no_segment_leaks_when_a_worker_dies_holding_one() -> None:
+    with Pool(1) as pool:
+        with pytest.raises(WorkerCrashedError):
+            pool.apply(crash_after_making_array, (1_000_000,))
+        # The argument side too: the worker dies while its arguments are mapped.
+        with pytest.raises(WorkerCrashedError):
+            pool.apply(os._exit, (3,))
+        arr = np.ones(1_000_000)
+        with pytest.raises(WorkerCrashedError):
+            pool.apply(_exit_with_array, (arr,))
+        assert pool.apply(double, (arr,)).sum() == 2_000_000
+    assert not _segments()
+
+
+def _exit_with_array(a: object) -> None:
+    os._exit(4)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="/dev/shm")
+def test_terminate_with_segments_in_flight_leaves_none() -> None:
+    arrays = [np.ones(500_000) for _ in range(8)]
+    pool = Pool(2)
+    result = pool.map_async(double, arrays, chunksize=1)
+    pool.terminate()
+    pool.join()
+    del result
+    assert not _segments()
+
+
+def test_cancelled_futures_release_their_segments() -> None:
+    from procpool import ProcessPoolExecutor
+    from procpool.testing import sleep
+
+    with ProcessPoolExecutor(1) as ex:
+        ex.submit(sleep, 0.3)
+        futures = [ex.submit(double, np.ones(500_000)) for _ in range(5)]
+        ex.shutdown(wait=True, cancel_futures=True)
+    assert any(f.cancelled() for f in futures)
+    assert not _segments()
