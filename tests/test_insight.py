@@ -106,3 +106,45 @@ def test_progress_true_prints_plain_lines_when_not_a_terminal(
         pool.map(square, range(20))
     err = capsys.readouterr().err
     assert "20" in err
+
+
+OUTPUT_SCRIPT = """
+import logging, sys
+import procpool
+
+def chatty(i):
+    print(f"hello {i}")
+    logging.getLogger("t").warning("warned %d", i)
+    return i
+
+if __name__ == "__main__":
+    logging.basicConfig(format="%(message)s")
+    tag = sys.argv[1] == "tag"
+    with procpool.Pool(2, tag_output=tag) as pool:
+        pool.map(chatty, range(6), chunksize=1)
+"""
+
+
+@pytest.mark.parametrize("mode", ["plain", "tag"])
+def test_worker_output_is_whole_lines_optionally_tagged(mode: str) -> None:
+    import re
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", OUTPUT_SCRIPT, mode],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    lines = out.stdout.splitlines()
+    assert len(lines) == 6
+    if mode == "plain":
+        assert sorted(lines) == [f"hello {i}" for i in range(6)]
+    else:
+        for line in lines:
+            assert re.fullmatch(r"\[worker \d+ task (\d)\] hello \1", line), line
+        assert all(
+            re.fullmatch(r"\[worker \d+ task (\d)\] warned \1", e) for e in out.stderr.splitlines()
+        )

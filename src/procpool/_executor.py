@@ -66,6 +66,8 @@ class ProcessPoolExecutor(cf.Executor):
         task_timeout: Seconds a task may run (TaskTimeoutError after that).
         retries: How many times to re-run a task that failed with one of ``retry_on``.
         retry_on: Exception types that cause a retry (default: crash and timeout).
+        tag_output: Prefix every line a task prints (stdout, stderr, logging) with
+            ``[worker N task I]``. Lines are always whole, tagged or not.
         seed: Seeds ``random`` (and NumPy's global generator) before each task
             from (seed, task index), so results do not depend on the number of
             workers or the scheduling.
@@ -90,6 +92,7 @@ class ProcessPoolExecutor(cf.Executor):
         retry_on: Iterable[type[BaseException]] | None = None,
         max_memory_per_worker: int | str | None = None,
         seed: int | None = None,
+        tag_output: bool = False,
     ) -> None:
         if max_workers is None:
             max_workers = default_workers()
@@ -115,6 +118,7 @@ class ProcessPoolExecutor(cf.Executor):
             policy,
             drain_at_exit=True,
             max_memory_per_worker=max_memory_per_worker,
+            tag_output=tag_output,
         )
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> cf.Future[T]:

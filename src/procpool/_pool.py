@@ -63,6 +63,8 @@ class Pool:
         progress: Default for the ``progress=`` option of map, starmap, imap and
             imap_unordered: True (a bar on a terminal, plain lines on stderr
             otherwise), a callable (called with a ProgressUpdate), or a Progress.
+        tag_output: Prefix every line a task prints (stdout, stderr, logging) with
+            ``[worker N task I]``. Lines are always whole, tagged or not.
         seed: Seeds ``random`` (and NumPy's global generator) before each task
             from (seed, task index), so results do not depend on the number of
             workers or the scheduling.
@@ -87,6 +89,7 @@ class Pool:
         retry_on: Iterable[type[BaseException]] | None = None,
         max_memory_per_worker: int | str | None = None,
         seed: int | None = None,
+        tag_output: bool = False,
         progress: ProgressOption = None,
     ) -> None:
         self._state = _TERMINATE  # until fully built, so __del__ stays quiet
@@ -112,6 +115,7 @@ class Pool:
             policy,
             drain_at_exit=False,
             max_memory_per_worker=max_memory_per_worker,
+            tag_output=tag_output,
         )
         self._processes = processes
         progress_for(progress)  # validate now, not at the first map

@@ -75,6 +75,7 @@ class Runner:
         *,
         drain_at_exit: bool,
         max_memory_per_worker: int | str | None = None,
+        tag_output: bool = False,
     ) -> None:
         self.ctx = resolve_context(context)
         self.policy = policy
@@ -87,6 +88,7 @@ class Runner:
             initargs=tuple(initargs),
             max_tasks_per_worker=max_tasks_per_worker,
             max_memory_per_worker=parse_bytes(max_memory_per_worker),
+            tag_output=bool(tag_output),
         )
         _register(self.engine, drain_at_exit)
         _handle_sigterm()

@@ -165,6 +165,7 @@ class Dispatcher:
         max_tasks_per_worker: int | None = None,
         max_memory_per_worker: int | None = None,
         line_stdio: bool = True,
+        tag_output: bool = False,
     ) -> None:
         self._ctx = ctx
         self._size = workers
@@ -173,6 +174,7 @@ class Dispatcher:
         self._shm_prefix = f"procpool-{os.getpid()}-w{next(_pool_ids)}"
         self._worker_options = {
             "stdio": line_stdio,
+            "tag_output": tag_output,
             "max_rss": max_memory_per_worker,
         }
         self.recycled = 0
@@ -673,7 +675,11 @@ class Dispatcher:
                 child_end,
                 slot,
                 self._init_bytes,
-                {**self._worker_options, "shm_prefix": f"{self._shm_prefix}.{wid}"},
+                {
+                    **self._worker_options,
+                    "shm_prefix": f"{self._shm_prefix}.{wid}",
+                    "worker_id": wid,
+                },
             ),
             name=f"procpool-worker-{wid}",
         )

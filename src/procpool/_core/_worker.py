@@ -55,6 +55,9 @@ def worker_main(
         from ._stdio import install_line_writers
 
         install_line_writers()
+        if options.get("tag_output"):
+            global _TAG
+            _TAG = f"[worker {options.get('worker_id')} "
     # Ctrl-C in a terminal reaches the whole process group; the parent decides
     # what happens to workers, so they must not die on their own mid-task.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -175,6 +178,8 @@ def _call_all(
             slot[P.SLOT_STARTED] = time.monotonic()
         if seed is not None:
             seed_task(seed[0], seed[1] + i)
+        if _TAG is not None:
+            _tag_output(_TAG, first_index, i)
         try:
             if star == P.CALL_ONE:
                 append(fn(item))
@@ -208,6 +213,18 @@ def _dumps_item_by_item(
             errors[i] = P.portable_error(err, "pickling the result")
             values[i] = None
     return P.dumps((values, errors))
+
+
+# "[worker 3 " when the pool tags output; each task completes it with its own index.
+_TAG: str | None = None
+
+
+def _tag_output(tag: str, first_index: int, i: int) -> None:
+    task = "task]" if first_index < 0 else f"task {first_index + i}]"
+    prefix = f"{tag}{task} "
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "prefix"):
+            stream.prefix = prefix
 
 
 def seed_task(seed: int, index: int) -> None:
