@@ -243,3 +243,18 @@ def test_nothing_hangs_when_workers_die_in_parallel() -> None:
         stop.set()
     assert all(isinstance(r, WorkerCrashedError) for r in results[:20])
     assert results[20:] == [4] * 20
+
+
+def test_every_error_in_place_names_its_task() -> None:
+    specs = [(square, (0,)), (crash.exit_abruptly, (2,)), (square, (2,))]
+    with Pool(1) as pool:
+        out = pool.map(_call, specs, chunksize=3, return_exceptions=True)
+        assert out[0].task_index == 0 and out[0].ran_to_completion
+        assert out[1].task_index == 1 and not out[1].ran_to_completion
+        assert out[2] == 4
+        # A batch-level failure is copied per task, each with its own index.
+        res = pool.map(
+            crash.return_fails_on_unpickle, range(3), chunksize=3, return_exceptions=True
+        )
+        assert [e.task_index for e in res] == [0, 1, 2]
+        assert all(isinstance(e, SerializationError) for e in res)

@@ -62,7 +62,17 @@ def describe_exitcode(exitcode: int | None) -> str:
 
 
 class ProcpoolError(Exception):
-    """Base class of every error procpool raises on its own account."""
+    """Base class of every error procpool raises on its own account.
+
+    Attributes:
+        task_index: Position of the task it is the outcome of, in its map (None
+            for a single call, or an error that belongs to no task).
+    """
+
+    task_index: int | None = None
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild, (type(self), self.args, dict(self.__dict__)))
 
 
 class WorkerCrashedError(ProcpoolError, BrokenProcessPool):
@@ -72,6 +82,9 @@ class WorkerCrashedError(ProcpoolError, BrokenProcessPool):
         exitcode: The worker's exit code (negative: the signal that killed it).
         pid: The worker's process id.
         task_index: Position of the task in its map, or None for a single call.
+        ran_to_completion: True when the task itself had finished and only its
+            result died with the worker (another task of its batch was running);
+            running it again is safe for work that may be repeated.
     """
 
     def __init__(
@@ -81,25 +94,13 @@ class WorkerCrashedError(ProcpoolError, BrokenProcessPool):
         exitcode: int | None = None,
         pid: int | None = None,
         task_index: int | None = None,
+        ran_to_completion: bool = False,
     ) -> None:
         super().__init__(message)
         self.exitcode = exitcode
         self.pid = pid
         self.task_index = task_index
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (
-            _rebuild,
-            (
-                type(self),
-                self.args,
-                {
-                    "exitcode": self.exitcode,
-                    "pid": self.pid,
-                    "task_index": self.task_index,
-                },
-            ),
-        )
+        self.ran_to_completion = ran_to_completion
 
 
 class TaskTimeoutError(ProcpoolError, TimeoutError):
@@ -116,12 +117,6 @@ class TaskTimeoutError(ProcpoolError, TimeoutError):
         super().__init__(message)
         self.timeout = timeout
         self.task_index = task_index
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (
-            _rebuild,
-            (type(self), self.args, {"timeout": self.timeout, "task_index": self.task_index}),
-        )
 
 
 class InitializerError(ProcpoolError, BrokenProcessPool):

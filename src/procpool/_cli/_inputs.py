@@ -30,6 +30,7 @@ __all__ = [
     "LineSource",
     "detect_format",
     "fingerprint_file",
+    "fingerprint_stream",
     "read_records",
     "spool_stdin",
 ]
@@ -80,19 +81,31 @@ def fingerprint_file(path: str) -> Fingerprint:
     Raises:
         InputError: if the file cannot be read.
     """
-    hasher = hashlib.blake2b(digest_size=20)
-    lines = 0
     try:
         with open(path, "rb") as f:
-            stat = os.fstat(f.fileno())
-            while block := f.read(1 << 20):
-                hasher.update(block)
-                lines += block.count(b"\n")
-                last = block
-            if stat.st_size and not last.endswith(b"\n"):
-                lines += 1
+            return fingerprint_stream(f)
     except OSError as exc:
         raise InputError(f"cannot read INPUT {path}: {exc.strerror or exc}") from exc
+
+
+def fingerprint_stream(f: IO[bytes]) -> Fingerprint:
+    """Fingerprint a seekable binary stream from its start, leaving it rewound.
+
+    Raises:
+        OSError: if it cannot be read.
+    """
+    hasher = hashlib.blake2b(digest_size=20)
+    lines = 0
+    last = b"\n"
+    f.seek(0)
+    stat = os.fstat(f.fileno())
+    while block := f.read(1 << 20):
+        hasher.update(block)
+        lines += block.count(b"\n")
+        last = block
+    f.seek(0)
+    if not last.endswith(b"\n"):
+        lines += 1
     return Fingerprint(stat.st_size, stat.st_mtime_ns, hasher.hexdigest(), lines)
 
 
@@ -137,7 +150,7 @@ def hash_prefix(stream: IO[bytes], size: int) -> tuple[str, int]:
 
 def spool_stdin() -> IO[bytes]:
     """Copy all of stdin to an anonymous temporary file, rewound, so it can be checked first."""
-    spool = tempfile.TemporaryFile(prefix="procpool-stdin-")
+    spool = tempfile.TemporaryFile(prefix="procpool-stdin-")  # noqa: SIM115 - returned open
     shutil.copyfileobj(sys.stdin.buffer, spool, 1 << 20)
     spool.seek(0)
     return spool

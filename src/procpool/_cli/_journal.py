@@ -36,8 +36,8 @@ SCHEMA_VERSION = 1
 
 _SCHEMA = (
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-    "CREATE TABLE results ("
-    " seq INTEGER PRIMARY KEY, idx INTEGER NOT NULL UNIQUE, ok INTEGER NOT NULL, line TEXT NOT NULL)",
+    "CREATE TABLE results (seq INTEGER PRIMARY KEY, idx INTEGER NOT NULL UNIQUE,"
+    " ok INTEGER NOT NULL, line TEXT NOT NULL)",
 )
 
 Row = tuple[int, bool, str]
@@ -148,12 +148,11 @@ class Journal:
             for (line,) in self._conn.execute("SELECT line FROM results ORDER BY seq"):
                 yield line
             return
-        expected = 0
-        for idx, line in self._conn.execute("SELECT idx, line FROM results ORDER BY idx"):
+        rows = self._conn.execute("SELECT idx, line FROM results ORDER BY idx")
+        for expected, (idx, line) in enumerate(rows):
             if idx != expected:
                 return
             yield line
-            expected += 1
 
     def lines_from(self, start: int, limit: int) -> list[tuple[int, str]]:
         """Up to ``limit`` ``(index, line)`` rows with index >= ``start``, in index order."""

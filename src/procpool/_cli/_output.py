@@ -62,11 +62,15 @@ class OutputFile:
         """
         if self.is_stdout:
             return
-        try:
-            with open(self.path, "ab"):
-                pass
-        except OSError as exc:
-            raise OutputError(f"cannot write OUTPUT {self.path}: {exc.strerror or exc}") from exc
+        # Checked without creating anything: a run refused later must leave no trace.
+        path = self.path
+        if os.path.isdir(path):
+            raise OutputError(f"cannot write OUTPUT {path}: it is a directory")
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise OutputError(f"cannot write OUTPUT {path}: no directory {folder}")
+        if not os.access(path if os.path.exists(path) else folder, os.W_OK):
+            raise OutputError(f"cannot write OUTPUT {path}: permission denied")
 
     def start_fresh(self) -> None:
         """Empty the file and open it for appending."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from procpool import PoolStatistics
+
 from .._progress import format_seconds
 
 __all__ = ["RunStats", "WorkerTimes"]
@@ -14,7 +16,7 @@ SAMPLE_FAILURES = 3
 
 @dataclass
 class WorkerTimes:
-    """What one worker process did, as timed from inside its tasks.
+    """What one worker process did, as timed around the user's function (in the worker).
 
     Attributes:
         pid: The worker's process id.
@@ -22,7 +24,8 @@ class WorkerTimes:
         in_tasks: Seconds inside the user's function.
         encoding: Seconds turning results into JSON lines.
         between: Seconds between the end of one record and the start of the
-            next: waiting for work plus pipe transfer plus engine overhead.
+            next: waiting for work plus transfer (used only if the pool's own
+            figures are missing).
         bytes_out: Size of the output lines it produced.
     """
 
@@ -50,6 +53,7 @@ class RunStats:
     parent_io: float = 0.0
     workers: dict[int, WorkerTimes] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
+    pool: PoolStatistics | None = None  # the pool's own figures, taken at the end
 
     @property
     def done(self) -> int:
@@ -104,31 +108,49 @@ class RunStats:
         return "\n".join(lines)
 
     def _worker_table(self) -> list[str]:
-        if not self.workers:
+        engine = {w.pid: w for w in self.pool.per_worker} if self.pool is not None else {}
+        pids = sorted(set(self.workers) | {pid for pid, w in engine.items() if w.tasks})
+        if not pids:
             return []
         lines = [
-            f"  {'worker':<12}{'records':>9}{'in tasks':>18}{'encoding':>11}"
-            f"{'between tasks':>20}{'output':>10}"
+            f"  {'worker':<16}{'records':>8}{'in function':>18}{'JSON':>16}"
+            f"{'transfer':>16}{'waiting':>17}"
         ]
-        for times in sorted(self.workers.values(), key=lambda t: t.pid):
-            span = times.span or 1.0
+        for pid in pids:
+            mine = self.workers.get(pid) or WorkerTimes(pid)
+            theirs = engine.get(pid)
+            if theirs is not None:
+                name = f"w{theirs.worker_id} pid {pid}"
+                life = theirs.busy_seconds + theirs.transfer_seconds + theirs.idle_seconds
+                transfer, waiting = theirs.transfer_seconds, theirs.idle_seconds
+            else:  # no pool figures: the gap between records is all we know
+                name, life = f"pid {pid}", mine.span
+                transfer, waiting = float("nan"), mine.between
+            life = life or 1.0
             lines.append(
-                f"  {'pid ' + str(times.pid):<12}{times.records:>9}"
-                f"{_secs(times.in_tasks, span):>18}{_secs(times.encoding, span):>11}"
-                f"{_secs(times.between, span):>20}{_size(times.bytes_out):>10}"
+                f"  {name:<16}{mine.records:>8}{_secs(mine.in_tasks, life):>18}"
+                f"{_secs(mine.encoding, life):>16}{_secs(transfer, life):>16}"
+                f"{_secs(waiting, life):>17}"
             )
         lines.append(
-            f"  parent: {format_seconds(self.parent_io)} journalling and writing output. "
-            "'between tasks' = waiting for the next record + moving data through the pipe"
+            "  (% of each worker's life; 'transfer' is (un)pickling records and results, "
+            "'waiting' includes start-up"
         )
         lines.append(
-            "  (timed inside each worker, which cannot tell those two apart; "
-            "worker start-up is not counted)"
+            f"   and time waiting for work; the parent spent {format_seconds(self.parent_io)} "
+            "journalling and writing OUTPUT)"
         )
+        if self.pool is not None and (self.pool.crashes or self.pool.timeouts or self.pool.retries):
+            lines.append(
+                f"  pool: {self.pool.crashes} worker crashes, {self.pool.timeouts} timeouts, "
+                f"{self.pool.retries} retries"
+            )
         return lines
 
 
 def _secs(seconds: float, span: float) -> str:
+    if seconds != seconds:  # NaN: not measured
+        return "-"
     return f"{seconds:.2f}s ({100.0 * seconds / span:.0f}%)"
 
 

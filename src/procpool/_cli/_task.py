@@ -58,15 +58,14 @@ class TaskContext:
 
 
 def derive_seed(seed: int, index: int) -> int:
-    """The 64-bit seed of task ``index`` in a run seeded with ``seed``.
+    """The 64-bit seed of record ``index`` in a run seeded with ``seed``.
 
     A hash, not ``seed + index``: runs with neighbouring seeds must not share
-    streams shifted by one task.
+    streams shifted by one record. The same formula as ``Pool(seed=...)``, so
+    ``procpool run --seed S`` and ``Pool(seed=S).map`` give the same results.
     """
-    digest = hashlib.blake2b(
-        f"{seed}:{index}".encode(), digest_size=8, person=b"procpool-seed"
-    ).digest()
-    return int.from_bytes(digest, "big")
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
 
 
 def result_line(index: int, value: Any) -> tuple[bool, str]:
@@ -128,11 +127,14 @@ def _call(ctx: TaskContext, index: int, record: Any) -> tuple[bool, Any, float]:
             value = fn(record)
         except TargetError as exc:
             return False, error_line(index, "TargetError", str(exc), None), elapsed
-        except Exception as exc:  # noqa: BLE001 - the record's failure is its outcome
+        except BaseException as exc:  # even sys.exit() in a record is its outcome
             elapsed += time.perf_counter() - began
             if attempt == ctx.retries:
-                tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__.tb_next))
-                line = error_line(index, type_name(exc), str(exc), tb, attempts=attempt + 1)
+                # Leave out this wrapper's own frame: the traceback starts in the user's code.
+                frames = exc.__traceback__.tb_next if exc.__traceback__ else None
+                tb = "".join(traceback.format_exception(type(exc), exc, frames))
+                extra = {"attempts": attempt + 1} if ctx.retries else {}
+                line = error_line(index, type_name(exc), str(exc), tb, **extra)
                 return False, line, elapsed
             continue
         elapsed += time.perf_counter() - began
@@ -147,7 +149,7 @@ def _prepare(ctx: TaskContext) -> None:
         os.dup2(2, 1)
     if ctx.seed is not None and _numpy_random is None:
         try:
-            import numpy.random
+            import numpy.random  # type: ignore[import-not-found]
         except ImportError:
             _numpy_random = False
         else:
@@ -158,7 +160,7 @@ def _prepare(ctx: TaskContext) -> None:
 def _seed(seed: int) -> None:
     random.seed(seed)
     if _numpy_random:
-        _numpy_random.seed([seed & 0xFFFFFFFF, seed >> 32])
+        _numpy_random.seed(seed % (2**32))
 
 
 def _tag_output(ctx: TaskContext, index: int) -> None:

@@ -8,6 +8,7 @@ go back to the queue as a new, shorter batch.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import pickle
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from typing import Any, Protocol
 
 import cloudpickle
 
-from .._exceptions import SerializationError
+from .._exceptions import ProcpoolError, SerializationError
 from . import _protocol as P
 from . import _shm as shm
 
@@ -115,10 +116,23 @@ class Batch:
         """Deliver ``exc`` as the outcome of items ``start .. stop-1``."""
         count = stop - start
         self.release()
-        if count > 0:
-            self.sink.deliver(
-                self.first_index + start, [None] * count, dict.fromkeys(range(count), exc)
-            )
+        if count <= 0:
+            return
+        errors: dict[int, BaseException]
+        if self.named and isinstance(exc, ProcpoolError):
+            # Each task gets its own copy that says which task it is.
+            errors = {i: _for_task(exc, self.first_index + start + i) for i in range(count)}
+        else:
+            errors = dict.fromkeys(range(count), exc)
+        self.sink.deliver(self.first_index + start, [None] * count, errors)
+
+
+def _for_task(exc: ProcpoolError, index: int) -> ProcpoolError:
+    if exc.task_index == index:
+        return exc
+    mine = copy.copy(exc)
+    mine.task_index = index
+    return mine
 
 
 class TaskPolicy:

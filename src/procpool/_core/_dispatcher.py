@@ -628,6 +628,7 @@ class Dispatcher:
                 exitcode=exitcode,
                 pid=worker.pid,
                 task_index=head.first_index + i,
+                ran_to_completion=True,
             ),
         )
         if item + 1 < n:
