@@ -12,34 +12,38 @@ Layers (each imports only from the layers above it in this list; a test checks):
 
 from __future__ import annotations
 
-from ._context import Context, cpu_count, get_context
-from ._exceptions import (
-    InitializerError,
-    ProcpoolError,
-    RemoteTraceback,
-    SerializationError,
-    TaskTimeoutError,
-    WorkerCrashedError,
-)
-from ._executor import ProcessPoolExecutor
-from ._pool import Pool
-from ._process import Process
-from ._progress import Progress, ProgressUpdate
-from ._results import AsyncResult, IMapIterator
-from ._statistics import PoolStatistics, WorkerStatistics
-from ._sync import (
-    Barrier,
-    BoundedSemaphore,
-    Condition,
-    Event,
-    JoinableQueue,
-    Lock,
-    Queue,
-    RLock,
-    Semaphore,
-    SimpleQueue,
-)
-from ._version import __version__
+import importlib as _importlib
+import typing as _typing
+
+if _typing.TYPE_CHECKING:
+    from ._context import Context, cpu_count, get_context
+    from ._exceptions import (
+        InitializerError,
+        ProcpoolError,
+        RemoteTraceback,
+        SerializationError,
+        TaskTimeoutError,
+        WorkerCrashedError,
+    )
+    from ._executor import ProcessPoolExecutor
+    from ._pool import Pool
+    from ._process import Process
+    from ._progress import Progress, ProgressUpdate
+    from ._results import AsyncResult, IMapIterator
+    from ._statistics import PoolStatistics, WorkerStatistics
+    from ._sync import (
+        Barrier,
+        BoundedSemaphore,
+        Condition,
+        Event,
+        JoinableQueue,
+        Lock,
+        Queue,
+        RLock,
+        Semaphore,
+        SimpleQueue,
+    )
+    from ._version import __version__
 
 __all__ = [
     "AsyncResult",
@@ -73,13 +77,56 @@ __all__ = [
     "get_context",
 ]
 
-# Public objects say they live in `procpool`, so tracebacks and pickles show the
-# public path rather than a private module.
-for _name in __all__:
-    _obj = globals()[_name]
-    if hasattr(_obj, "__module__") and not isinstance(_obj, str):
+# Where each public name lives. The package imports its modules lazily: a worker
+# process needs only the engine, and `import procpool` stays cheap (it is also
+# what the fork server preloads). Each object is re-labelled `procpool.<name>`
+# as it is first fetched, so tracebacks and pickles show the public path.
+_WHERE = {
+    "AsyncResult": "_results",
+    "Barrier": "_sync",
+    "BoundedSemaphore": "_sync",
+    "Condition": "_sync",
+    "Context": "_context",
+    "Event": "_sync",
+    "IMapIterator": "_results",
+    "InitializerError": "_exceptions",
+    "JoinableQueue": "_sync",
+    "Lock": "_sync",
+    "Pool": "_pool",
+    "PoolStatistics": "_statistics",
+    "Process": "_process",
+    "ProcessPoolExecutor": "_executor",
+    "ProcpoolError": "_exceptions",
+    "Progress": "_progress",
+    "ProgressUpdate": "_progress",
+    "Queue": "_sync",
+    "RLock": "_sync",
+    "RemoteTraceback": "_exceptions",
+    "Semaphore": "_sync",
+    "SerializationError": "_exceptions",
+    "SimpleQueue": "_sync",
+    "TaskTimeoutError": "_exceptions",
+    "WorkerCrashedError": "_exceptions",
+    "WorkerStatistics": "_statistics",
+    "__version__": "_version",
+    "cpu_count": "_context",
+    "get_context": "_context",
+}
+
+
+def __getattr__(name: str) -> _typing.Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'procpool' has no attribute {name!r}")
+    obj = getattr(_importlib.import_module(f"procpool.{module}"), name)
+    if not isinstance(obj, str):
         try:
-            _obj.__module__ = __name__
+            obj.__module__ = __name__
         except (AttributeError, TypeError):
             pass
-del _name, _obj
+    globals()[name] = obj
+    return obj
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

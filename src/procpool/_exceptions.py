@@ -152,3 +152,16 @@ def _rebuild(
     for name, value in attrs.items():
         setattr(exc, name, value)
     return exc
+
+
+# Public classes say they live in `procpool` (tracebacks, pickles, repr).
+for _cls in (
+    ProcpoolError,
+    WorkerCrashedError,
+    TaskTimeoutError,
+    InitializerError,
+    SerializationError,
+    RemoteTraceback,
+):
+    _cls.__module__ = "procpool"
+del _cls

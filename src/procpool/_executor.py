@@ -2,22 +2,39 @@
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures as cf
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from multiprocessing import TimeoutError as MPTimeoutError
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._core import _protocol as P
+from ._core._dispatcher import PoolClosedError
 from ._core._startmethod import ContextLike
 from ._results import IMapIterator
 from ._runner import _UNSET, Runner, check_chunksize, default_workers, make_policy
-from ._statistics import PoolStatistics
+
+if TYPE_CHECKING:
+    from ._statistics import PoolStatistics
 
 __all__ = ["ProcessPoolExecutor"]
 
 T = TypeVar("T")
+
+# Set as the interpreter starts to exit, before any atexit callback runs, as
+# the stdlib's executor does: a late submit() fails the same way wherever
+# procpool was imported relative to the caller's own exit hooks.
+_interpreter_exiting = False
+
+
+def _mark_interpreter_exiting() -> None:
+    global _interpreter_exiting
+    _interpreter_exiting = True
+
+
+getattr(threading, "_register_atexit", atexit.register)(_mark_interpreter_exiting)
 
 
 class _FutureSink:
@@ -107,7 +124,7 @@ class ProcessPoolExecutor(cf.Executor):
         policy = make_policy(task_timeout, retries, retry_on, seed)
         self._shutdown_lock = threading.Lock()
         self._shutdown = False
-        self._pending: set[cf.Future[Any]] = set()
+        self._pending: dict[cf.Future[Any], None] = {}  # not yet done, oldest first
         self._max_workers = max_workers
         self._runner = Runner(
             max_workers,
@@ -125,7 +142,7 @@ class ProcessPoolExecutor(cf.Executor):
         """Schedule ``fn(*args, **kwargs)``; return a Future.
 
         Raises:
-            RuntimeError: after shutdown().
+            RuntimeError: after shutdown() or once the interpreter is exiting.
             concurrent.futures.process.BrokenProcessPool: if the initializer failed.
             SerializationError: if ``fn`` cannot be pickled.
         """
@@ -150,20 +167,29 @@ class ProcessPoolExecutor(cf.Executor):
         self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any], policy: Any
     ) -> cf.Future[T]:
         with self._shutdown_lock:
-            if self._shutdown:
-                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._check_open()
             broken = self._runner.engine.broken
             if broken is not None:
                 raise broken
             future: cf.Future[T] = cf.Future()
-            self._pending.add(future)
+            self._pending[future] = None
         sink = _FutureSink(future, self)
         try:
             self._runner.submit_call(fn, args, kwargs, sink, policy, sink.start)
+        except PoolClosedError:  # closed by the exit hook since the check above
+            self._forget(future)
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown") from None
         except BaseException:
             self._forget(future)
             raise
         return future
+
+    def _check_open(self) -> None:
+        """Raise the stdlib's RuntimeError if no new work is accepted (under the lock)."""
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        if _interpreter_exiting or not self._runner.engine.accepting:
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
 
     def map(  # type: ignore[override]
         self,
@@ -187,8 +213,7 @@ class ProcessPoolExecutor(cf.Executor):
         """
         check_chunksize(chunksize)
         with self._shutdown_lock:
-            if self._shutdown:
-                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._check_open()
         end = None if timeout is None else time.monotonic() + timeout
         it: IMapIterator[T] = IMapIterator(
             self._runner.chunk_submitter(fn, P.CALL_STAR, self._runner.policy),
@@ -205,14 +230,16 @@ class ProcessPoolExecutor(cf.Executor):
         return self._runner.engine.statistics()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Stop accepting work; optionally cancel what has not started; optionally wait.
+        """Stop accepting work; optionally cancel the backlog; optionally wait.
 
-        Safe to call more than once.
+        ``cancel_futures=True`` cancels the futures that have not started and that
+        no free worker would take at once (see :meth:`_backlog`). Safe to call
+        more than once.
         """
         with self._shutdown_lock:
             self._shutdown = True
-            pending = list(self._pending) if cancel_futures else []
-        for future in pending:
+            backlog = self._backlog() if cancel_futures else []
+        for future in backlog:
             future.cancel()
         engine = self._runner.engine
         engine.close()
@@ -227,9 +254,22 @@ class ProcessPoolExecutor(cf.Executor):
             return None
         return super().__exit__(exc_type, exc, tb)
 
+    def _backlog(self) -> list[cf.Future[Any]]:
+        """The not-yet-started futures, less the oldest few that free workers would take.
+
+        The stdlib hands calls to its workers' queue as they are submitted, where
+        they can no longer be cancelled, so ``shutdown(cancel_futures=True)``
+        right after a burst of submits still runs about one per worker. Keeping
+        that many of the oldest gives the same outcome however soon procpool's
+        dispatcher thread got to them; work behind busy workers is all cancelled.
+        """
+        waiting = [f for f in self._pending if not f.running()]
+        free = max(0, self._max_workers - (len(self._pending) - len(waiting)))
+        return waiting[free:]
+
     def _forget(self, future: cf.Future[Any]) -> None:
         with self._shutdown_lock:
-            self._pending.discard(future)
+            self._pending.pop(future, None)
 
     def __repr__(self) -> str:
         return f"<procpool.ProcessPoolExecutor max_workers={self._max_workers}>"
@@ -247,3 +287,9 @@ def _map_results(it: IMapIterator[T], end: float | None) -> Iterator[T]:
                 raise cf.TimeoutError from None
     finally:
         it.close()
+
+
+# Public classes say they live in `procpool` (tracebacks, pickles, repr).
+for _cls in (ProcessPoolExecutor,):
+    _cls.__module__ = "procpool"
+del _cls

@@ -5,11 +5,10 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._core import _protocol as P
 from ._core._startmethod import ContextLike
-from ._progress import Progress, ProgressUpdate, progress_for
 from ._results import AsyncResult, IMapIterator, MapResult, _ApplySink
 from ._runner import (
     _UNSET,
@@ -19,7 +18,6 @@ from ._runner import (
     make_policy,
     map_chunksize,
 )
-from ._statistics import PoolStatistics
 
 __all__ = ["Pool"]
 
@@ -28,7 +26,11 @@ R = TypeVar("R")
 
 _RUN, _CLOSE, _TERMINATE = "RUN", "CLOSE", "TERMINATE"
 
-ProgressOption = bool | Callable[[ProgressUpdate], object] | Progress | None
+if TYPE_CHECKING:
+    from ._progress import Progress, ProgressUpdate
+    from ._statistics import PoolStatistics
+
+    ProgressOption = bool | Callable[[ProgressUpdate], object] | Progress | None
 
 
 def _length_hint(iterable: Iterable[Any]) -> int | None:
@@ -118,7 +120,10 @@ class Pool:
             tag_output=tag_output,
         )
         self._processes = processes
-        progress_for(progress)  # validate now, not at the first map
+        if progress is not None:
+            from ._progress import progress_for
+
+            progress_for(progress)  # validate now, not at the first map
         self._progress = progress
         self._iterators: weakref.WeakSet[IMapIterator[Any]] = weakref.WeakSet()
         self._state = _RUN
@@ -311,7 +316,12 @@ class Pool:
         return it
 
     def _reporter(self, option: ProgressOption, total: int | None) -> Progress | None:
-        return progress_for(self._progress if option is _UNSET else option, total=total)
+        option = self._progress if option is _UNSET else option
+        if option is None or option is False:
+            return None  # the common case: no need to import the progress machinery
+        from ._progress import progress_for
+
+        return progress_for(option, total=total)
 
     # ----------------------------------------------------------- lifecycle
 
@@ -368,3 +378,9 @@ class Pool:
             runner.engine.terminate(wait=False)
         elif self._state == _CLOSE:
             runner.engine.close()
+
+
+# Public classes say they live in `procpool` (tracebacks, pickles, repr).
+for _cls in (Pool,):
+    _cls.__module__ = "procpool"
+del _cls

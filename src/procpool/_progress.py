@@ -288,3 +288,9 @@ def _make_bar(total: int | None, desc: str, unit: str, stream: TextIO) -> Any:
         mininterval=0.1,
         leave=True,
     )
+
+
+# Public classes say they live in `procpool` (tracebacks, pickles, repr).
+for _cls in (Progress, ProgressUpdate):
+    _cls.__module__ = "procpool"
+del _cls

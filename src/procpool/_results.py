@@ -12,10 +12,12 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from itertools import islice
 from multiprocessing import TimeoutError as MPTimeoutError
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ._core._batch import Batch
-from ._progress import Progress
+
+if TYPE_CHECKING:
+    from ._progress import Progress
 
 T = TypeVar("T")
 
@@ -242,11 +244,13 @@ class IMapIterator(Iterator[T]):
         self._yielded += 1
         errors = self._current_errors
         if errors is not None and pos in errors:
-            exc = errors[pos]
+            exc = errors.pop(pos)
             if self._return_exceptions:
                 return exc  # type: ignore[return-value]
             raise exc
-        return self._current[pos]  # type: ignore[no-any-return]
+        # Hand the value over without keeping it: the caller decides how long it lives.
+        value, self._current[pos] = self._current[pos], None
+        return value  # type: ignore[no-any-return]
 
     def close(self) -> None:
         """Stop reading the input; tasks not yet started are dropped."""
@@ -363,3 +367,9 @@ class IMapIterator(Iterator[T]):
     def accepting(self) -> bool:
         """Whether batches of this iterator should still start (False once closed)."""
         return not self._closed
+
+
+# Public classes say they live in `procpool` (tracebacks, pickles, repr).
+for _cls in (AsyncResult, IMapIterator):
+    _cls.__module__ = "procpool"
+del _cls

@@ -53,3 +53,9 @@ class PoolStatistics:
     def idle_seconds(self) -> float:
         """Seconds all workers spent waiting."""
         return sum(w.idle_seconds for w in self.per_worker)
+
+
+# Public classes say they live in `procpool` (tracebacks, pickles, repr).
+for _cls in (PoolStatistics, WorkerStatistics):
+    _cls.__module__ = "procpool"
+del _cls

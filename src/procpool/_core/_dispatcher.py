@@ -64,7 +64,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
@@ -76,11 +76,14 @@ from .._exceptions import (
     WorkerCrashedError,
     describe_exitcode,
 )
-from .._statistics import PoolStatistics, WorkerStatistics
 from . import _protocol as P
 from . import _shm as shm
 from ._batch import Batch
+from ._slot import Slot
 from ._worker import FN_CACHE_SIZE, worker_main
+
+if TYPE_CHECKING:
+    from .._statistics import PoolStatistics, WorkerStatistics
 
 __all__ = ["Dispatcher", "PoolClosedError"]
 
@@ -263,6 +266,8 @@ class Dispatcher:
 
     def statistics(self) -> PoolStatistics:
         """A snapshot of task counts, faults, and how each worker spent its time."""
+        from .._statistics import PoolStatistics
+
         now = time.monotonic()
         live = [_worker_statistics(w, now, None, alive=True) for w in list(self._workers.values())]
         return PoolStatistics(
@@ -669,7 +674,7 @@ class Dispatcher:
     def _spawn(self) -> None:
         wid = next(self._wids)
         parent_end, child_end = self._ctx.Pipe(duplex=True)
-        slot = self._ctx.RawArray("d", P.SLOT_SIZE)  # type: ignore[attr-defined]
+        slot = Slot(P.SLOT_SIZE)
         process = self._ctx.Process(  # type: ignore[attr-defined]
             target=worker_main,
             args=(
@@ -686,6 +691,7 @@ class Dispatcher:
         )
         process.start()
         child_end.close()
+        slot.close_fd()  # the child has its own descriptor (or mapping) now
         worker = _Worker(wid, process, parent_end, slot)
         self._workers[wid] = worker
         self._sel.register(parent_end, selectors.EVENT_READ, ("conn", worker))
@@ -763,6 +769,8 @@ class Dispatcher:
 def _worker_statistics(
     worker: _Worker, now: float, exitcode: int | None, *, alive: bool
 ) -> WorkerStatistics:
+    from .._statistics import WorkerStatistics  # lazily: dataclasses cost start-up time
+
     life = now - worker.started
     return WorkerStatistics(
         worker_id=worker.id,

@@ -34,6 +34,7 @@ import cloudpickle
 from .._exceptions import SerializationError
 from . import _protocol as P
 from . import _shm as shm
+from . import _stdio
 
 # How many callables a worker keeps unpickled; the dispatcher mirrors this
 # cache exactly, so it knows which callables it must send again.
@@ -52,9 +53,7 @@ def worker_main(
     resident memory after which the worker asks to be replaced, or None).
     """
     if options.get("stdio", True):
-        from ._stdio import install_line_writers
-
-        install_line_writers()
+        _stdio.install_line_writers()
         if options.get("tag_output"):
             global _TAG
             _TAG = f"[worker {options.get('worker_id')} "
@@ -70,7 +69,7 @@ def worker_main(
     conn.send_bytes(P.dumps((P.READY, os.getpid())))
     prefix = options.get("shm_prefix")
     namer = shm.namer(prefix) if prefix and shm.available() else None
-    _serve(conn, memoryview(slot).cast("B").cast("d"), options.get("max_rss"), namer)
+    _serve(conn, slot.view, options.get("max_rss"), namer)
 
 
 def _watch_parent() -> None:
