@@ -148,3 +148,13 @@ def test_worker_output_is_whole_lines_optionally_tagged(mode: str) -> None:
         assert all(
             re.fullmatch(r"\[worker \d+ task (\d)\] warned \1", e) for e in out.stderr.splitlines()
         )
+
+
+def test_statistics_stay_bounded_when_workers_are_recycled() -> None:
+    with Pool(1, maxtasksperchild=1, context="fork") as pool:
+        for i in range(300):
+            pool.apply(square, (i,))
+        stats = pool.statistics()
+    assert len(stats.per_worker) <= 1 + 256 + 2  # summed, kept, live (one may be retiring)
+    assert stats.per_worker[0].worker_id == -1  # the oldest, summed
+    assert sum(w.tasks for w in stats.per_worker) == 300

@@ -94,6 +94,8 @@ PREFETCH_BYTES = 64 * 1024
 WINDOW = 2
 # Workers that die before they are ready, in a row, before we stop replacing them.
 MAX_STARTUP_DEATHS = 3
+# Exited workers listed one by one in statistics(); older ones are summed.
+GONE_KEPT = 256
 # How long terminate() lets workers exit on SIGTERM before SIGKILL.
 TERMINATE_GRACE = 0.5
 
@@ -185,7 +187,8 @@ class Dispatcher:
         self.retried = 0
         self.tasks_completed = 0
         self.tasks_failed = 0
-        self._gone: list[WorkerStatistics] = []  # workers that have exited
+        self._gone: list[WorkerStatistics] = []  # workers that have exited (the last few)
+        self._gone_folded: WorkerStatistics | None = None  # and all the others, summed
         self._init_bytes = self._pickle_initializer(initializer, initargs)
         self._pending: deque[Batch] = deque()
         self._workers: dict[int, _Worker] = {}
@@ -203,8 +206,14 @@ class Dispatcher:
         self._stopped = False
         self.crashes = 0
         self._thread = threading.Thread(target=self._run, name="procpool-dispatcher", daemon=True)
-        for _ in range(workers):
-            self._spawn()
+        try:
+            for _ in range(workers):
+                self._spawn()
+        except BaseException:
+            # Out of processes or descriptors: leave nothing half-started behind.
+            self._terminating = True
+            self._stop_workers()
+            raise
         self._thread.start()
 
     # ----------------------------------------------------------- caller side
@@ -270,6 +279,7 @@ class Dispatcher:
 
         now = time.monotonic()
         live = [_worker_statistics(w, now, None, alive=True) for w in list(self._workers.values())]
+        folded = () if self._gone_folded is None else (self._gone_folded,)
         return PoolStatistics(
             workers=self._size,
             tasks_completed=self.tasks_completed,
@@ -278,8 +288,17 @@ class Dispatcher:
             timeouts=self.timeouts,
             retries=self.retried,
             recycled=self.recycled,
-            per_worker=(*self._gone, *live),
+            per_worker=(*folded, *self._gone, *live),
         )
+
+    def _remember(self, gone: WorkerStatistics) -> None:
+        # A long-lived pool that recycles workers must not grow without bound:
+        # beyond the last GONE_KEPT exited workers, figures fold into one entry.
+        self._gone.append(gone)
+        if len(self._gone) > GONE_KEPT:
+            oldest = self._gone.pop(0)
+            folded = self._gone_folded
+            self._gone_folded = _fold(oldest) if folded is None else _fold(folded, oldest)
 
     # ------------------------------------------------------ dispatcher loop
 
@@ -563,7 +582,7 @@ class Dispatcher:
         exitcode: int | None = worker.process.exitcode
         if exitcode is not None:
             worker.process.close()
-        self._gone.append(_worker_statistics(worker, time.monotonic(), exitcode, alive=False))
+        self._remember(_worker_statistics(worker, time.monotonic(), exitcode, alive=False))
         return exitcode
 
     def _settle_inflight(self, worker: _Worker, exitcode: int | None) -> None:
@@ -781,6 +800,21 @@ def _worker_statistics(
         transfer_seconds=worker.transfer,
         idle_seconds=max(0.0, life - worker.busy - worker.transfer),
         exitcode=exitcode,
+    )
+
+
+def _fold(total: WorkerStatistics, more: WorkerStatistics | None = None) -> WorkerStatistics:
+    """Sum exited workers into one entry (worker_id -1, pid 0)."""
+    from dataclasses import replace
+
+    if more is None:
+        return replace(total, worker_id=-1, pid=0, alive=False, exitcode=None)
+    return replace(
+        total,
+        tasks=total.tasks + more.tasks,
+        busy_seconds=total.busy_seconds + more.busy_seconds,
+        transfer_seconds=total.transfer_seconds + more.transfer_seconds,
+        idle_seconds=total.idle_seconds + more.idle_seconds,
     )
 
 
