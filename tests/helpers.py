@@ -71,3 +71,14 @@ def crash_after_making_array(n: int) -> object:
     from procpool.testing import return_crashes_on_pickle
 
     return [numpy.arange(n, dtype="float64"), return_crashes_on_pickle()]
+
+
+def echo_bytes(data: bytes) -> bytes:
+    return data[::-1]
+
+
+def nested_map(n: int) -> list[int]:
+    import procpool
+
+    with procpool.Pool(2) as pool:
+        return pool.map(square, range(n))

@@ -215,6 +215,8 @@ class ProcessPoolExecutor(cf.Executor):
         with self._shutdown_lock:
             self._check_open()
         end = None if timeout is None else time.monotonic() + timeout
+        if chunksize is None and self._runner.policy.timeout is not None:
+            chunksize = 1  # a timed-out task must not take finished ones with it
         it: IMapIterator[T] = IMapIterator(
             self._runner.chunk_submitter(fn, P.CALL_STAR, self._runner.policy),
             zip(*iterables),

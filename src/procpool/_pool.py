@@ -270,9 +270,12 @@ class Pool:
         self._check_running()
         check_chunksize(chunksize)
         items = iterable if isinstance(iterable, (list, tuple)) else list(iterable)
-        if chunksize is None:
-            chunksize = map_chunksize(len(items), self._processes)
         policy = self._runner.policy_for(task_timeout, retries, retry_on)
+        if chunksize is None:
+            # With a task timeout, one task per batch: a timed-out task's worker is
+            # killed, and tasks of its batch that had finished would die with it.
+            timed = policy.timeout is not None
+            chunksize = 1 if timed else map_chunksize(len(items), self._processes)
         result: MapResult[Any] = MapResult(
             len(items), callback, error_callback, return_exceptions=return_exceptions
         )
@@ -302,6 +305,8 @@ class Pool:
         if buffersize is not None and (not isinstance(buffersize, int) or buffersize < 1):
             raise ValueError(f"buffersize must be a positive int, not {buffersize!r}")
         policy = self._runner.policy_for(task_timeout, retries, retry_on)
+        if chunksize is None and policy.timeout is not None:
+            chunksize = 1  # see _map_async: a timeout must not take finished tasks with it
         it: IMapIterator[Any] = IMapIterator(
             self._runner.chunk_submitter(func, star, policy),
             iterable,
