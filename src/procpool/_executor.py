@@ -18,6 +18,7 @@ from ._runner import _UNSET, Runner, check_chunksize, default_workers, make_poli
 
 if TYPE_CHECKING:
     from ._statistics import PoolStatistics
+    from .backends import Backend
 
 __all__ = ["ProcessPoolExecutor"]
 
@@ -83,6 +84,9 @@ class ProcessPoolExecutor(cf.Executor):
         task_timeout: Seconds a task may run (TaskTimeoutError after that).
         retries: How many times to re-run a task that failed with one of ``retry_on``.
         retry_on: Exception types that cause a retry (default: crash and timeout).
+        backend: Where tasks run: ``"processes"`` (default) or ``"threads"`` (I/O-bound
+            work; no pickling, no task_timeout, seed or memory limit), or a factory
+            returning a :class:`procpool.backends.Backend`.
         tag_output: Prefix every line a task prints (stdout, stderr, logging) with
             ``[worker N task I]``. Lines are always whole, tagged or not.
         seed: Seeds ``random`` (and NumPy's global generator) before each task
@@ -110,6 +114,7 @@ class ProcessPoolExecutor(cf.Executor):
         max_memory_per_worker: int | str | None = None,
         seed: int | None = None,
         tag_output: bool = False,
+        backend: str | Callable[..., Backend] = "processes",
     ) -> None:
         if max_workers is None:
             max_workers = default_workers()
@@ -136,6 +141,7 @@ class ProcessPoolExecutor(cf.Executor):
             drain_at_exit=True,
             max_memory_per_worker=max_memory_per_worker,
             tag_output=tag_output,
+            backend=backend,
         )
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> cf.Future[T]:

@@ -29,6 +29,7 @@ _RUN, _CLOSE, _TERMINATE = "RUN", "CLOSE", "TERMINATE"
 if TYPE_CHECKING:
     from ._progress import Progress, ProgressUpdate
     from ._statistics import PoolStatistics
+    from .backends import Backend
 
     ProgressOption = bool | Callable[[ProgressUpdate], object] | Progress | None
 
@@ -65,6 +66,9 @@ class Pool:
         progress: Default for the ``progress=`` option of map, starmap, imap and
             imap_unordered: True (a bar on a terminal, plain lines on stderr
             otherwise), a callable (called with a ProgressUpdate), or a Progress.
+        backend: Where tasks run: ``"processes"`` (default) or ``"threads"`` (I/O-bound
+            work; no pickling, no task_timeout, seed or memory limit), or a factory
+            returning a :class:`procpool.backends.Backend`.
         tag_output: Prefix every line a task prints (stdout, stderr, logging) with
             ``[worker N task I]``. Lines are always whole, tagged or not.
         seed: Seeds ``random`` (and NumPy's global generator) before each task
@@ -92,6 +96,7 @@ class Pool:
         max_memory_per_worker: int | str | None = None,
         seed: int | None = None,
         tag_output: bool = False,
+        backend: str | Callable[..., Backend] = "processes",
         progress: ProgressOption = None,
     ) -> None:
         self._state = _TERMINATE  # until fully built, so __del__ stays quiet
@@ -118,6 +123,7 @@ class Pool:
             drain_at_exit=False,
             max_memory_per_worker=max_memory_per_worker,
             tag_output=tag_output,
+            backend=backend,
         )
         self._processes = processes
         if progress is not None:

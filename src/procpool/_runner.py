@@ -19,9 +19,9 @@ from typing import Any
 
 from ._core import _protocol as P
 from ._core._batch import Batch, CallableCache, Sink, TaskPolicy, make_batches
-from ._core._dispatcher import Dispatcher
-from ._core._startmethod import ContextLike, resolve_context
+from ._core._startmethod import ContextLike
 from ._exceptions import TaskTimeoutError, WorkerCrashedError
+from .backends import Backend, BackendOptions, make_backend
 
 DEFAULT_RETRY_ON: tuple[type[BaseException], ...] = (WorkerCrashedError, TaskTimeoutError)
 
@@ -76,26 +76,40 @@ class Runner:
         drain_at_exit: bool,
         max_memory_per_worker: int | str | None = None,
         tag_output: bool = False,
+        backend: Any = "processes",
     ) -> None:
-        self.ctx = resolve_context(context)
-        self.policy = policy
-        self.callables = CallableCache()
-        self._calls = itertools.count()  # single calls' sequence numbers, for seeds
-        self.engine = Dispatcher(
-            self.ctx,
-            workers,
+        options = BackendOptions(
+            context=context,
             initializer=initializer,
             initargs=tuple(initargs),
             max_tasks_per_worker=max_tasks_per_worker,
             max_memory_per_worker=parse_bytes(max_memory_per_worker),
             tag_output=bool(tag_output),
         )
+        self.engine: Backend = make_backend(backend, workers, options)
+        self.policy = policy
+        self.callables = CallableCache(serialize=self.engine.serializes)
+        self._calls = itertools.count()  # single calls' sequence numbers, for seeds
+        try:
+            self.check_policy(policy)
+        except BaseException:
+            self.engine.terminate()
+            raise
         _register(self.engine, drain_at_exit)
         _handle_sigterm()
 
     @property
     def workers(self) -> int:
         return self.engine.size
+
+    def check_policy(self, policy: TaskPolicy) -> TaskPolicy:
+        """Refuse options the backend cannot honour. Raises ValueError naming them."""
+        name = type(self.engine).__name__
+        if policy.timeout is not None and not self.engine.can_time_out:
+            raise ValueError(f"task_timeout needs a backend that can stop a task; {name} cannot")
+        if policy.seed is not None and not self.engine.can_seed:
+            raise ValueError(f"seed needs one interpreter per worker; {name} shares one")
+        return policy
 
     def policy_for(
         self, task_timeout: float | None, retries: int | None, retry_on: Any
@@ -104,11 +118,13 @@ class Runner:
         if task_timeout is _UNSET and retries is None and retry_on is None:
             return self.policy
         base = self.policy
-        return make_policy(
-            base.timeout if task_timeout is _UNSET else task_timeout,
-            base.retries if retries is None else retries,
-            base.retry_on if retry_on is None else retry_on,
-            base.seed,
+        return self.check_policy(
+            make_policy(
+                base.timeout if task_timeout is _UNSET else task_timeout,
+                base.retries if retries is None else retries,
+                base.retry_on if retry_on is None else retry_on,
+                base.seed,
+            )
         )
 
     def submit_call(
@@ -123,7 +139,14 @@ class Runner:
         ref = self.callables.get(fn)
         call_index = next(self._calls)
         batches = make_batches(
-            ref, P.CALL_ARGS_KWARGS, [(args, kwargs)], 0, sink, policy, named=False
+            ref,
+            P.CALL_ARGS_KWARGS,
+            [(args, kwargs)],
+            0,
+            sink,
+            policy,
+            named=False,
+            serialize=self.engine.serializes,
         )
         for batch in batches:
             batch.on_start = on_start
@@ -141,9 +164,10 @@ class Runner:
         """
         ref = self.callables.get(fn)
         engine = self.engine
+        serialize = engine.serializes
 
         def submit(items: list[Any], first: int, sink: Sink) -> list[Batch]:
-            batches = make_batches(ref, star, items, first, sink, policy)
+            batches = make_batches(ref, star, items, first, sink, policy, serialize=serialize)
             on_start = getattr(sink, "accepting", None)
             if on_start is not None:
                 for batch in batches:
@@ -209,11 +233,11 @@ def check_chunksize(chunksize: int | None) -> None:
 
 # -------------------------------------------------------------- at exit
 
-_engines: dict[int, tuple[weakref.ref[Dispatcher], bool]] = {}
+_engines: dict[int, tuple[weakref.ref[Backend], bool]] = {}
 _engines_lock = threading.Lock()
 
 
-def _register(engine: Dispatcher, drain_at_exit: bool) -> None:
+def _register(engine: Backend, drain_at_exit: bool) -> None:
     key = id(engine)
 
     def forget(_: object) -> None:

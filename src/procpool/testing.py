@@ -21,10 +21,12 @@ import time
 from typing import Any, NoReturn
 
 __all__ = [
+    "CrasherError",
     "CrashesOnUnpickle",
     "FailsOnUnpickle",
     "Unpicklable",
     "allocate",
+    "check_backend",
     "exit_abruptly",
     "kill_self",
     "raise_error",
@@ -139,3 +141,84 @@ def return_crashes_on_pickle(*_: Any) -> Any:
 def return_fails_on_unpickle(*_: Any) -> FailsOnUnpickle:
     """Return an object that pickles in the worker but fails to unpickle in the parent."""
     return FailsOnUnpickle()
+
+
+def check_backend(backend: Any, *, workers: int = 2) -> None:
+    """The conformance suite every backend passes; raises AssertionError on a deviation.
+
+    ``backend`` is what ``Pool(backend=...)`` accepts: a built-in name or a factory.
+    Checks results and their order, errors in place and raised with their type,
+    lazy bounded input, close/join, terminate (nothing waits forever), and the
+    statistics counts.
+    """
+    from procpool import Pool
+
+    with Pool(workers, backend=backend) as pool:
+        _check_results(pool)
+        _check_errors(pool)
+        _check_laziness(pool)
+        stats = pool.statistics()
+        assert stats.tasks_completed >= 200, stats
+        assert stats.workers == workers, stats
+    pool = Pool(workers, backend=backend)
+    pool.close()
+    try:
+        pool.apply(_double, (1,))
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("a closed pool accepted a task")
+    pool.join()
+    pool = Pool(workers, backend=backend)
+    pending = pool.map_async(sleep, [0.2] * (8 * workers), chunksize=1)
+    pool.terminate()
+    pool.join()
+    assert pending.ready(), "terminate() left a result waiting forever"
+
+
+def _double(x: Any) -> Any:
+    return x * 2
+
+
+def _raise_if_three(x: int) -> int:
+    if x == 3:
+        raise CrasherError("three")
+    return x
+
+
+def _check_results(pool: Any) -> None:
+    xs = list(range(100))
+    assert pool.map(_double, xs) == [2 * x for x in xs]
+    assert pool.map(_double, xs, chunksize=7) == [2 * x for x in xs]
+    assert list(pool.imap(_double, iter(xs))) == [2 * x for x in xs]
+    assert sorted(pool.imap_unordered(_double, xs)) == [2 * x for x in xs]
+    assert pool.starmap(divmod, [(7, 2), (9, 4)]) == [(3, 1), (2, 1)]
+    assert pool.apply(int, ("ff",), {"base": 16}) == 255
+    assert pool.map(_double, []) == []
+
+
+def _check_errors(pool: Any) -> None:
+    try:
+        pool.apply(_raise_if_three, (3,))
+    except CrasherError as exc:
+        assert str(exc) == "three"
+    else:
+        raise AssertionError("a task's exception was not raised")
+    out = pool.map(_raise_if_three, range(6), return_exceptions=True)
+    assert out[:3] == [0, 1, 2] and out[4:] == [4, 5], out
+    assert isinstance(out[3], CrasherError), out
+
+
+def _check_laziness(pool: Any) -> None:
+    pulled = 0
+
+    def numbers() -> Any:
+        nonlocal pulled
+        for i in range(10**9):
+            pulled += 1
+            yield i
+
+    for n, _ in enumerate(pool.imap(_double, numbers(), buffersize=64)):
+        if n == 10:
+            break
+    assert pulled < 10_000, f"imap read {pulled} items to return 10"

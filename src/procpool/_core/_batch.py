@@ -162,14 +162,18 @@ DEFAULT_POLICY = TaskPolicy()
 class CallableRef:
     """A callable pickled once with cloudpickle, with the id workers cache it under."""
 
-    __slots__ = ("data", "id", "name")
+    __slots__ = ("data", "id", "name", "obj")
     _ids = itertools.count(1)
 
-    def __init__(self, fn: Callable[..., Any]) -> None:
+    def __init__(self, fn: Callable[..., Any], *, serialize: bool = True) -> None:
         self.id = next(self._ids)
+        self.obj = fn  # the callable itself, for backends that run in this process
         self.name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+        self.data = b""
+        if not serialize:
+            return
         try:
-            self.data: bytes = cloudpickle.dumps(fn, P.PROTOCOL)
+            self.data = cloudpickle.dumps(fn, P.PROTOCOL)
         except Exception as exc:
             raise SerializationError(
                 f"cannot pickle the callable {self.name!r} "
@@ -180,17 +184,18 @@ class CallableRef:
 class CallableCache:
     """Remembers the last few callables pickled, so a map pickles its callable once."""
 
-    def __init__(self, limit: int = 128) -> None:
+    def __init__(self, limit: int = 128, *, serialize: bool = True) -> None:
         self._limit = limit
+        self._serialize = serialize
         self._refs: dict[Any, CallableRef] = {}
 
     def get(self, fn: Callable[..., Any]) -> CallableRef:
         try:
             ref = self._refs.pop(fn)
         except KeyError:
-            ref = CallableRef(fn)
+            ref = CallableRef(fn, serialize=self._serialize)
         except TypeError:  # unhashable callable: nothing to cache it by
-            return CallableRef(fn)
+            return CallableRef(fn, serialize=self._serialize)
         self._refs[fn] = ref  # re-insert: the dict's order is the LRU order
         if len(self._refs) > self._limit:
             del self._refs[next(iter(self._refs))]
@@ -206,13 +211,18 @@ def make_batches(
     policy: TaskPolicy,
     *,
     named: bool = True,
+    serialize: bool = True,
 ) -> list[Batch]:
     """Pickle ``items`` as one batch; an item that will not pickle fails alone.
+
+    With ``serialize=False`` (backends running in this process) nothing is pickled.
 
     The happy path pickles the whole list once. Only when that fails are the
     items pickled one by one to find the culprits: each fails with a
     SerializationError naming its task and type, and the others still run.
     """
+    if not serialize:
+        return [Batch(fn, star, items, b"", first_index, sink, policy, named=named)]
     try:
         payload = shm.pack(items, shm.process_namer())
     except Exception:

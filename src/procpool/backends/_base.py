@@ -1,0 +1,82 @@
+"""The one abstract class every backend implements."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from .._core._batch import Batch
+    from .._statistics import PoolStatistics
+
+__all__ = ["Backend", "BackendOptions"]
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """What a pool asks of its backend; a backend rejects what it cannot honour."""
+
+    context: Any = None  # start method / multiprocessing context (processes only)
+    initializer: Callable[..., object] | None = None
+    initargs: tuple[Any, ...] = ()
+    max_tasks_per_worker: int | None = None
+    max_memory_per_worker: int | None = None
+    tag_output: bool = False
+
+
+class Backend(abc.ABC):
+    """Runs batches of tasks and hands their outcomes to each batch's sink.
+
+    Contract (checked by :func:`procpool.testing.check_backend`):
+
+    * ``submit`` is thread-safe and never blocks on task execution; after
+      ``close``/``terminate`` it raises ``ValueError``;
+    * every task of every submitted batch gets exactly one outcome through
+      ``batch.sink.deliver`` (a value, or an exception in place), unless its
+      ``on_start`` hook returned False; nothing waits forever, terminate included;
+    * ``join`` returns once every worker is gone.
+    """
+
+    #: Whether batches must carry pickled payloads (False: run ``batch.items`` as is).
+    serializes: ClassVar[bool] = True
+    #: Whether the backend can stop a running task (needed for ``task_timeout``).
+    can_time_out: ClassVar[bool] = True
+    #: Whether per-task seeds are honoured (needs one interpreter state per worker).
+    can_seed: ClassVar[bool] = True
+
+    @property
+    @abc.abstractmethod
+    def size(self) -> int:
+        """Number of workers."""
+
+    @property
+    @abc.abstractmethod
+    def broken(self) -> BaseException | None:
+        """Why no task can run any more (a failed initializer), or None."""
+
+    @property
+    @abc.abstractmethod
+    def accepting(self) -> bool:
+        """Whether ``submit`` still takes work (False after close or terminate)."""
+
+    @abc.abstractmethod
+    def submit(self, batches: list[Batch]) -> None:
+        """Queue batches to run."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Accept no more work; what is queued still runs."""
+
+    @abc.abstractmethod
+    def terminate(self, wait: bool = True) -> None:
+        """Stop as soon as possible; unfinished tasks fail instead of waiting."""
+
+    @abc.abstractmethod
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for every worker to finish; return whether they have."""
+
+    @abc.abstractmethod
+    def statistics(self) -> PoolStatistics:
+        """Task counts, faults and per-worker time use, as of now."""

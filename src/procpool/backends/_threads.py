@@ -1,0 +1,230 @@
+"""Threads of the calling process: for I/O-bound work, and real parallelism on free-threaded Python.
+
+Tasks run on the objects themselves (no pickling); a task's exception keeps
+its own traceback. Threads cannot be killed, so ``task_timeout``, memory limits
+and per-task seeds (one global ``random`` shared by all threads) are refused.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from .._core import _protocol as P
+from .._core._dispatcher import PoolClosedError
+from .._exceptions import InitializerError
+from ._base import Backend, BackendOptions
+
+if TYPE_CHECKING:
+    from .._core._batch import Batch
+    from .._statistics import PoolStatistics
+
+__all__ = ["ThreadBackend"]
+
+_STOP = None
+
+
+class _ThreadWorker:
+    __slots__ = ("busy", "id", "started", "tasks", "thread")
+
+    def __init__(self, wid: int, thread: threading.Thread) -> None:
+        self.id = wid
+        self.thread = thread
+        self.tasks = 0
+        self.busy = 0.0
+        self.started = time.monotonic()
+
+
+class ThreadBackend(Backend):
+    """A fixed set of threads taking batches from one queue."""
+
+    serializes = False
+    can_time_out = False
+    can_seed = False
+
+    def __init__(self, workers: int, options: BackendOptions) -> None:
+        if options.max_memory_per_worker is not None:
+            raise ValueError(
+                "the threads backend cannot limit memory per worker (threads share it)"
+            )
+        if options.context is not None:
+            raise ValueError("the threads backend has no start method; drop context=")
+        self._options = options
+        self._queue: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._terminating = False
+        self._broken: BaseException | None = None
+        self._completed = 0
+        self._failed = 0
+        self._retried = 0
+        self._workers = [_ThreadWorker(wid, self._thread(wid)) for wid in range(workers)]
+        for worker in self._workers:
+            worker.thread.start()
+
+    @property
+    def size(self) -> int:
+        return len(self._workers)
+
+    @property
+    def broken(self) -> BaseException | None:
+        return self._broken
+
+    @property
+    def accepting(self) -> bool:
+        return not self._closed
+
+    def submit(self, batches: list[Batch]) -> None:
+        with self._lock:
+            if self._closed:
+                raise PoolClosedError("Pool not running")
+            for batch in batches:
+                if self._broken is not None:
+                    batch.fail(0, len(batch.items), self._broken)
+                else:
+                    self._queue.put(batch)
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                for _ in self._workers:
+                    self._queue.put(_STOP)
+
+    def terminate(self, wait: bool = True) -> None:
+        self._terminating = True
+        self.close()
+        if wait:
+            self.join()
+
+    def join(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for worker in self._workers:
+            if worker.thread is threading.current_thread():
+                return False
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            worker.thread.join(left)
+        return not any(w.thread.is_alive() for w in self._workers)
+
+    def statistics(self) -> PoolStatistics:
+        from .._statistics import PoolStatistics, WorkerStatistics
+
+        now = time.monotonic()
+        per_worker = tuple(
+            WorkerStatistics(
+                worker_id=w.id,
+                pid=0,
+                alive=w.thread.is_alive(),
+                tasks=w.tasks,
+                busy_seconds=w.busy,
+                transfer_seconds=0.0,
+                idle_seconds=max(0.0, now - w.started - w.busy),
+            )
+            for w in self._workers
+        )
+        return PoolStatistics(
+            workers=self.size,
+            tasks_completed=self._completed,
+            tasks_failed=self._failed,
+            crashes=0,
+            timeouts=0,
+            retries=self._retried,
+            recycled=0,
+            per_worker=per_worker,
+        )
+
+    # ----------------------------------------------------------- workers
+
+    def _thread(self, wid: int) -> threading.Thread:
+        return threading.Thread(target=self._serve, name=f"procpool-thread-{wid}", daemon=True)
+
+    def _serve(self) -> None:
+        if not self._run_initializer():
+            return
+        while True:
+            batch = self._queue.get()
+            if batch is _STOP:
+                return
+            if self._terminating or self._broken is not None:
+                batch.fail(
+                    0, len(batch.items), self._broken or PoolClosedError("the pool was terminated")
+                )
+                continue
+            if batch.on_start is not None and not batch.on_start():
+                continue
+            started = time.perf_counter()
+            values, errors = self._run(batch)
+            self._account(len(values), len(errors or ()), time.perf_counter() - started)
+            batch.sink.deliver(batch.first_index, values, errors)
+
+    def _run_initializer(self) -> bool:
+        init = self._options.initializer
+        if init is None:
+            return True
+        try:
+            init(*self._options.initargs)
+        except BaseException as exc:
+            name = getattr(init, "__qualname__", repr(init))
+            err = InitializerError(
+                f"the pool's initializer {name!r} raised {type(exc).__name__}: {exc}; "
+                f"no task can run"
+            )
+            err.__cause__ = exc
+            self._break(err)
+            return False
+        return True
+
+    def _break(self, err: BaseException) -> None:
+        with self._lock:
+            if self._broken is None:
+                self._broken = err
+        while True:  # fail what is queued; later batches fail in submit()
+            try:
+                batch = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if batch is _STOP:
+                self._queue.put(_STOP)  # leave the stop signals for the other threads
+                return
+            batch.fail(0, len(batch.items), err)
+
+    def _run(self, batch: Batch) -> tuple[list[Any], dict[int, BaseException] | None]:
+        fn = batch.fn.obj
+        values: list[Any] = []
+        errors: dict[int, BaseException] | None = None
+        for i, item in enumerate(batch.items):
+            attempts = batch.attempts
+            while True:
+                try:
+                    values.append(_call(fn, batch.star, item))
+                    break
+                except BaseException as exc:
+                    if batch.policy.should_retry(exc, attempts):
+                        attempts += 1
+                        self._retried += 1
+                        continue
+                    values.append(None)
+                    errors = errors if errors is not None else {}
+                    errors[i] = exc
+                    break
+        return values, errors
+
+    def _account(self, done: int, failed: int, busy: float) -> None:
+        current = threading.current_thread()
+        for worker in self._workers:
+            if worker.thread is current:
+                worker.tasks += done
+                worker.busy += busy
+        with self._lock:
+            self._completed += done
+            self._failed += failed
+
+
+def _call(fn: Any, star: int, item: Any) -> Any:
+    if star == P.CALL_ONE:
+        return fn(item)
+    if star == P.CALL_STAR:
+        return fn(*item)
+    return fn(*item[0], **item[1])

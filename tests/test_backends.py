@@ -1,0 +1,53 @@
+"""Every backend passes the same conformance suite; the threads backend's own limits."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from procpool import InitializerError, Pool
+from procpool.backends import Backend, BackendOptions, make_backend
+from procpool.testing import check_backend
+from tests.helpers import square
+
+
+@pytest.mark.parametrize("backend", ["processes", "threads"])
+def test_backend_conformance(backend: str) -> None:
+    check_backend(backend)
+
+
+def test_a_factory_is_a_backend_too() -> None:
+    def factory(workers: int, options: BackendOptions) -> Backend:
+        return make_backend("threads", workers, options)
+
+    check_backend(factory)
+
+
+def test_threads_run_in_this_process_without_pickling() -> None:
+    lock = threading.Lock()  # unpicklable: fine, nothing is pickled
+    with Pool(3, backend="threads") as pool:
+        names = pool.map(lambda x: (lock is not None, threading.current_thread().name), range(30))
+    assert all(ok for ok, _ in names)
+    assert {n for _, n in names} <= {f"procpool-thread-{i}" for i in range(3)}
+
+
+def test_threads_refuse_what_they_cannot_do() -> None:
+    with pytest.raises(ValueError, match="task_timeout"):
+        Pool(2, backend="threads", task_timeout=1)
+    with pytest.raises(ValueError, match="seed"):
+        Pool(2, backend="threads", seed=1)
+    with pytest.raises(ValueError, match="memory"):
+        Pool(2, backend="threads", max_memory_per_worker="1GB")
+    with Pool(2, backend="threads") as pool, pytest.raises(ValueError, match="task_timeout"):
+        pool.map(square, [1], task_timeout=1)
+    with pytest.raises(ValueError, match="unknown backend"):
+        Pool(2, backend="carrier-pigeons")
+
+
+def test_threads_initializer_failure_breaks_the_pool_clearly() -> None:
+    def bad() -> None:
+        raise KeyError("missing")
+
+    with Pool(2, backend="threads", initializer=bad) as pool, pytest.raises(InitializerError):
+        pool.map(square, range(10))
