@@ -29,8 +29,6 @@ from multiprocessing import parent_process
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-import cloudpickle
-
 from .._exceptions import SerializationError
 from . import _protocol as P
 from . import _shm as shm
@@ -88,7 +86,7 @@ def _watch_parent() -> None:
 def _run_initializer(conn: Connection, init_bytes: bytes) -> bool:
     name = "<unpicklable initializer>"
     try:
-        initializer, initargs = cloudpickle.loads(init_bytes)
+        initializer, initargs = pickle.loads(init_bytes)
         name = getattr(initializer, "__qualname__", repr(initializer))
         initializer(*initargs)
     except BaseException as exc:
@@ -151,10 +149,13 @@ def _run_batch(
         return _dumps_item_by_item(values, errors, first_index), running
 
 
+# Callables arrive cloudpickled, but what cloudpickle writes is plain pickle: a
+# function pickled by reference loads without importing cloudpickle at all, which
+# keeps it out of every worker's (and the fork server's) start-up.
 def _callable(fns: OrderedDict[int, Any], fn_id: int) -> Any:
     fn = fns[fn_id]
     if isinstance(fn, bytes):
-        fn = fns[fn_id] = cloudpickle.loads(fn)
+        fn = fns[fn_id] = pickle.loads(fn)
     fns.move_to_end(fn_id)
     return fn
 
