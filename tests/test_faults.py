@@ -258,3 +258,57 @@ def test_every_error_in_place_names_its_task() -> None:
         )
         assert [e.task_index for e in res] == [0, 1, 2]
         assert all(isinstance(e, SerializationError) for e in res)
+
+
+def test_unpicklable_result_is_also_the_stdlib_s_maybe_encoding_error() -> None:
+    from multiprocessing.pool import MaybeEncodingError
+
+    from procpool import ResultSerializationError
+
+    with Pool(1) as pool, pytest.raises(MaybeEncodingError) as info:
+        pool.apply(crash.return_unpicklable)
+    assert isinstance(info.value, ResultSerializationError)
+    assert "Unpicklable" in info.value.value
+
+
+def test_initargs_may_carry_a_queue_and_a_lock(start_method: str) -> None:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context(start_method)
+    queue, lock = ctx.Queue(), ctx.Lock()
+    with Pool(2, context=ctx, initializer=_announce, initargs=(queue, lock)) as pool:
+        pool.map(square, range(4))
+        got = {queue.get(timeout=10) for _ in range(2)}
+    assert got == {"ready"}
+    queue.close()
+    queue.join_thread()
+
+
+def _announce(queue: Any, lock: Any) -> None:
+    with lock:
+        queue.put("ready")
+
+
+def test_closing_still_replaces_workers_while_work_is_queued() -> None:
+    with Pool(1, maxtasksperchild=1) as pool:
+        result = pool.map_async(square, range(10), chunksize=1)
+        pool.close()
+        pool.join()  # used to hang: retired workers were not replaced once closing
+        assert result.get(0) == [x * x for x in range(10)]
+
+
+def test_callables_are_not_kept_alive() -> None:
+    import gc
+    import weakref
+
+    class Holder:
+        def method(self, x: int) -> int:
+            return x
+
+    with Pool(1) as pool:
+        holder = Holder()
+        ref = weakref.ref(holder)
+        assert pool.apply(holder.method, (3,)) == 3
+        del holder
+        gc.collect()
+        assert ref() is None

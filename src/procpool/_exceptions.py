@@ -8,7 +8,10 @@
     ├── TaskTimeoutError        also TimeoutError: the task ran past task_timeout
     ├── InitializerError        also BrokenProcessPool: the pool's initializer failed
     └── SerializationError      also pickle.PicklingError: an argument, a result or
-                                the callable could not be pickled or unpickled
+        │                       the callable could not be pickled or unpickled
+        └── ResultSerializationError
+                                also multiprocessing.pool.MaybeEncodingError: a
+                                task's result could not be pickled in the worker
 
 A task's own exception is never wrapped: it reaches the caller with its original
 type, and the worker-side traceback text is attached as ``__cause__`` (a
@@ -24,11 +27,13 @@ from __future__ import annotations
 import pickle
 import signal
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.pool import MaybeEncodingError  # type: ignore[attr-defined]
 
 __all__ = [
     "InitializerError",
     "ProcpoolError",
     "RemoteTraceback",
+    "ResultSerializationError",
     "SerializationError",
     "TaskTimeoutError",
     "WorkerCrashedError",
@@ -133,6 +138,34 @@ class SerializationError(ProcpoolError, pickle.PicklingError):
     """
 
 
+class ResultSerializationError(SerializationError, MaybeEncodingError):  # type: ignore[misc]
+    """A task's result could not be pickled in the worker to be sent back.
+
+    Also a :class:`multiprocessing.pool.MaybeEncodingError`, what the standard
+    library's Pool raises in this case.
+
+    Attributes:
+        exc: ``repr`` of the pickling error.
+        value: ``repr`` of the result that would not pickle.
+    """
+
+    def __init__(self, message: str, *, exc: object = None, value: object = None) -> None:
+        Exception.__init__(self, message)
+        self.exc = repr(exc)
+        self.value = _safe_repr(value)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def _safe_repr(value: object) -> str:
+    try:
+        text = repr(value)
+    except Exception:
+        text = f"<{type(value).__qualname__} object>"
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
 class RemoteTraceback(Exception):
     """Carries a worker's traceback text; attached as ``__cause__`` of a task's error."""
 
@@ -162,6 +195,7 @@ for _cls in (
     InitializerError,
     SerializationError,
     RemoteTraceback,
+    ResultSerializationError,
 ):
     _cls.__module__ = "procpool"
 del _cls

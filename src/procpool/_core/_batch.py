@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import itertools
 import pickle
+import weakref
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -167,7 +168,9 @@ class CallableRef:
 
     def __init__(self, fn: Callable[..., Any], *, serialize: bool = True) -> None:
         self.id = next(self._ids)
-        self.obj = fn  # the callable itself, for backends that run in this process
+        # The callable itself, only for backends that run it in this process; a
+        # process backend must not keep (say) a bound method's instance alive.
+        self.obj = None if serialize else fn
         self.name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
         self.data = b""
         if not serialize:
@@ -187,18 +190,26 @@ class CallableCache:
     def __init__(self, limit: int = 128, *, serialize: bool = True) -> None:
         self._limit = limit
         self._serialize = serialize
-        self._refs: dict[Any, CallableRef] = {}
+        # Weak keys: caching a callable must not keep it (or what it is bound to)
+        # alive. Builtins cannot be weakly referenced; they are immortal anyway.
+        self._weak: weakref.WeakKeyDictionary[Any, CallableRef] = weakref.WeakKeyDictionary()
+        self._strong: dict[Any, CallableRef] = {}
 
     def get(self, fn: Callable[..., Any]) -> CallableRef:
         try:
-            ref = self._refs.pop(fn)
+            weakref.ref(fn)
+            refs: Any = self._weak
+        except TypeError:
+            refs = self._strong
+        try:
+            ref: CallableRef = refs.pop(fn)
         except KeyError:
             ref = CallableRef(fn, serialize=self._serialize)
         except TypeError:  # unhashable callable: nothing to cache it by
             return CallableRef(fn, serialize=self._serialize)
-        self._refs[fn] = ref  # re-insert: the dict's order is the LRU order
-        if len(self._refs) > self._limit:
-            del self._refs[next(iter(self._refs))]
+        refs[fn] = ref  # re-insert: the dict's order is the LRU order
+        if len(refs) > self._limit:
+            del refs[next(iter(refs.keys()))]
         return ref
 
 

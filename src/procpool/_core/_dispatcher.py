@@ -189,7 +189,10 @@ class Dispatcher:
         self.tasks_failed = 0
         self._gone: list[WorkerStatistics] = []  # workers that have exited (the last few)
         self._gone_folded: WorkerStatistics | None = None  # and all the others, summed
-        self._init_bytes = self._pickle_initializer(initializer, initargs)
+        self._init_bytes = self._pickle_initializer(initializer)
+        # initargs go to each worker as it starts, pickled by multiprocessing itself,
+        # which allows what only process start-up may carry (a Queue, a Lock).
+        self._initargs = tuple(initargs)
         self._pending: deque[Batch] = deque()
         self._workers: dict[int, _Worker] = {}
         self._wids = itertools.count()
@@ -702,13 +705,21 @@ class Dispatcher:
                 self._init_bytes,
                 {
                     **self._worker_options,
+                    "initargs": self._initargs,
                     "shm_prefix": f"{self._shm_prefix}.{wid}",
                     "worker_id": wid,
                 },
             ),
             name=f"procpool-worker-{wid}",
         )
-        process.start()
+        try:
+            process.start()
+        except BaseException:
+            # e.g. initargs that the start method cannot pickle: free what we made.
+            parent_end.close()
+            child_end.close()
+            slot.close_fd()
+            raise
         child_end.close()
         slot.close_fd()  # the child has its own descriptor (or mapping) now
         worker = _Worker(wid, process, parent_end, slot)
@@ -717,8 +728,10 @@ class Dispatcher:
         self._sel.register(process.sentinel, selectors.EVENT_READ, ("exit", worker))
 
     def _replenish(self) -> None:
-        if self._closing or self._broken is not None:
+        if self._terminating or self._broken is not None:
             return
+        if self._closing and not self._pending:
+            return  # closing with nothing queued: let the pool shrink to zero
         active = sum(1 for w in self._workers.values() if not w.retiring)
         for _ in range(self._size - active):
             self._spawn()
@@ -772,16 +785,14 @@ class Dispatcher:
                 batch.fail(0, len(batch.items), exc)
 
     @staticmethod
-    def _pickle_initializer(
-        initializer: Callable[..., Any] | None, initargs: tuple[Any, ...]
-    ) -> bytes | None:
+    def _pickle_initializer(initializer: Callable[..., Any] | None) -> bytes | None:
         if initializer is None:
             return None
         try:
-            return bytes(cloudpickle.dumps((initializer, tuple(initargs)), P.PROTOCOL))
+            return bytes(cloudpickle.dumps(initializer, P.PROTOCOL))
         except Exception as exc:
             raise SerializationError(
-                f"cannot pickle the initializer {initializer!r} or its initargs: {exc}"
+                f"cannot pickle the initializer {initializer!r}: {exc}"
             ) from exc
 
 

@@ -29,7 +29,7 @@ from multiprocessing import parent_process
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from .._exceptions import SerializationError
+from .._exceptions import ResultSerializationError, SerializationError
 from . import _protocol as P
 from . import _shm as shm
 from . import _stdio
@@ -62,7 +62,8 @@ def worker_main(
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _watch_parent()
     _fresh_numpy_state()
-    if init_bytes is not None and not _run_initializer(conn, init_bytes):
+    initargs = options.get("initargs", ())
+    if init_bytes is not None and not _run_initializer(conn, init_bytes, initargs):
         return
     conn.send_bytes(P.dumps((P.READY, os.getpid())))
     prefix = options.get("shm_prefix")
@@ -83,10 +84,10 @@ def _watch_parent() -> None:
     threading.Thread(target=watch, name="procpool-parent-watchdog", daemon=True).start()
 
 
-def _run_initializer(conn: Connection, init_bytes: bytes) -> bool:
+def _run_initializer(conn: Connection, init_bytes: bytes, initargs: tuple[Any, ...]) -> bool:
     name = "<unpicklable initializer>"
     try:
-        initializer, initargs = pickle.loads(init_bytes)
+        initializer = pickle.loads(init_bytes)
         name = getattr(initializer, "__qualname__", repr(initializer))
         initializer(*initargs)
     except BaseException as exc:
@@ -205,10 +206,12 @@ def _dumps_item_by_item(
         try:
             P.dumps(value)
         except BaseException as exc:
-            err = SerializationError(
+            err = ResultSerializationError(
                 f"cannot pickle the result of {_task_name(first_index, i)} "
                 f"(type {type(value).__module__}.{type(value).__qualname__}): "
-                f"{type(exc).__name__}: {exc}"
+                f"{type(exc).__name__}: {exc}",
+                exc=exc,
+                value=value,
             )
             errors[i] = P.portable_error(err, "pickling the result")
             values[i] = None
