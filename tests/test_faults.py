@@ -92,7 +92,7 @@ TASK_ROWS: list[tuple[str, Callable[..., Any], tuple[Any, ...], dict[str, Any], 
         (),
         {},
         SerializationError,
-        r"cannot unpickle the results of tasks .* in the parent",
+        r"cannot unpickle the result of the task in the parent",
     ),
 ]
 

@@ -473,10 +473,14 @@ class Dispatcher:
         try:
             values, errors = shm.unpack(payload)
         except BaseException as exc:
+            n = len(batch.items)
+            which = (
+                batch.task_name()
+                if n == 1
+                else f"tasks {batch.first_index}..{batch.first_index + n - 1}"
+            )
             err = SerializationError(
-                f"cannot unpickle the results of tasks {batch.first_index}.."
-                f"{batch.first_index + len(batch.items) - 1} in the parent: "
-                f"{type(exc).__name__}: {exc}"
+                f"cannot unpickle the result of {which} in the parent: {type(exc).__name__}: {exc}"
             )
             err.__cause__ = exc
             batch.fail(0, len(batch.items), err)
