@@ -309,3 +309,40 @@ def test_callables_are_not_kept_alive() -> None:
         del holder
         gc.collect()
         assert ref() is None
+
+
+def test_fast_path_for_tiny_tasks_isolates_errors_and_bounds_crash_damage() -> None:
+    n = 3000
+    with Pool(1) as pool:
+        # Exceptions: exactly the failing items, even inside one large batch.
+        out = pool.map(_fail_on_multiples_of_700, range(n), chunksize=n, return_exceptions=True)
+        assert [i for i, r in enumerate(out) if isinstance(r, ValueError)] == [
+            0,
+            700,
+            1400,
+            2100,
+            2800,
+        ]
+        assert all(out[i] == i for i in range(n) if i % 700)
+        # A crash in a large batch fails at most one span of FAST_SPAN tasks; the
+        # ones before it ran (ran_to_completion), the ones after run again.
+        out = pool.map(_exit_on_1000, range(n), chunksize=n, return_exceptions=True)
+    crashed = [i for i, r in enumerate(out) if isinstance(r, WorkerCrashedError)]
+    ran = [i for i in crashed if out[i].ran_to_completion]
+    in_span = [i for i in crashed if not out[i].ran_to_completion]
+    assert 1000 in in_span and len(in_span) <= 256
+    assert ran == list(range(in_span[0]))
+    assert all(out[i] == i for i in range(in_span[-1] + 1, n))
+    assert "one of tasks" in str(out[1000])
+
+
+def _fail_on_multiples_of_700(x: int) -> int:
+    if x % 700 == 0:
+        raise ValueError(x)
+    return x
+
+
+def _exit_on_1000(x: int) -> int:
+    if x == 1000:
+        os._exit(5)
+    return x

@@ -218,10 +218,16 @@ def parse_bytes(value: int | str | None) -> int | None:
     return value
 
 
+# Largest default chunk for map: beyond this, bigger chunks only delay the first
+# results and the overlap of pickling with work (1M tiny tasks: 5.3M tasks/s at
+# 125,000 per chunk, 6.2M at 4,096-8,192).
+MAX_MAP_CHUNK = 8192
+
+
 def map_chunksize(length: int, workers: int) -> int:
     """Default chunk size for a map over ``length`` items: about 4 chunks per worker."""
     chunksize, extra = divmod(length, workers * 4)
-    return max(1, chunksize + (1 if extra else 0))
+    return max(1, min(MAX_MAP_CHUNK, chunksize + (1 if extra else 0)))
 
 
 def check_chunksize(chunksize: int | None) -> None:

@@ -152,6 +152,10 @@ class _Worker:
                 return batch, item, started
         return batch, item, started
 
+    def running_span(self) -> int:
+        """How many items from the slot's item on were running as one unit (read after death)."""
+        return max(1, int(self.slot[P.SLOT_SPAN]))
+
 
 class Dispatcher:
     """Runs batches on a set of worker processes; see the module docstring.
@@ -624,6 +628,8 @@ class Dispatcher:
                 ),
             )
             return
+        span = min(worker.running_span(), n - item)
+        end = item + span
         if worker.timed_out == (head.id, item):
             timeout = head.policy.timeout
             self._fail_or_retry(
@@ -638,12 +644,19 @@ class Dispatcher:
                 ),
             )
         else:
+            # In the fast path for tiny tasks the worker publishes progress every
+            # FAST_SPAN items: the one that crashed is somewhere in that span.
+            running = (
+                head.task_name(item)
+                if span == 1
+                else f"one of tasks {head.first_index + item}..{head.first_index + end - 1}"
+            )
             self._fail_or_retry(
                 head,
                 item,
-                item + 1,
+                end,
                 lambda i: WorkerCrashedError(
-                    f"{who} died running {head.task_name(i)}: {how}",
+                    f"{who} died running {running}: {how}",
                     exitcode=exitcode,
                     pid=worker.pid,
                     task_index=head.first_index + i,
@@ -662,8 +675,8 @@ class Dispatcher:
                 ran_to_completion=True,
             ),
         )
-        if item + 1 < n:
-            requeue.insert(0, head.tail(item + 1))
+        if end < n:
+            requeue.insert(0, head.tail(end))
 
     def _fail_or_retry(
         self, batch: Batch, start: int, stop: int, make: Callable[[int], BaseException]

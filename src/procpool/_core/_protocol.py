@@ -47,8 +47,14 @@ PROTOCOL = 5
 
 # Shared slot layout, one per worker (see _worker.py): which batch and which
 # item of it the worker is on, and when that item started (time.monotonic()).
-SLOT_BATCH, SLOT_ITEM, SLOT_STARTED = 0, 1, 2
-SLOT_SIZE = 3
+# SLOT_SPAN: how many items from SLOT_ITEM on are running as one unit (1, except in
+# the fast path for many tiny tasks, which publishes progress every FAST_SPAN items).
+SLOT_BATCH, SLOT_ITEM, SLOT_STARTED, SLOT_SPAN = 0, 1, 2, 3
+SLOT_SIZE = 4
+FAST_SPAN = 256
+# Batches this long run in the fast path; shorter ones keep one slot write per
+# item, so a crash is pinned to exactly one task.
+FAST_MIN_ITEMS = 64
 ITEM_UNPICKLING = -1  # slot item while the batch's arguments are being unpickled
 
 

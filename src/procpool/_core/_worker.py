@@ -126,6 +126,7 @@ def _run_batch(
     """Run one batch; return its reply payload and the seconds spent in the tasks."""
     _, batch_id, fn_id, star, timed, first_index, seed, payload = msg
     slot[P.SLOT_ITEM] = P.ITEM_UNPICKLING
+    slot[P.SLOT_SPAN] = 1
     slot[P.SLOT_STARTED] = time.monotonic()
     slot[P.SLOT_BATCH] = batch_id
     try:
@@ -143,6 +144,7 @@ def _run_batch(
     started = time.perf_counter()
     values, errors = _call_all(fn, star, timed, first_index, seed, items, slot)
     running = time.perf_counter() - started
+    slot[P.SLOT_SPAN] = 1
     slot[P.SLOT_ITEM] = len(items)  # from here on, a crash is in sending the results
     try:
         return shm.pack((values, errors), namer), running
@@ -170,6 +172,9 @@ def _call_all(
     items: list[Any],
     slot: Any,
 ) -> tuple[list[Any], dict[int, BaseException] | None]:
+    fast = star == P.CALL_ONE and not (timed or seed is not None or _TAG is not None)
+    if fast and len(items) >= P.FAST_MIN_ITEMS:
+        return _call_fast(fn, first_index, items, slot)
     values: list[Any] = []
     append = values.append
     errors: dict[int, BaseException] | None = None
@@ -193,6 +198,38 @@ def _call_all(
             if errors is None:
                 errors = {}
             errors[i] = P.portable_error(exc, _task_name(first_index, i))
+    return values, errors
+
+
+def _call_fast(
+    fn: Any, first_index: int, items: list[Any], slot: Any
+) -> tuple[list[Any], dict[int, BaseException] | None]:
+    """Many tiny tasks: ``map`` at C speed, publishing progress every FAST_SPAN items.
+
+    A per-item loop with a slot write and a ``try`` costs about as much as a
+    task like ``x * x`` itself; this runs near a list comprehension's speed.
+    ``list.extend`` keeps what ``map`` produced before an exception, so the
+    failing item is ``len(values)`` and the rest of its span carries on.
+    """
+    values: list[Any] = []
+    extend = values.extend
+    errors: dict[int, BaseException] | None = None
+    n = len(items)
+    start = 0
+    while start < n:
+        end = min(start + P.FAST_SPAN, n)
+        slot[P.SLOT_SPAN] = end - start
+        slot[P.SLOT_ITEM] = start
+        try:
+            extend(map(fn, items[start:end]))
+            start = end
+        except BaseException as exc:
+            failed = len(values)
+            values.append(None)
+            if errors is None:
+                errors = {}
+            errors[failed] = P.portable_error(exc, _task_name(first_index, failed))
+            start = failed + 1
     return values, errors
 
 
