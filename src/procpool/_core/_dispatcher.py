@@ -614,18 +614,23 @@ class Dispatcher:
         n = len(head.items)
         how = describe_exitcode(exitcode)
         who = f"worker {worker.id} (pid {worker.pid})"
+
+        def crashed(message: Callable[[int], str], **extra: Any) -> Callable[[int], BaseException]:
+            return lambda i: WorkerCrashedError(
+                message(i),
+                exitcode=exitcode,
+                pid=worker.pid,
+                task_index=head.first_index + i,
+                **extra,
+            )
+
         if item == P.ITEM_UNPICKLING or item >= n:
             stage = "unpickling the arguments of" if item < 0 else "sending the results of"
             self._fail_or_retry(
                 head,
                 0,
                 n,
-                lambda i: WorkerCrashedError(
-                    f"{who} died while {stage} {head.task_name(i)}: {how}",
-                    exitcode=exitcode,
-                    pid=worker.pid,
-                    task_index=head.first_index + i,
-                ),
+                crashed(lambda i: f"{who} died while {stage} {head.task_name(i)}: {how}"),
             )
             return
         span = min(worker.running_span(), n - item)
@@ -652,26 +657,17 @@ class Dispatcher:
                 else f"one of tasks {head.first_index + item}..{head.first_index + end - 1}"
             )
             self._fail_or_retry(
-                head,
-                item,
-                end,
-                lambda i: WorkerCrashedError(
-                    f"{who} died running {running}: {how}",
-                    exitcode=exitcode,
-                    pid=worker.pid,
-                    task_index=head.first_index + i,
-                ),
+                head, item, end, crashed(lambda i: f"{who} died running {running}: {how}")
             )
         self._fail_or_retry(
             head,
             0,
             item,
-            lambda i: WorkerCrashedError(
-                f"{who} died ({how}) after running {head.task_name(i)} but before returning its "
-                f"result; {head.task_name(item)} of the same batch was running",
-                exitcode=exitcode,
-                pid=worker.pid,
-                task_index=head.first_index + i,
+            crashed(
+                lambda i: (
+                    f"{who} died ({how}) after running {head.task_name(i)} but before "
+                    f"returning its result; {head.task_name(item)} of the same batch was running"
+                ),
                 ran_to_completion=True,
             ),
         )
