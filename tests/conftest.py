@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import signal
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -12,6 +15,20 @@ import pytest
 # Long-lived helpers the standard library starts once per interpreter and keeps
 # on purpose; they are not leaks.
 _SERVICE_MARKERS = ("forkserver", "resource_tracker")
+
+# ./dev runs pytest under a watchdog. When a run outlives it, the watchdog sends
+# SIGUSR1 (every thread's stack goes to stacks.txt, even while a thread holds
+# the GIL) and then SIGKILL, and prints which test was running from
+# last-test.txt. Files, not stderr: pytest's capture owns the descriptors.
+_TRACE_DIR = os.environ.get("PROCPOOL_TEST_TRACE_DIR")
+if _TRACE_DIR:
+    _stacks = open(Path(_TRACE_DIR, "stacks.txt"), "w")  # noqa: SIM115 - lives as long as the run
+    faulthandler.register(signal.SIGUSR1, file=_stacks, all_threads=True)
+
+
+def pytest_runtest_logstart(nodeid: str, location: object) -> None:
+    if _TRACE_DIR:
+        Path(_TRACE_DIR, "last-test.txt").write_text(nodeid + "\n")
 
 
 def _leftover_children() -> list[psutil.Process]:

@@ -82,3 +82,12 @@ def nested_map(n: int) -> list[int]:
 
     with procpool.Pool(2) as pool:
         return pool.map(square, range(n))
+
+
+class SleepsWhenUnpickled:
+    """Unpickling it blocks for an hour: a process handed one as it starts gets stuck there."""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        import time
+
+        return (time.sleep, (3600,))

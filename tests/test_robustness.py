@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -10,9 +12,16 @@ import time
 
 import pytest
 
-from procpool import Pool, ProcessPoolExecutor, SerializationError, TaskTimeoutError
+from procpool import (
+    Pool,
+    ProcessPoolExecutor,
+    SerializationError,
+    TaskTimeoutError,
+    WorkerCrashedError,
+)
 from procpool import testing as crash
-from tests.helpers import echo_bytes, nested_map, square
+from procpool._core import _dispatcher
+from tests.helpers import SleepsWhenUnpickled, echo_bytes, nested_map, square
 
 
 def test_large_payloads_both_ways_never_deadlock() -> None:
@@ -33,9 +42,42 @@ def test_an_unpicklable_callable_is_named_and_nothing_is_lost() -> None:
         assert done.get(10) == [x * x for x in range(100)]
 
 
-def test_tasks_may_use_pools_of_their_own() -> None:
-    with Pool(2) as pool:
+def test_tasks_may_use_pools_of_their_own(start_method: str) -> None:
+    # Under fork the worker may have been forked while a thread of the parent
+    # held the process-start lock: the child must get a fresh one.
+    with Pool(2, context=start_method) as pool:
         assert pool.apply(nested_map, (5,)) == [0, 1, 4, 9, 16]
+
+
+def test_workers_stuck_while_starting_are_killed_and_the_pool_says_why(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Each worker blocks for good while unpickling its start-up arguments, as a
+    # child forked mid-lock would: after START_TIMEOUT it is killed and replaced;
+    # after three in a row the pool gives up with an error that says so.
+    monkeypatch.setattr(_dispatcher, "START_TIMEOUT", 1.0)
+    started = time.monotonic()
+    stuck = Pool(1, initializer=print, initargs=(SleepsWhenUnpickled(),))
+    with stuck as pool, pytest.raises(WorkerCrashedError, match="did not start within 1 s"):
+        pool.map(square, range(4))
+    assert time.monotonic() - started < 30
+
+
+def test_terminate_returns_when_the_dispatcher_is_stuck_writing_to_a_stopped_worker() -> None:
+    pool = Pool(1)
+    try:
+        assert pool.apply(square, (3,)) == 9
+        (worker,) = [w for w in pool.statistics().per_worker if w.alive]
+        os.kill(worker.pid, signal.SIGSTOP)  # it stops reading its pipe
+        stuck = pool.apply_async(echo_bytes, (b"x" * (32 << 20),))  # more than a pipe holds
+        time.sleep(0.5)
+        assert not stuck.ready()
+    finally:
+        started = time.monotonic()
+        pool.terminate()
+    assert time.monotonic() - started < 30
+    with pytest.raises(Exception):  # noqa: B017 - any error will do; it must not hang
+        stuck.get(10)
 
 
 def test_many_threads_share_one_pool() -> None:

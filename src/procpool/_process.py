@@ -46,7 +46,7 @@ from typing import Any
 
 import cloudpickle
 
-from ._core._startmethod import resolve_context
+from ._core._startmethod import resolve_context, starting_a_process
 from ._core._stdio import install_line_writers
 from ._exceptions import RemoteTraceback, SerializationError, WorkerCrashedError, describe_exitcode
 
@@ -183,18 +183,19 @@ class Process(multiprocessing.context.Process):
         # An instance attribute: the stdlib's bootstrap reads it in the child
         # to make the same method the child's own default.
         self._start_method = ctx.get_start_method()
-        reader, writer = connection.Pipe(duplex=False)
-        _ensure_fd_headroom(writer.fileno())
-        self._result_writer = writer
-        try:
-            super().start()
-        except BaseException:
-            reader.close()
-            raise
-        finally:
-            # The child has its copy now; ours would keep the pipe open forever.
-            self._result_writer = None
-            writer.close()
+        with starting_a_process():
+            reader, writer = connection.Pipe(duplex=False)
+            _ensure_fd_headroom(writer.fileno())
+            self._result_writer = writer
+            try:
+                super().start()
+            except BaseException:
+                reader.close()
+                raise
+            finally:
+                # The child has its copy now; ours would keep the pipe open forever.
+                self._result_writer = None
+                writer.close()
         self._result_reader = reader
 
     def __reduce__(self) -> tuple[Any, ...]:

@@ -80,6 +80,7 @@ from . import _protocol as P
 from . import _shm as shm
 from ._batch import Batch
 from ._slot import Slot
+from ._startmethod import starting_a_process
 from ._worker import FN_CACHE_SIZE, worker_main
 
 if TYPE_CHECKING:
@@ -98,6 +99,15 @@ MAX_STARTUP_DEATHS = 3
 GONE_KEPT = 256
 # How long terminate() lets workers exit on SIGTERM before SIGKILL.
 TERMINATE_GRACE = 0.5
+# How long terminate() waits for the dispatcher thread before it kills the
+# workers itself (which unblocks a dispatcher stuck writing to a worker that
+# stopped reading: SIGSTOP, a deadlocked fork child).
+STUCK_DISPATCHER_S = 5.0
+# A worker must finish starting up (interpreter, imports; not the initializer,
+# which may take as long as it likes) within this long, or it is killed and
+# counts as a death at start-up. The usual culprit is fork: a child forked
+# while another thread of the parent held a lock waits for it forever.
+START_TIMEOUT = 60.0
 
 
 _pool_ids = itertools.count()
@@ -121,6 +131,7 @@ class _Worker:
         "ready",
         "retiring",
         "slot",
+        "start_timed_out",
         "started",
         "tasks_done",
         "timed_out",
@@ -142,6 +153,11 @@ class _Worker:
         self.busy = 0.0  # seconds spent running tasks, as the worker measured
         self.transfer = 0.0  # seconds spent (un)pickling arguments and results
         self.started = time.monotonic()
+        self.start_timed_out = False
+
+    def alive(self) -> bool:
+        """Whether the worker got through start-up (it may still be in its initializer)."""
+        return self.ready or self.slot[P.SLOT_ALIVE] > 0
 
     def read_slot(self) -> tuple[int, int, float]:
         for _ in range(100):  # the worker may be writing: read until stable
@@ -259,8 +275,14 @@ class Dispatcher:
         """Stop now: kill the workers; queued and running tasks fail."""
         self._closing = self._terminating = True
         self._wake()
-        if wait:
-            self.join()
+        if wait and not self.join(STUCK_DISPATCHER_S):
+            self._kill_workers_from_outside()
+            self.join(STUCK_DISPATCHER_S)
+
+    def _kill_workers_from_outside(self) -> None:
+        for worker in list(self._workers.values()):
+            if worker.process.exitcode is None:
+                _kill(worker.pid, signal.SIGKILL)
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the dispatcher (and so every worker) to finish; True if it has."""
@@ -373,6 +395,10 @@ class Dispatcher:
             else:
                 left = 0.01  # not started yet: look again soon
             nearest = left if nearest is None else min(nearest, left)
+        for worker in self._workers.values():
+            if not worker.start_timed_out and not worker.alive():
+                left = max(0.0, worker.started + START_TIMEOUT - now) + 0.01
+                nearest = left if nearest is None else min(nearest, left)
         return nearest
 
     # ------------------------------------------------------------ sending
@@ -398,18 +424,21 @@ class Dispatcher:
             if worker.retiring or worker.timed_out:
                 continue
             held = len(worker.inflight)
-            if held == 0:
+            if held == 0 and (worker.ready or self._fits_pipe(worker, batch)):
                 return worker
             if held < WINDOW and (best is None or held < len(best.inflight)):
                 best = worker
-        if best is None:
-            return None
-        extra = 0 if batch.fn.id in best.fns else len(batch.fn.data)
-        if batch.size + extra > PREFETCH_BYTES:
-            return None  # only an idle worker may take a large batch
+        if best is None or not self._fits_pipe(best, batch):
+            return None  # only an idle, started worker may take a large batch
         if self._max_tasks and best.tasks_done + self._held_items(best) >= self._max_tasks:
             return None
         return best
+
+    @staticmethod
+    def _fits_pipe(worker: _Worker, batch: Batch) -> bool:
+        """Whether sending the batch (and its callable) to the worker can never block."""
+        extra = 0 if batch.fn.id in worker.fns else len(batch.fn.data)
+        return batch.size + extra <= PREFETCH_BYTES
 
     @staticmethod
     def _held_items(worker: _Worker) -> int:
@@ -549,7 +578,8 @@ class Dispatcher:
             self._settle_inflight(worker, exitcode)
         elif not worker.retiring and not self._closing:
             self.crashes += 1
-        if not worker.ready and self._init_bytes is not None and self._broken is None:
+        if worker.alive() and not worker.ready and self._init_bytes is not None:
+            # Started, then died before it was ready: in the initializer.
             if not worker.retiring:
                 self._break(
                     InitializerError(
@@ -560,10 +590,16 @@ class Dispatcher:
         elif not worker.ready and not worker.retiring:
             self._startup_deaths += 1
             if self._startup_deaths >= MAX_STARTUP_DEATHS and self._broken is None:
+                how = (
+                    f"did not start within {START_TIMEOUT:g} s and were killed (a child "
+                    "forked while another thread held a lock waits for it forever; "
+                    "the forkserver start method avoids that)"
+                    if worker.start_timed_out
+                    else f"died while starting ({describe_exitcode(exitcode)})"
+                )
                 self._break(
                     WorkerCrashedError(
-                        f"{self._startup_deaths} workers in a row died while starting "
-                        f"({describe_exitcode(exitcode)}); giving up",
+                        f"{self._startup_deaths} workers in a row {how}; giving up",
                         exitcode=exitcode,
                     )
                 )
@@ -693,6 +729,11 @@ class Dispatcher:
     def _enforce_timeouts(self) -> None:
         now = time.monotonic()
         for worker in self._workers.values():
+            late = now - worker.started > START_TIMEOUT
+            if late and not worker.start_timed_out and not worker.alive():
+                worker.start_timed_out = True
+                _kill(worker.pid, signal.SIGKILL)
+                continue
             if not worker.inflight or worker.timed_out:
                 continue
             head = worker.inflight[0]
@@ -708,33 +749,34 @@ class Dispatcher:
 
     def _spawn(self) -> None:
         wid = next(self._wids)
-        parent_end, child_end = self._ctx.Pipe(duplex=True)
-        slot = Slot(P.SLOT_SIZE)
-        process = self._ctx.Process(  # type: ignore[attr-defined]
-            target=worker_main,
-            args=(
-                child_end,
-                slot,
-                self._init_bytes,
-                {
-                    **self._worker_options,
-                    "initargs": self._initargs,
-                    "shm_prefix": f"{self._shm_prefix}.{wid}",
-                    "worker_id": wid,
-                },
-            ),
-            name=f"procpool-worker-{wid}",
-        )
-        try:
-            process.start()
-        except BaseException:
-            # e.g. initargs that the start method cannot pickle: free what we made.
-            parent_end.close()
+        with starting_a_process():
+            parent_end, child_end = self._ctx.Pipe(duplex=True)
+            slot = Slot(P.SLOT_SIZE)
+            process = self._ctx.Process(  # type: ignore[attr-defined]
+                target=worker_main,
+                args=(
+                    child_end,
+                    slot,
+                    self._init_bytes,
+                    {
+                        **self._worker_options,
+                        "initargs": self._initargs,
+                        "shm_prefix": f"{self._shm_prefix}.{wid}",
+                        "worker_id": wid,
+                    },
+                ),
+                name=f"procpool-worker-{wid}",
+            )
+            try:
+                process.start()
+            except BaseException:
+                # e.g. initargs that the start method cannot pickle: free what we made.
+                parent_end.close()
+                child_end.close()
+                slot.close_fd()
+                raise
             child_end.close()
-            slot.close_fd()
-            raise
-        child_end.close()
-        slot.close_fd()  # the child has its own descriptor (or mapping) now
+            slot.close_fd()  # the child has its own descriptor (or mapping) now
         worker = _Worker(wid, process, parent_end, slot)
         self._workers[wid] = worker
         self._sel.register(parent_end, selectors.EVENT_READ, ("conn", worker))

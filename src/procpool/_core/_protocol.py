@@ -49,8 +49,11 @@ PROTOCOL = 5
 # item of it the worker is on, and when that item started (time.monotonic()).
 # SLOT_SPAN: how many items from SLOT_ITEM on are running as one unit (1, except in
 # the fast path for many tiny tasks, which publishes progress every FAST_SPAN items).
-SLOT_BATCH, SLOT_ITEM, SLOT_STARTED, SLOT_SPAN = 0, 1, 2, 3
-SLOT_SIZE = 4
+# SLOT_ALIVE: when (time.monotonic()) the worker finished starting up, before its
+# initializer; 0 until then. A worker that never gets there is stuck (see
+# Dispatcher.START_TIMEOUT).
+SLOT_BATCH, SLOT_ITEM, SLOT_STARTED, SLOT_SPAN, SLOT_ALIVE = 0, 1, 2, 3, 4
+SLOT_SIZE = 5
 FAST_SPAN = 256
 # Batches this long run in the fast path; shorter ones keep one slot write per
 # item, so a crash is pinned to exactly one task.

@@ -11,16 +11,66 @@ a few milliseconds per worker. ``fork`` stays available for those who want it.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import multiprocessing.context
+import os
 import sys
+import threading
+from collections.abc import Iterator
 
-__all__ = ["ContextLike", "default_start_method", "resolve_context"]
+__all__ = ["ContextLike", "default_start_method", "resolve_context", "starting_a_process"]
 
 # A start method name, a multiprocessing context, a procpool Context, or None.
 ContextLike = object
 
 _PRELOAD = "procpool._core._worker"
+
+
+# procpool's own process starts never overlap. Under fork, a child forked while
+# another thread is between making a pipe for its child and closing the
+# parent's copy of the child's end would hold that end open: the other child's
+# death would then go unseen (no EOF, no sentinel) for as long as it lives.
+_start_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    global _start_lock
+    _start_lock = threading.Lock()  # a forked child may inherit it held
+    _forget_parents_forkserver()
+
+
+def _forget_parents_forkserver() -> None:
+    """Let a forked child start a forkserver of its own, like a fresh interpreter.
+
+    The stdlib's forkserver handle survives fork: the child would think the
+    parent's server is its own, and fail (ECHILD) or hang using it. That is the
+    case of a fork-started worker whose task makes a pool with the default
+    start method. Closing our copy of the server's liveness pipe also lets the
+    parent's server exit when the parent does.
+    """
+    forkserver = sys.modules.get("multiprocessing.forkserver")
+    server = getattr(forkserver, "_forkserver", None)
+    if server is None or getattr(server, "_forkserver_pid", None) is None:
+        return
+    alive_fd = getattr(server, "_forkserver_alive_fd", None)
+    if alive_fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(alive_fd)
+    server._forkserver_alive_fd = None
+    server._forkserver_address = None
+    server._forkserver_pid = None
+    server._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+@contextlib.contextmanager
+def starting_a_process() -> Iterator[None]:
+    """Hold while making a child's pipes, starting it, and closing the parent's copies."""
+    with _start_lock:
+        yield
 
 
 def default_start_method() -> str:

@@ -63,6 +63,7 @@ def worker_main(
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _watch_parent()
     _fresh_numpy_state()
+    slot[P.SLOT_ALIVE] = time.monotonic()  # started; the initializer may take its time
     initargs = options.get("initargs", ())
     if init_bytes is not None and not _run_initializer(conn, init_bytes, initargs):
         return
