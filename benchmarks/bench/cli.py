@@ -169,6 +169,7 @@ def main(argv: list[str]) -> int:
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     sizes, workloads, names = MODES[mode], selected(_split(args.only)), choose_contenders(args)
     started = time.monotonic()
+    runner.compile_procpool(python)
     environment = json.loads(runner.capture(python, "--describe"))
     print(f"[bench] {mode} run with {python} (procpool import: {environment['procpool_import']})")
     params = {"burn_iterations": int(runner.capture(python, "--calibrate", str(sizes.cpu_task_ms)))}
