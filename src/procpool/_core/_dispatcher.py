@@ -281,7 +281,11 @@ class Dispatcher:
 
     def _kill_workers_from_outside(self) -> None:
         for worker in list(self._workers.values()):
-            if worker.process.exitcode is None:
+            try:
+                running = worker.process.exitcode is None  # not reaped: the pid is still its
+            except ValueError:
+                continue  # the dispatcher buried it meanwhile
+            if running:
                 _kill(worker.pid, signal.SIGKILL)
 
     def join(self, timeout: float | None = None) -> bool:
