@@ -78,3 +78,21 @@ def test_cancelled_futures_release_their_segments() -> None:
         ex.shutdown(wait=True, cancel_futures=True)
     assert any(f.cancelled() for f in futures)
     assert not _segments()
+
+
+def test_default_map_chunks_carry_about_a_megabyte() -> None:
+    # Big items go one or a few per chunk, so they spread over the workers and
+    # their transfers overlap with work; small ones keep the usual chunks.
+    import threading
+
+    from procpool._runner import map_chunksize
+
+    assert map_chunksize(1000, 2) == map_chunksize(1000, 2, sample=3) == 125
+    assert map_chunksize(1000, 2, sample=np.zeros(1 << 20)) == 1  # 8 MB
+    assert map_chunksize(1000, 2, sample=np.zeros(1 << 14)) == 7  # 128 KiB and a header
+    assert map_chunksize(1000, 2, sample=threading.Lock()) == 125  # fails later, by name
+    with Pool(2) as pool:
+        arrays = [np.full(1 << 18, float(i)) for i in range(8)]  # 2 MB each
+        out = pool.map(double, arrays)
+        assert [float(a[0]) for a in out] == [2.0 * i for i in range(8)]
+        assert pool.statistics().tasks_completed == 8

@@ -281,7 +281,8 @@ class Pool:
             # With a task timeout, one task per batch: a timed-out task's worker is
             # killed, and tasks of its batch that had finished would die with it.
             timed = policy.timeout is not None
-            chunksize = 1 if timed else map_chunksize(len(items), self._processes)
+            sample = items[0] if items else None
+            chunksize = 1 if timed else map_chunksize(len(items), self._processes, sample)
         result: MapResult[Any] = MapResult(
             len(items), callback, error_callback, return_exceptions=return_exceptions
         )

@@ -11,6 +11,7 @@ import atexit
 import itertools
 import math
 import os
+import pickle
 import signal
 import threading
 import weakref
@@ -224,10 +225,38 @@ def parse_bytes(value: int | str | None) -> int | None:
 MAX_MAP_CHUNK = 8192
 
 
-def map_chunksize(length: int, workers: int) -> int:
-    """Default chunk size for a map over ``length`` items: about 4 chunks per worker."""
+# Items whose pickles (large buffers included) are bigger than this go in
+# smaller chunks, so a chunk carries about this much: big items then spread
+# evenly over the workers, and sending one overlaps with running another.
+CHUNK_BYTES = 1 << 20
+
+
+def map_chunksize(length: int, workers: int, sample: object = None) -> int:
+    """Default chunk size for a map over ``length`` items: about 4 chunks per worker.
+
+    ``sample``, an item of the map, caps the chunk at about CHUNK_BYTES of data.
+    """
     chunksize, extra = divmod(length, workers * 4)
-    return max(1, min(MAX_MAP_CHUNK, chunksize + (1 if extra else 0)))
+    chunksize = max(1, min(MAX_MAP_CHUNK, chunksize + (1 if extra else 0)))
+    if chunksize > 1 and length:
+        chunksize = max(1, min(chunksize, CHUNK_BYTES // max(1, _pickled_size(sample))))
+    return chunksize
+
+
+def _pickled_size(obj: object) -> int:
+    """Bytes ``obj`` takes pickled, its large buffers counted but not copied; 0 if unpicklable."""
+    size = 0
+
+    def count(buffer: pickle.PickleBuffer) -> bool:
+        nonlocal size
+        size += buffer.raw().nbytes
+        return False  # out of band: counted, not copied
+
+    try:
+        stream = pickle.dumps(obj, P.PROTOCOL, buffer_callback=count)
+    except Exception:
+        return 0  # the real pickling will say what is wrong, naming the task
+    return size + len(stream)
 
 
 def check_chunksize(chunksize: int | None) -> None:
