@@ -158,3 +158,17 @@ def test_statistics_stay_bounded_when_workers_are_recycled() -> None:
     assert len(stats.per_worker) <= 1 + 256 + 2  # summed, kept, live (one may be retiring)
     assert stats.per_worker[0].worker_id == -1  # the oldest, summed
     assert sum(w.tasks for w in stats.per_worker) == 300
+
+
+def test_statistics_snapshots_are_whole_while_workers_come_and_go() -> None:
+    # A worker moves from the live list to the exited ones in one step: a
+    # snapshot never counts it twice, or not at all.
+    with Pool(2, maxtasksperchild=1, context="fork") as pool:
+        result = pool.map_async(square, range(200), chunksize=1)
+        seen = []
+        while not result.ready():
+            seen.append(sum(w.tasks for w in pool.statistics().per_worker))
+        result.get(60)
+        final = sum(w.tasks for w in pool.statistics().per_worker)
+    assert seen == sorted(seen)
+    assert final == 200

@@ -226,6 +226,7 @@ class Dispatcher:
         self._broken: BaseException | None = None
         self._startup_deaths = 0
         self._lock = threading.Lock()  # orders submit() against the final shutdown
+        self._stats_lock = threading.Lock()  # keeps statistics() snapshots whole
         self._stopped = False
         self.crashes = 0
         self._thread = threading.Thread(target=self._run, name="procpool-dispatcher", daemon=True)
@@ -311,8 +312,10 @@ class Dispatcher:
         from .._statistics import PoolStatistics
 
         now = time.monotonic()
-        live = [_worker_statistics(w, now, None, alive=True) for w in list(self._workers.values())]
-        folded = () if self._gone_folded is None else (self._gone_folded,)
+        with self._stats_lock:
+            live = [_worker_statistics(w, now, None, alive=True) for w in self._workers.values()]
+            folded = () if self._gone_folded is None else (self._gone_folded,)
+            gone = tuple(self._gone)
         return PoolStatistics(
             workers=self._size,
             tasks_completed=self.tasks_completed,
@@ -321,7 +324,7 @@ class Dispatcher:
             timeouts=self.timeouts,
             retries=self.retried,
             recycled=self.recycled,
-            per_worker=(*folded, *self._gone, *live),
+            per_worker=(*folded, *gone, *live),
         )
 
     def _remember(self, gone: WorkerStatistics) -> None:
@@ -622,7 +625,6 @@ class Dispatcher:
 
     def _bury(self, worker: _Worker) -> int | None:
         """Forget a worker that has exited, reap it, and return its exit code."""
-        del self._workers[worker.id]
         for obj in (worker.conn, worker.process.sentinel):
             try:
                 self._sel.unregister(obj)
@@ -633,7 +635,10 @@ class Dispatcher:
         exitcode: int | None = worker.process.exitcode
         if exitcode is not None:
             worker.process.close()
-        self._remember(_worker_statistics(worker, time.monotonic(), exitcode, alive=False))
+        gone = _worker_statistics(worker, time.monotonic(), exitcode, alive=False)
+        with self._stats_lock:  # from live to gone in one step, for statistics()
+            del self._workers[worker.id]
+            self._remember(gone)
         return exitcode
 
     def _settle_inflight(self, worker: _Worker, exitcode: int | None) -> None:
@@ -782,7 +787,8 @@ class Dispatcher:
             child_end.close()
             slot.close_fd()  # the child has its own descriptor (or mapping) now
         worker = _Worker(wid, process, parent_end, slot)
-        self._workers[wid] = worker
+        with self._stats_lock:
+            self._workers[wid] = worker
         self._sel.register(parent_end, selectors.EVENT_READ, ("conn", worker))
         self._sel.register(process.sentinel, selectors.EVENT_READ, ("exit", worker))
 
