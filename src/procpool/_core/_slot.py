@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import tempfile
 from multiprocessing import context, reduction
 from typing import Any
 
@@ -64,6 +63,8 @@ def _anonymous_file(nbytes: int) -> int:
     if hasattr(os, "memfd_create"):
         fd = os.memfd_create("procpool-slot", os.MFD_CLOEXEC)
     else:  # macOS and others: an unlinked temporary file
+        import tempfile
+
         fd, path = tempfile.mkstemp(prefix="procpool-slot-")
         os.unlink(path)
     os.ftruncate(fd, nbytes)

@@ -16,7 +16,6 @@ milliseconds of the parent's death, even in the middle of a task.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import random
@@ -276,6 +275,8 @@ def seed_task(seed: int, index: int) -> None:
     The stream depends only on (seed, index), never on which worker runs the
     task or when, so results are the same for any number of workers.
     """
+    import hashlib  # here, not at the top: every worker would pay for it at start-up
+
     digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
     value = int.from_bytes(digest, "little")
     random.seed(value)
