@@ -75,3 +75,25 @@ def test_layers_import_only_downwards() -> None:
             ):
                 layer = _layer_of(node.module.split(".", 1)[1])  # type: ignore[union-attr]
                 assert layer is None or layer <= own, f"{rel} imports {node.module}"
+
+
+def test_a_pool_of_importable_functions_loads_no_more_than_it_needs() -> None:
+    # Start-up time is import time: a pool running a module's functions sends
+    # them by name, without loading cloudpickle; nor does it load dataclasses
+    # unless statistics are asked for. A lambda still goes by value.
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, procpool, operator\n"
+        "with procpool.Pool(2) as pool:\n"
+        "    assert pool.map(operator.neg, [1, 2]) == [-1, -2]\n"
+        "    assert pool.apply(abs, (-3,)) == 3\n"
+        "    print(sorted(m for m in ('cloudpickle', 'dataclasses') if m in sys.modules))\n"
+        "    assert pool.apply(lambda: 7) == 7\n"
+        "    print('cloudpickle' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.split("\n")[:2] == ["[]", "True"], out.stderr

@@ -64,9 +64,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
-
-import cloudpickle
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .._exceptions import (
     InitializerError,
@@ -78,7 +76,7 @@ from .._exceptions import (
 )
 from . import _protocol as P
 from . import _shm as shm
-from ._batch import Batch
+from ._batch import Batch, dumps_callable
 from ._slot import Slot
 from ._startmethod import starting_a_process
 from ._worker import FN_CACHE_SIZE, worker_main
@@ -207,8 +205,8 @@ class Dispatcher:
         self.retried = 0
         self.tasks_completed = 0
         self.tasks_failed = 0
-        self._gone: list[WorkerStatistics] = []  # workers that have exited (the last few)
-        self._gone_folded: WorkerStatistics | None = None  # and all the others, summed
+        self._gone: list[_Exited] = []  # workers that have exited (the last few)
+        self._gone_folded: _Exited | None = None  # and all the others, summed
         self._init_bytes = self._pickle_initializer(initializer)
         # initargs go to each worker as it starts, pickled by multiprocessing itself,
         # which allows what only process start-up may carry (a Queue, a Lock).
@@ -313,9 +311,9 @@ class Dispatcher:
 
         now = time.monotonic()
         with self._stats_lock:
-            live = [_worker_statistics(w, now, None, alive=True) for w in self._workers.values()]
-            folded = () if self._gone_folded is None else (self._gone_folded,)
-            gone = tuple(self._gone)
+            live = [_exited(w, now, None) for w in self._workers.values()]
+            folded = [] if self._gone_folded is None else [self._gone_folded]
+            gone = folded + self._gone
         return PoolStatistics(
             workers=self._size,
             tasks_completed=self.tasks_completed,
@@ -324,10 +322,13 @@ class Dispatcher:
             timeouts=self.timeouts,
             retries=self.retried,
             recycled=self.recycled,
-            per_worker=(*folded, *gone, *live),
+            per_worker=(
+                *(_worker_statistics(record, alive=False) for record in gone),
+                *(_worker_statistics(record, alive=True) for record in live),
+            ),
         )
 
-    def _remember(self, gone: WorkerStatistics) -> None:
+    def _remember(self, gone: _Exited) -> None:
         # A long-lived pool that recycles workers must not grow without bound:
         # beyond the last GONE_KEPT exited workers, figures fold into one entry.
         self._gone.append(gone)
@@ -635,7 +636,7 @@ class Dispatcher:
         exitcode: int | None = worker.process.exitcode
         if exitcode is not None:
             worker.process.close()
-        gone = _worker_statistics(worker, time.monotonic(), exitcode, alive=False)
+        gone = _exited(worker, time.monotonic(), exitcode)
         with self._stats_lock:  # from live to gone in one step, for statistics()
             del self._workers[worker.id]
             self._remember(gone)
@@ -854,39 +855,44 @@ class Dispatcher:
         if initializer is None:
             return None
         try:
-            return bytes(cloudpickle.dumps(initializer, P.PROTOCOL))
+            return dumps_callable(initializer)
         except Exception as exc:
             raise SerializationError(
                 f"cannot pickle the initializer {initializer!r}: {exc}"
             ) from exc
 
 
-def _worker_statistics(
-    worker: _Worker, now: float, exitcode: int | None, *, alive: bool
-) -> WorkerStatistics:
-    from .._statistics import WorkerStatistics  # lazily: dataclasses cost start-up time
+class _Exited(NamedTuple):
+    """What statistics() reports of a worker that has exited; a WorkerStatistics
+    only when asked for, so that a pool that never asks never loads dataclasses."""
 
-    life = now - worker.started
-    return WorkerStatistics(
-        worker_id=worker.id,
-        pid=worker.pid,
-        alive=alive,
-        tasks=worker.tasks_done,
-        busy_seconds=worker.busy,
-        transfer_seconds=worker.transfer,
-        idle_seconds=max(0.0, life - worker.busy - worker.transfer),
-        exitcode=exitcode,
+    worker_id: int
+    pid: int
+    tasks: int
+    busy_seconds: float
+    transfer_seconds: float
+    idle_seconds: float
+    exitcode: int | None
+
+
+def _exited(worker: _Worker, now: float, exitcode: int | None) -> _Exited:
+    idle = max(0.0, now - worker.started - worker.busy - worker.transfer)
+    return _Exited(
+        worker.id, worker.pid, worker.tasks_done, worker.busy, worker.transfer, idle, exitcode
     )
 
 
-def _fold(total: WorkerStatistics, more: WorkerStatistics | None = None) -> WorkerStatistics:
-    """Sum exited workers into one entry (worker_id -1, pid 0)."""
-    from dataclasses import replace
+def _worker_statistics(record: _Exited, *, alive: bool) -> WorkerStatistics:
+    from .._statistics import WorkerStatistics  # lazily: dataclasses cost start-up time
 
+    return WorkerStatistics(**record._asdict(), alive=alive)
+
+
+def _fold(total: _Exited, more: _Exited | None = None) -> _Exited:
+    """Sum exited workers into one entry (worker_id -1, pid 0)."""
     if more is None:
-        return replace(total, worker_id=-1, pid=0, alive=False, exitcode=None)
-    return replace(
-        total,
+        return total._replace(worker_id=-1, pid=0, exitcode=None)
+    return total._replace(
         tasks=total.tasks + more.tasks,
         busy_seconds=total.busy_seconds + more.busy_seconds,
         transfer_seconds=total.transfer_seconds + more.transfer_seconds,

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 if TYPE_CHECKING:
     from .._core._batch import Batch
@@ -14,9 +13,12 @@ if TYPE_CHECKING:
 __all__ = ["Backend", "BackendOptions"]
 
 
-@dataclass(frozen=True)
-class BackendOptions:
-    """What a pool asks of its backend; a backend rejects what it cannot honour."""
+class BackendOptions(NamedTuple):
+    """What a pool asks of its backend; a backend rejects what it cannot honour.
+
+    Immutable. A named tuple rather than a dataclass: ``dataclasses`` (and the
+    ``inspect`` it imports) would cost every pool's start-up a few milliseconds.
+    """
 
     context: Any = None  # start method / multiprocessing context (processes only)
     initializer: Callable[..., object] | None = None
