@@ -205,8 +205,8 @@ class Dispatcher:
         self.retried = 0
         self.tasks_completed = 0
         self.tasks_failed = 0
-        self._gone: list[_Exited] = []  # workers that have exited (the last few)
-        self._gone_folded: _Exited | None = None  # and all the others, summed
+        self._gone: list[_WorkerRecord] = []  # workers that have exited (the last few)
+        self._gone_folded: _WorkerRecord | None = None  # and all the others, summed
         self._init_bytes = self._pickle_initializer(initializer)
         # initargs go to each worker as it starts, pickled by multiprocessing itself,
         # which allows what only process start-up may carry (a Queue, a Lock).
@@ -311,7 +311,7 @@ class Dispatcher:
 
         now = time.monotonic()
         with self._stats_lock:
-            live = [_exited(w, now, None) for w in self._workers.values()]
+            live = [_record(w, now, None) for w in self._workers.values()]
             folded = [] if self._gone_folded is None else [self._gone_folded]
             gone = folded + self._gone
         return PoolStatistics(
@@ -328,7 +328,7 @@ class Dispatcher:
             ),
         )
 
-    def _remember(self, gone: _Exited) -> None:
+    def _remember(self, gone: _WorkerRecord) -> None:
         # A long-lived pool that recycles workers must not grow without bound:
         # beyond the last GONE_KEPT exited workers, figures fold into one entry.
         self._gone.append(gone)
@@ -636,7 +636,7 @@ class Dispatcher:
         exitcode: int | None = worker.process.exitcode
         if exitcode is not None:
             worker.process.close()
-        gone = _exited(worker, time.monotonic(), exitcode)
+        gone = _record(worker, time.monotonic(), exitcode)
         with self._stats_lock:  # from live to gone in one step, for statistics()
             del self._workers[worker.id]
             self._remember(gone)
@@ -862,9 +862,10 @@ class Dispatcher:
             ) from exc
 
 
-class _Exited(NamedTuple):
-    """What statistics() reports of a worker that has exited; a WorkerStatistics
-    only when asked for, so that a pool that never asks never loads dataclasses."""
+class _WorkerRecord(NamedTuple):
+    """What statistics() reports of a worker, live or exited; it becomes a
+    WorkerStatistics only when asked for, so a pool that never asks never loads
+    dataclasses."""
 
     worker_id: int
     pid: int
@@ -875,20 +876,20 @@ class _Exited(NamedTuple):
     exitcode: int | None
 
 
-def _exited(worker: _Worker, now: float, exitcode: int | None) -> _Exited:
+def _record(worker: _Worker, now: float, exitcode: int | None) -> _WorkerRecord:
     idle = max(0.0, now - worker.started - worker.busy - worker.transfer)
-    return _Exited(
+    return _WorkerRecord(
         worker.id, worker.pid, worker.tasks_done, worker.busy, worker.transfer, idle, exitcode
     )
 
 
-def _worker_statistics(record: _Exited, *, alive: bool) -> WorkerStatistics:
+def _worker_statistics(record: _WorkerRecord, *, alive: bool) -> WorkerStatistics:
     from .._statistics import WorkerStatistics  # lazily: dataclasses cost start-up time
 
     return WorkerStatistics(**record._asdict(), alive=alive)
 
 
-def _fold(total: _Exited, more: _Exited | None = None) -> _Exited:
+def _fold(total: _WorkerRecord, more: _WorkerRecord | None = None) -> _WorkerRecord:
     """Sum exited workers into one entry (worker_id -1, pid 0)."""
     if more is None:
         return total._replace(worker_id=-1, pid=0, exitcode=None)
