@@ -26,9 +26,10 @@ Actors.
 
 *Callers* (any thread) turn their input into batches: the arguments of
 consecutive tasks pickled as one payload, plus a reference to the callable,
-which was pickled once with cloudpickle. They append to ``pending`` and write a
-byte to the wake-up pipe (only when the dispatcher may be asleep). No lock is
-taken per task, and no feeder thread stands between callers and pipes.
+which was pickled once (by name, or by value with cloudpickle). They append to
+``pending`` and write a byte to the wake-up pipe (only when the dispatcher may
+be asleep). No lock is taken per task, and no feeder thread stands between
+callers and pipes.
 
 *The dispatcher thread* owns every worker and every pipe; nothing else touches
 them. It waits on all pipes, all worker sentinels and the wake-up pipe at once
@@ -38,6 +39,14 @@ each worker's pipe so no worker waits for its next batch. A batch larger than
 the prefetch limit is sent only to an idle worker: a worker blocked writing a
 large result and a dispatcher blocked writing a large batch to it would
 otherwise deadlock, and this rule is what makes plain blocking sends safe.
+Nor does a large batch go to a worker that has not reported ready: a worker
+stuck at start-up would never read it.
+
+Nothing waits forever. A worker that has not finished starting up after
+START_TIMEOUT (a fork child stuck on a lock held at fork time) is killed and
+counts as a start-up death. If the dispatcher is itself stuck writing to a
+worker that stopped reading (SIGSTOP), ``terminate()`` kills the workers from
+the caller's thread after STUCK_DISPATCHER_S, which unblocks it.
 
 It knows, at every moment, which batches each worker holds (``inflight``, in
 the order sent; a worker runs them in that order). When a worker dies, its
