@@ -26,6 +26,17 @@ if _TRACE_DIR:
     faulthandler.register(signal.SIGUSR1, file=_stacks, all_threads=True)
 
 
+# tqdm's monitor thread outlives every bar; a pool made while it runs falls back
+# from the zygote to forkserver (a threaded process must not fork), which would
+# leave the zygote untested by every test that runs after the progress tests.
+try:
+    import tqdm
+
+    tqdm.tqdm.monitor_interval = 0
+except ImportError:
+    pass
+
+
 def pytest_runtest_logstart(nodeid: str, location: object) -> None:
     if _TRACE_DIR:
         Path(_TRACE_DIR, "last-test.txt").write_text(nodeid + "\n")

@@ -91,3 +91,25 @@ class SleepsWhenUnpickled:
         import time
 
         return (time.sleep, (3600,))
+
+
+# A module global the zygote tests change around a pool's creation.
+STATE = "unset"
+
+
+def read_state(_: object = None) -> str:
+    return STATE
+
+
+def family(_: object = None) -> tuple[int, int | None]:
+    """(parent pid, multiprocessing's idea of the parent pid) of this worker."""
+    from multiprocessing import parent_process
+
+    parent = parent_process()
+    return os.getppid(), None if parent is None else parent.pid
+
+
+def kill_self(_: object = None) -> None:
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -110,7 +110,7 @@ class Multiprocess(Contender):
 
 class ProcpoolPool(Contender):
     name = "procpool"
-    default_method = "forkserver"
+    default_method = "zygote"  # forkserver if the process runs other Python threads
 
     @contextlib.contextmanager
     def session(self, workers: int, method: str | None = None) -> Iterator[Session]:
@@ -154,7 +154,7 @@ class StdlibExecutor(Contender):
 
 class ProcpoolExecutor(Contender):
     name = "procpool.PPE"
-    default_method = "forkserver"
+    default_method = "zygote"  # forkserver if the process runs other Python threads
 
     @contextlib.contextmanager
     def session(self, workers: int, method: str | None = None) -> Iterator[Session]:

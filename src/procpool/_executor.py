@@ -76,8 +76,8 @@ class ProcessPoolExecutor(cf.Executor):
 
     Args:
         max_workers: Number of worker processes (default: the CPUs available).
-        mp_context: A start method name or multiprocessing context (default:
-            forkserver on Linux, spawn elsewhere).
+        mp_context: A start method name or multiprocessing context (default: as
+            for :class:`procpool.Pool`: a per-pool zygote on Linux, spawn elsewhere).
         initializer: Called as ``initializer(*initargs)`` in each worker as it starts.
         initargs: Arguments for ``initializer``.
         max_tasks_per_child: Replace a worker after it has run this many tasks.

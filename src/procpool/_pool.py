@@ -55,8 +55,9 @@ class Pool:
         initargs: Arguments for ``initializer``.
         maxtasksperchild: Replace a worker after it has run this many tasks.
         context: A start method name (``"fork"``, ``"spawn"``, ``"forkserver"``), a
-            multiprocessing context, or a procpool Context. Default: forkserver on
-            Linux, spawn elsewhere.
+            multiprocessing context, or a procpool Context. Default: on Linux,
+            workers forked by a per-pool zygote (forkserver if the process runs
+            other Python threads; see docs/pools.md), spawn elsewhere.
         task_timeout: Seconds a task may run before it fails with TaskTimeoutError
             and its worker is replaced. Default: no limit.
         retries: How many times a task that failed with one of ``retry_on`` is run

@@ -89,7 +89,9 @@ class Runner:
         )
         self.engine: Backend = make_backend(backend, workers, options)
         self.policy = policy
-        self.callables = CallableCache(serialize=self.engine.serializes)
+        self.callables = CallableCache(
+            serialize=self.engine.serializes, inherited_main=self.engine.inherited_main
+        )
         self._calls = itertools.count()  # single calls' sequence numbers, for seeds
         try:
             self.check_policy(policy)

@@ -14,7 +14,7 @@ import pickle
 import sys
 import types
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from .._exceptions import ProcpoolError, SerializationError
@@ -160,7 +160,7 @@ class TaskPolicy:
 DEFAULT_POLICY = TaskPolicy()
 
 
-def dumps_callable(fn: Any) -> bytes:
+def dumps_callable(fn: Any, inherited_main: Mapping[str, Any] | None = None) -> bytes:
     """Pickle a callable for a worker: by name where that works, else by value.
 
     A builtin, or a function at the top of an importable module, goes by name
@@ -170,12 +170,26 @@ def dumps_callable(fn: Any) -> bytes:
     goes through cloudpickle, and so does everything once cloudpickle is
     loaded: a module registered with ``cloudpickle.register_pickle_by_value``
     is then honoured.
+
+    ``inherited_main`` names the functions of ``__main__`` that the workers
+    already have (forked from a copy of this process); those go by name too,
+    and so run as they were when the workers' zygote was forked, like fork.
     """
+    if inherited_main and _inherited_from_main(fn, inherited_main):
+        return pickle.dumps(fn, P.PROTOCOL)
     if "cloudpickle" not in sys.modules and _importable_by_name(fn):
         return pickle.dumps(fn, P.PROTOCOL)
     import cloudpickle
 
     return bytes(cloudpickle.dumps(fn, P.PROTOCOL))
+
+
+def _inherited_from_main(fn: Any, inherited_main: Mapping[str, Any]) -> bool:
+    if not isinstance(fn, types.FunctionType) or fn.__module__ != "__main__":
+        return False
+    main = sys.modules.get("__main__")
+    name = fn.__qualname__
+    return inherited_main.get(name) is fn and getattr(main, name, None) is fn
 
 
 def _importable_by_name(fn: Any) -> bool:
@@ -198,7 +212,13 @@ class CallableRef:
     __slots__ = ("data", "id", "name", "obj")
     _ids = itertools.count(1)
 
-    def __init__(self, fn: Callable[..., Any], *, serialize: bool = True) -> None:
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        *,
+        serialize: bool = True,
+        inherited_main: Mapping[str, Any] | None = None,
+    ) -> None:
         self.id = next(self._ids)
         # The callable itself, only for backends that run it in this process; a
         # process backend must not keep (say) a bound method's instance alive.
@@ -208,7 +228,7 @@ class CallableRef:
         if not serialize:
             return
         try:
-            self.data = dumps_callable(fn)
+            self.data = dumps_callable(fn, inherited_main)
         except Exception as exc:
             raise SerializationError(
                 f"cannot pickle the callable {self.name!r} "
@@ -219,9 +239,16 @@ class CallableRef:
 class CallableCache:
     """Remembers the last few callables pickled, so a map pickles its callable once."""
 
-    def __init__(self, limit: int = 128, *, serialize: bool = True) -> None:
+    def __init__(
+        self,
+        limit: int = 128,
+        *,
+        serialize: bool = True,
+        inherited_main: Mapping[str, Any] | None = None,
+    ) -> None:
         self._limit = limit
         self._serialize = serialize
+        self._inherited_main = inherited_main
         # Weak keys: caching a callable must not keep it (or what it is bound to)
         # alive. Builtins cannot be weakly referenced; they are immortal anyway.
         self._weak: weakref.WeakKeyDictionary[Any, CallableRef] = weakref.WeakKeyDictionary()
@@ -236,9 +263,9 @@ class CallableCache:
         try:
             ref: CallableRef = refs.pop(fn)
         except KeyError:
-            ref = CallableRef(fn, serialize=self._serialize)
+            ref = CallableRef(fn, serialize=self._serialize, inherited_main=self._inherited_main)
         except TypeError:  # unhashable callable: nothing to cache it by
-            return CallableRef(fn, serialize=self._serialize)
+            return CallableRef(fn, serialize=self._serialize, inherited_main=self._inherited_main)
         refs[fn] = ref  # re-insert: the dict's order is the LRU order
         if len(refs) > self._limit:
             del refs[next(iter(refs.keys()))]

@@ -72,7 +72,7 @@ import signal
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .._exceptions import (
@@ -216,7 +216,9 @@ class Dispatcher:
         self.tasks_failed = 0
         self._gone: list[_WorkerRecord] = []  # workers that have exited (the last few)
         self._gone_folded: _WorkerRecord | None = None  # and all the others, summed
-        self._init_bytes = self._pickle_initializer(initializer)
+        # Under a zygote, functions of __main__ the workers already have go by name.
+        self.inherited_main = getattr(ctx, "main_functions", None)
+        self._init_bytes = self._pickle_initializer(initializer, self.inherited_main)
         # initargs go to each worker as it starts, pickled by multiprocessing itself,
         # which allows what only process start-up may carry (a Queue, a Lock).
         self._initargs = tuple(initargs)
@@ -505,6 +507,8 @@ class Dispatcher:
 
     def _on_results(self, worker: _Worker, msg: tuple[Any, ...]) -> None:
         _, batch_id, payload, busy, transfer, recycle = msg
+        if self._broken is not None and (not worker.inflight or worker.inflight[0].id != batch_id):
+            return  # the pool broke while this batch ran, and failed it then
         batch = worker.inflight.popleft()
         assert batch.id == batch_id, (batch.id, batch_id)
         worker.tasks_done += len(batch.items)
@@ -809,7 +813,18 @@ class Dispatcher:
             return  # closing with nothing queued: let the pool shrink to zero
         active = sum(1 for w in self._workers.values() if not w.retiring)
         for _ in range(self._size - active):
-            self._spawn()
+            try:
+                self._spawn()
+            except Exception as exc:
+                # Out of processes or descriptors, or the zygote that forks
+                # workers was killed: nothing can run any more; say why.
+                self._break(
+                    WorkerCrashedError(
+                        f"cannot start a worker to replace one that exited: "
+                        f"{type(exc).__name__}: {exc}"
+                    )
+                )
+                return
 
     def _retire(self, worker: _Worker) -> None:
         try:
@@ -838,6 +853,7 @@ class Dispatcher:
                 self._drain_messages(worker)
             self._bury(worker)
         shm.remove_matching(f"{self._shm_prefix}.")
+        self._close_context()
         self._sel.close()
         for fd in (self._wake_r, self._wake_w):
             try:
@@ -849,6 +865,13 @@ class Dispatcher:
         for worker in list(self._workers.values()):  # only if the thread died early
             _kill(worker.pid, signal.SIGKILL)
             worker.process.join(5.0)
+        self._close_context()
+
+    def _close_context(self) -> None:
+        # A zygote (the default start method on Linux) exits once its children have.
+        close = getattr(self._ctx, "close", None)
+        if close is not None:
+            close()
 
     def _fail_everything(self, exc: BaseException) -> None:
         pending, self._pending = list(self._pending), deque()
@@ -860,11 +883,13 @@ class Dispatcher:
                 batch.fail(0, len(batch.items), exc)
 
     @staticmethod
-    def _pickle_initializer(initializer: Callable[..., Any] | None) -> bytes | None:
+    def _pickle_initializer(
+        initializer: Callable[..., Any] | None, inherited_main: Mapping[str, Any] | None
+    ) -> bytes | None:
         if initializer is None:
             return None
         try:
-            return dumps_callable(initializer)
+            return dumps_callable(initializer, inherited_main)
         except Exception as exc:
             raise SerializationError(
                 f"cannot pickle the initializer {initializer!r}: {exc}"

@@ -7,6 +7,11 @@ the child on a lock some other thread held, and Python 3.12+ warns about it.
 ``forkserver`` is safe because it forks from a small single-threaded server
 process; it costs one server start (about 50-100 ms, once per interpreter) and
 a few milliseconds per worker. ``fork`` stays available for those who want it.
+
+Pools go one step further (``_zygote.py``): made in a process that runs no
+other Python thread, a pool with the default method forks a single-threaded
+copy of the process, which then forks the workers: fork's speed, without ever
+forking a threaded process.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 if TYPE_CHECKING:
@@ -47,6 +47,9 @@ class Backend(abc.ABC):
     can_time_out: ClassVar[bool] = True
     #: Whether per-task seeds are honoured (needs one interpreter state per worker).
     can_seed: ClassVar[bool] = True
+    #: Functions of ``__main__`` that every worker already has, by name (workers
+    #: forked from a copy of this process); they are sent by name, not by value.
+    inherited_main: Mapping[str, Any] | None = None
 
     @property
     @abc.abstractmethod

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from multiprocessing.context import BaseContext
+
+from .._core import _zygote
 from .._core._dispatcher import Dispatcher
 from .._core._startmethod import resolve_context
 from ._base import Backend, BackendOptions
@@ -13,8 +16,14 @@ class ProcessBackend(Dispatcher, Backend):
     """Worker processes: crash containment, timeouts, recycling, shared memory."""
 
     def __init__(self, workers: int, options: BackendOptions) -> None:
+        # A pool with the default start method, made in a single-threaded process,
+        # forks its workers from a zygote (see _core/_zygote.py); else forkserver.
+        if options.context is None and _zygote.available():
+            ctx: BaseContext = _zygote.ZygoteContext()
+        else:
+            ctx = resolve_context(options.context)
         super().__init__(
-            resolve_context(options.context),
+            ctx,
             workers,
             initializer=options.initializer,
             initargs=tuple(options.initargs),

@@ -1,0 +1,373 @@
+"""The default way a pool starts its workers on Linux: fork, made safe by forking early.
+
+Fork is the fastest way to start a worker: nothing is imported again, the
+parent's modules, ``__main__`` and globals are simply there. It is also unsafe
+in a process that runs threads: a child forked while another thread holds a
+lock (logging's, malloc's, an import's) waits for it forever. A pool's own
+dispatcher thread makes every worker that replaces a dead or recycled one such
+a fork.
+
+So when a pool is made in a process that runs a single thread (as the kernel
+counts them, so native threads count too), procpool forks a *zygote* right
+then: a copy of the parent that stays single-threaded and forks the pool's
+workers on request, the first ones and every replacement. Workers get fork's
+speed and semantics (the parent as it was when the pool was made), with
+forkserver's safety. In a process that already runs other threads, pools use
+forkserver instead (``_startmethod.py``).
+
+Protocol, over a Unix socket pair, one request per worker: the parent sends one
+byte with the descriptors ``[status_w, data_r, *inherited]``; the zygote forks;
+the child reads its pickled Process object from ``data_r`` and runs it; the
+zygote writes the child's pid to ``status_w``, then its exit code once it has
+reaped it. The parent's end of the status pipe is the worker's sentinel, as with
+forkserver. The zygote stops taking requests when the parent's end of the
+socket closes (the pool stopped, or the parent died) and exits once all of its
+children have been reaped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import pickle
+import selectors
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+import types
+from multiprocessing import context, popen_fork, process, reduction
+from typing import Any
+
+from ._startmethod import starting_a_process
+
+__all__ = ["ZygoteContext", "single_threaded"]
+
+_SIGNED = struct.Struct("q")
+_MAX_FDS = 256
+# Exit code of a zygote child that failed before its Process could run.
+_CHILD_FAILED = 1
+
+# In a worker started by a zygote: the descriptors it received, in the order
+# the parent's pickler asked for them (see _DupFd).
+_inherited_fds: list[int] = []
+
+
+def single_threaded() -> bool:
+    """Whether this process runs no Python thread but the current one.
+
+    The rule CPython's own fork warning (3.12+) applies. Native threads do not
+    count: NumPy's OpenBLAS starts one at import, and it (like glibc) makes
+    itself safe across fork with ``pthread_atfork``. A native pool that does
+    not (GNU OpenMP, once used in the parent) can still hang a child that uses
+    it; pass ``context="forkserver"`` for that (docs/pools.md).
+    """
+    return threading.active_count() == 1
+
+
+def available() -> bool:
+    """Whether a pool made now may fork a zygote."""
+    return sys.platform.startswith("linux") and hasattr(socket, "send_fds") and single_threaded()
+
+
+class Zygote:
+    """A single-threaded copy of this process that forks workers on request."""
+
+    def __init__(self) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()  # or the children would print the parent's buffered output again
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with starting_a_process():
+            pid = os.fork()
+        if pid == 0:  # the zygote
+            code = 70
+            try:
+                ours.close()
+                code = _serve(theirs)
+            finally:
+                os._exit(code)
+        theirs.close()
+        self.pid = pid
+        self._sock: socket.socket | None = ours
+        self._lock = threading.Lock()
+
+    def request(self, fds: list[int]) -> tuple[int, int]:
+        """Ask for a child; return (status_r, data_w). ``fds`` reach it as _inherited_fds.
+
+        Raises:
+            OSError: if the zygote is gone.
+        """
+        status_r, status_w = os.pipe()
+        data_r, data_w = os.pipe()
+        try:
+            with self._lock:
+                if self._sock is None:
+                    raise OSError("the pool's zygote was closed")
+                socket.send_fds(self._sock, [b"F"], [status_w, data_r, *fds])
+        except BaseException:
+            os.close(status_r)
+            os.close(data_w)
+            raise
+        finally:
+            os.close(status_w)
+            os.close(data_r)
+        return status_r, data_w
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Let the zygote exit (after its last child) and reap it; SIGKILL it after ``timeout``."""
+        with self._lock:
+            sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        sock.close()
+        deadline = time.monotonic() + timeout
+        pause = 0.0005
+        while True:
+            try:
+                pid, _ = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid:
+                return
+            if time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(self.pid, 0)
+                return
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+
+
+class ZygoteContext(context.BaseContext):
+    """A multiprocessing context whose processes are forked by one zygote."""
+
+    _name = "zygote"
+
+    def __init__(self) -> None:
+        # The functions __main__ has now, which every worker will have too.
+        main = sys.modules.get("__main__")
+        self.main_functions: dict[str, Any] = {
+            name: obj
+            for name, obj in (vars(main).items() if main is not None else ())
+            if isinstance(obj, types.FunctionType)
+        }
+        self.zygote = Zygote()
+
+    def Process(self, *args: Any, **kwargs: Any) -> _ZygoteProcess:
+        proc = _ZygoteProcess(*args, **kwargs)
+        proc._zygote = self.zygote
+        return proc
+
+    def close(self) -> None:
+        self.zygote.close()
+
+
+class _ZygoteProcess(process.BaseProcess):
+    _start_method = None  # inside the child, leave multiprocessing's default as inherited
+    _zygote: Zygote
+
+    @staticmethod
+    def _Popen(process_obj: Any) -> _Popen:
+        return _Popen(process_obj, process_obj._zygote)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_zygote", None)
+        return state
+
+
+class _DupFd:
+    """A descriptor passed to the child at start, by its index among those sent."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def detach(self) -> int:
+        return _inherited_fds[self.index]
+
+
+class _Popen(popen_fork.Popen):
+    method = "zygote"
+    DupFd = _DupFd
+
+    def __init__(self, process_obj: Any, zygote: Zygote) -> None:
+        self._zygote = zygote
+        self._fds: list[int] = []
+        super().__init__(process_obj)
+
+    def duplicate_for_child(self, fd: int) -> int:
+        self._fds.append(fd)
+        return len(self._fds) - 1
+
+    def _launch(self, process_obj: Any) -> None:
+        buf = io.BytesIO()
+        context.set_spawning_popen(self)  # type: ignore[arg-type]
+        try:
+            reduction.dump(process_obj, buf)
+        finally:
+            context.set_spawning_popen(None)
+        self.sentinel, data_w = self._zygote.request(self._fds)
+        # The child watches the read end of the data pipe: while this
+        # process holds a copy of the write end, it knows its parent lives.
+        keep = os.dup(data_w)
+        self.finalizer = _Finalize(self, _close_fds, (keep, self.sentinel))
+        with open(data_w, "wb", closefd=True) as f:
+            f.write(buf.getbuffer())
+        self.pid = _read_signed(self.sentinel)
+
+    def poll(self, flag: int = os.WNOHANG) -> int | None:
+        if self.returncode is None:
+            from multiprocessing.connection import wait
+
+            if not wait([self.sentinel], 0 if flag == os.WNOHANG else None):
+                return None
+            try:
+                self.returncode = _read_signed(self.sentinel)
+            except (OSError, EOFError):
+                # The zygote died without reporting: the worker was orphaned.
+                # Its pid cannot have been reused while it runs; make sure it stops.
+                with contextlib.suppress(OSError):
+                    os.kill(self.pid, signal.SIGKILL)
+                self.returncode = 255
+        return self.returncode
+
+
+def _Finalize(obj: Any, callback: Any, args: tuple[Any, ...]) -> Any:
+    from multiprocessing import util
+
+    return util.Finalize(obj, callback, args)
+
+
+def _close_fds(*fds: int) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _read_signed(fd: int) -> int:
+    data = b""
+    while len(data) < _SIGNED.size:
+        chunk = os.read(fd, _SIGNED.size - len(data))
+        if not chunk:
+            raise EOFError("unexpected EOF")
+        data += chunk
+    value: int = _SIGNED.unpack(data)[0]
+    return value
+
+
+def _write_signed(fd: int, value: int) -> None:
+    with contextlib.suppress(OSError):  # the parent may have gone
+        os.write(fd, _SIGNED.pack(value))
+
+
+# ------------------------------------------------------------------ the zygote
+
+
+def _serve(sock: socket.socket) -> int:
+    """The zygote's loop: fork on request, report pids and exit codes."""
+    saved = _calm_signals()
+    sig_r, sig_w = os.pipe()
+    os.set_blocking(sig_r, False)
+    os.set_blocking(sig_w, False)
+    signal.set_wakeup_fd(sig_w)
+    children: dict[int, int] = {}  # pid -> status_w
+    sel = selectors.DefaultSelector()
+    sel.register(sock, selectors.EVENT_READ)
+    sel.register(sig_r, selectors.EVENT_READ)
+    accepting = True
+    while accepting or children:
+        for key, _ in sel.select():
+            if key.fileobj is sock:
+                try:
+                    msg, fds, _, _ = socket.recv_fds(sock, 1, _MAX_FDS)
+                except OSError:
+                    msg, fds = b"", []
+                if not msg:
+                    _close_fds(*fds)
+                    sel.unregister(sock)
+                    sock.close()
+                    accepting = False
+                    continue
+                status_w, data_r, *inherited = fds
+                pid = os.fork()
+                if pid == 0:
+                    code = _CHILD_FAILED
+                    try:
+                        sel.close()
+                        sock.close()
+                        signal.set_wakeup_fd(-1)
+                        _close_fds(sig_r, sig_w, status_w, *children.values())
+                        _restore_signals(saved)
+                        code = _run_child(data_r, inherited)
+                    except BaseException:
+                        import traceback
+
+                        traceback.print_exc()
+                    finally:
+                        os._exit(code)
+                _close_fds(data_r, *inherited)
+                _write_signed(status_w, pid)
+                children[pid] = status_w
+            else:
+                with contextlib.suppress(OSError):
+                    os.read(sig_r, 4096)
+        _reap(children)
+    return 0
+
+
+def _reap(children: dict[int, int]) -> None:
+    while children:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        status_w = children.pop(pid, None)
+        if status_w is not None:
+            _write_signed(status_w, os.waitstatus_to_exitcode(status))
+            _close_fds(status_w)
+
+
+def _calm_signals() -> dict[int, Any]:
+    """The zygote runs none of the parent's signal handlers; Ctrl-C is the parent's to handle."""
+    saved: dict[int, Any] = {}
+    for sig in signal.valid_signals():
+        try:
+            handler = signal.getsignal(sig)
+        except (OSError, ValueError):
+            continue
+        if callable(handler) or sig in (signal.SIGINT, signal.SIGCHLD):
+            saved[sig] = handler
+            new = signal.SIG_IGN if sig == signal.SIGINT else signal.SIG_DFL
+            with contextlib.suppress(OSError, ValueError):
+                signal.signal(sig, new)
+    # SIGCHLD needs a handler (any) for the wake-up descriptor to hear it.
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    return saved
+
+
+def _restore_signals(saved: dict[int, Any]) -> None:
+    for sig, handler in saved.items():
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+def _run_child(data_r: int, inherited: list[int]) -> int:
+    global _inherited_fds
+    _inherited_fds = inherited
+    parent_sentinel = os.dup(data_r)
+    me = process.current_process()
+    with os.fdopen(data_r, "rb", closefd=True) as source:
+        me._inheriting = True  # type: ignore[attr-defined]
+        try:
+            proc = pickle.load(source)
+        finally:
+            del me._inheriting  # type: ignore[attr-defined]
+    code: int = proc._bootstrap(parent_sentinel=parent_sentinel)
+    return code

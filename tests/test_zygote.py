@@ -1,0 +1,151 @@
+"""The default start method on Linux: workers forked by a per-pool zygote (_core/_zygote.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from typing import Any
+
+import psutil
+import pytest
+
+import procpool
+from procpool import Pool, WorkerCrashedError
+from procpool._core import _zygote
+from tests import helpers
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="the zygote is Linux's default only"
+)
+
+
+def _context(pool: Any) -> Any:
+    return pool._runner.engine._ctx
+
+
+@pytest.fixture
+def single_threaded() -> None:
+    if not _zygote.single_threaded():
+        pytest.skip(f"the test process runs other threads: {threading.enumerate()}")
+
+
+def test_a_default_pool_forks_its_workers_from_a_zygote(single_threaded: None) -> None:
+    with Pool(2) as pool:
+        ctx = _context(pool)
+        assert ctx.get_start_method() == "zygote"
+        families = set(pool.map(helpers.family, range(20), chunksize=1))
+        zygote = psutil.Process(ctx.zygote.pid)
+        assert zygote.ppid() == os.getpid()
+        # Grandchildren by the kernel's count, children of the pool by multiprocessing's.
+        assert families == {(ctx.zygote.pid, os.getpid())}
+        assert {c.pid for c in zygote.children()} == set(pool.map(helpers.pid, range(20)))
+    assert not psutil.pid_exists(ctx.zygote.pid) or (
+        psutil.Process(ctx.zygote.pid).status() != psutil.STATUS_ZOMBIE
+        and psutil.Process(ctx.zygote.pid).ppid() != os.getpid()
+    )
+
+
+def test_workers_see_the_parent_as_it_was_when_the_pool_was_made(single_threaded: None) -> None:
+    helpers.STATE = "before"
+    try:
+        with Pool(1, maxtasksperchild=1) as pool:
+            helpers.STATE = "after"
+            # Every task runs in a new worker (maxtasksperchild=1): replacements,
+            # forked while the dispatcher thread runs, see the same state.
+            assert pool.map(helpers.read_state, range(4), chunksize=1) == ["before"] * 4
+            assert len(set(pool.map(helpers.pid, range(3), chunksize=1))) == 3
+    finally:
+        helpers.STATE = "unset"
+
+
+def test_a_process_that_runs_threads_gets_forkserver() -> None:
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait, name="test-bystander")
+    thread.start()
+    try:
+        with Pool(1) as pool:
+            assert _context(pool).get_start_method() == "forkserver"
+            assert pool.apply(helpers.square, (7,)) == 49
+    finally:
+        stop.set()
+        thread.join()
+
+
+def test_an_explicit_start_method_is_kept(single_threaded: None) -> None:
+    with Pool(1, context="fork") as pool:
+        assert _context(pool).get_start_method() == "fork"
+
+
+def test_a_killed_worker_is_named_and_replaced(single_threaded: None) -> None:
+    with Pool(2) as pool:
+        with pytest.raises(WorkerCrashedError, match="SIGKILL"):
+            pool.apply(helpers.kill_self)
+        assert pool.map(helpers.square, range(10)) == [x * x for x in range(10)]
+        assert pool.statistics().crashes == 1
+
+
+def test_a_killed_zygote_breaks_the_pool_with_a_clear_error_and_no_hang(
+    single_threaded: None,
+) -> None:
+    with Pool(2) as pool:
+        assert pool.map(helpers.square, range(4)) == [0, 1, 4, 9]
+        workers = set(pool.map(helpers.pid, range(20), chunksize=1))
+        zygote = _context(pool).zygote.pid
+        os.kill(zygote, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                pool.map(helpers.square, range(4))
+            except (WorkerCrashedError, ValueError) as exc:
+                assert "cannot start a worker" in str(exc) or "not running" in str(exc)
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the pool kept running without a zygote to replace its workers")
+    for worker in workers:  # orphaned when the zygote died: stopped, not leaked
+        deadline = time.monotonic() + 5
+        while psutil.pid_exists(worker) and time.monotonic() < deadline:
+            if psutil.Process(worker).status() == psutil.STATUS_ZOMBIE:
+                break
+            time.sleep(0.05)
+        assert not psutil.pid_exists(worker) or (
+            psutil.Process(worker).status() == psutil.STATUS_ZOMBIE
+        )
+
+
+def test_a_script_gets_fork_semantics_and_no_output_twice() -> None:
+    script = textwrap.dedent(
+        """
+        import sys
+        import procpool
+
+        LIMIT = 10
+
+        def under_limit(x):
+            return x < LIMIT
+
+        if __name__ == "__main__":
+            sys.stdout.write("parent-before ")  # still in the buffer when the zygote forks
+            with procpool.Pool(2) as pool:
+                LIMIT = 0  # the workers keep the value they were forked with
+                late = lambda x: x * 2  # defined after the pool: sent by value
+                print(pool.map(under_limit, [1, 20]), pool.map(late, [1, 2]))
+                print(pool._runner.engine._ctx.get_start_method())
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.split("\n")[:2] == ["parent-before [True, False] [2, 4]", "zygote"]
+    assert out.stdout.count("parent-before") == 1, out.stdout
+
+
+def test_procpool_process_is_not_affected(single_threaded: None) -> None:
+    # procpool.Process keeps the platform's default (a zygote per process would be a
+    # second fork for nothing).
+    assert procpool.get_context().get_start_method() == "forkserver"
