@@ -155,7 +155,11 @@ def test_statistics_stay_bounded_when_workers_are_recycled() -> None:
         for i in range(300):
             pool.apply(square, (i,))
         stats = pool.statistics()
-    assert len(stats.per_worker) <= 1 + 256 + 2  # summed, kept, live (one may be retiring)
+    gone = [w for w in stats.per_worker if not w.alive]
+    assert len(gone) <= 1 + 256  # summed, kept
+    # Live: the new worker, and retired ones that have not finished exiting yet
+    # (the next task does not wait for them).
+    assert len(stats.per_worker) - len(gone) <= 10
     assert stats.per_worker[0].worker_id == -1  # the oldest, summed
     assert sum(w.tasks for w in stats.per_worker) == 300
 

@@ -38,7 +38,10 @@ def _script(call: str) -> str:
             pool = procpool.Pool(2)
             ex = procpool.ProcessPoolExecutor(2)
             pool.apply(os.getpid); ex.submit(os.getpid).result()
-            print(" ".join(str(p.pid) for p in multiprocessing.active_children()), flush=True)
+            zygote = getattr(pool._runner.engine._ctx, "zygote", None)  # the default on Linux
+            pids = [p.pid for p in multiprocessing.active_children()]
+            pids += [zygote.pid] if zygote else []
+            print(" ".join(map(str, pids)), flush=True)
             try:
                 with pool, ex:
                     {call}

@@ -149,3 +149,24 @@ def test_procpool_process_is_not_affected(single_threaded: None) -> None:
     # procpool.Process keeps the platform's default (a zygote per process would be a
     # second fork for nothing).
     assert procpool.get_context().get_start_method() == "forkserver"
+
+
+def test_statistics_while_workers_are_replaced_never_block(single_threaded: None) -> None:
+    # A new worker's pid arrives on the same pipe as its exit code: the dispatcher
+    # (watching it) and statistics() (naming it) must never both read that pipe.
+    done = threading.Event()
+    seen: list[int] = []
+
+    def watch() -> None:
+        while not done.is_set():
+            seen.append(sum(w.tasks for w in pool.statistics().per_worker))
+
+    with Pool(2, maxtasksperchild=1) as pool:
+        watcher = threading.Thread(target=watch, name="test-statistics")
+        watcher.start()
+        try:
+            assert pool.map(helpers.square, range(100), chunksize=1) == [x * x for x in range(100)]
+        finally:
+            done.set()
+            watcher.join()
+    assert seen == sorted(seen)

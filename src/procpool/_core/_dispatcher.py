@@ -128,12 +128,12 @@ class _Worker:
     """The dispatcher's record of one worker process."""
 
     __slots__ = (
+        "_pid",
         "busy",
         "conn",
         "fns",
         "id",
         "inflight",
-        "pid",
         "process",
         "ready",
         "retiring",
@@ -148,7 +148,7 @@ class _Worker:
     def __init__(self, wid: int, process: Any, conn: Any, slot: Any) -> None:
         self.id = wid
         self.process = process
-        self.pid: int = process.pid
+        self._pid: int | None = None
         self.conn = conn
         self.slot = slot
         self.inflight: deque[Batch] = deque()
@@ -161,6 +161,13 @@ class _Worker:
         self.transfer = 0.0  # seconds spent (un)pickling arguments and results
         self.started = time.monotonic()
         self.start_timed_out = False
+
+    @property
+    def pid(self) -> int:
+        # Asked for lazily: under a zygote, reading it waits for the fork.
+        if self._pid is None:
+            self._pid = int(self.process.pid)
+        return self._pid
 
     def alive(self) -> bool:
         """Whether the worker got through start-up (it may still be in its initializer)."""
@@ -237,11 +244,14 @@ class Dispatcher:
         self._lock = threading.Lock()  # orders submit() against the final shutdown
         self._stats_lock = threading.Lock()  # keeps statistics() snapshots whole
         self._stopped = False
+        self._shm_used = False  # whether any worker made a shared-memory segment
         self.crashes = 0
         self._thread = threading.Thread(target=self._run, name="procpool-dispatcher", daemon=True)
         try:
-            for _ in range(workers):
-                self._spawn()
+            # All start requests first, then their pids: under a zygote, the
+            # forks overlap the parent's work of preparing the next worker.
+            for worker in [self._spawn() for _ in range(workers)]:
+                self._watch(worker)
         except BaseException:
             # Out of processes or descriptors: leave nothing half-started behind.
             self._terminating = True
@@ -593,7 +603,8 @@ class Dispatcher:
     def _on_exit(self, worker: _Worker) -> None:
         self._drain_messages(worker)
         exitcode = self._bury(worker)
-        shm.remove_matching(f"{self._shm_prefix}.{worker.id}-")
+        if worker.slot[P.SLOT_SHM]:  # a listing of /dev/shm, only if it may help
+            shm.remove_matching(f"{self._shm_prefix}.{worker.id}-")
         if worker.inflight:
             self.crashes += 1
             self._settle_inflight(worker, exitcode)
@@ -649,6 +660,7 @@ class Dispatcher:
         exitcode: int | None = worker.process.exitcode
         if exitcode is not None:
             worker.process.close()
+        self._shm_used = self._shm_used or bool(worker.slot[P.SLOT_SHM])
         gone = _record(worker, time.monotonic(), exitcode)
         with self._stats_lock:  # from live to gone in one step, for statistics()
             del self._workers[worker.id]
@@ -770,7 +782,8 @@ class Dispatcher:
 
     # ------------------------------------------------------ worker set
 
-    def _spawn(self) -> None:
+    def _spawn(self) -> _Worker:
+        """Start a worker; it is watched (and its pid known) after _watch()."""
         wid = next(self._wids)
         with starting_a_process():
             parent_end, child_end = self._ctx.Pipe(duplex=True)
@@ -803,8 +816,14 @@ class Dispatcher:
         worker = _Worker(wid, process, parent_end, slot)
         with self._stats_lock:
             self._workers[wid] = worker
-        self._sel.register(parent_end, selectors.EVENT_READ, ("conn", worker))
-        self._sel.register(process.sentinel, selectors.EVENT_READ, ("exit", worker))
+        return worker
+
+    def _watch(self, worker: _Worker) -> None:
+        # A zygote's status pipe (the sentinel) carries the pid before the exit
+        # code: read the pid first, so the sentinel fires only at exit.
+        worker.pid  # noqa: B018
+        self._sel.register(worker.conn, selectors.EVENT_READ, ("conn", worker))
+        self._sel.register(worker.process.sentinel, selectors.EVENT_READ, ("exit", worker))
 
     def _replenish(self) -> None:
         if self._terminating or self._broken is not None:
@@ -814,7 +833,7 @@ class Dispatcher:
         active = sum(1 for w in self._workers.values() if not w.retiring)
         for _ in range(self._size - active):
             try:
-                self._spawn()
+                self._watch(self._spawn())
             except Exception as exc:
                 # Out of processes or descriptors, or the zygote that forks
                 # workers was killed: nothing can run any more; say why.
@@ -852,7 +871,8 @@ class Dispatcher:
             if not self._terminating:
                 self._drain_messages(worker)
             self._bury(worker)
-        shm.remove_matching(f"{self._shm_prefix}.")
+        if self._shm_used:
+            shm.remove_matching(f"{self._shm_prefix}.")
         self._close_context()
         self._sel.close()
         for fd in (self._wake_r, self._wake_w):

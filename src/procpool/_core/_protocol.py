@@ -52,8 +52,10 @@ PROTOCOL = 5
 # SLOT_ALIVE: when (time.monotonic()) the worker finished starting up, before its
 # initializer; 0 until then. A worker that never gets there is stuck (see
 # Dispatcher.START_TIMEOUT).
-SLOT_BATCH, SLOT_ITEM, SLOT_STARTED, SLOT_SPAN, SLOT_ALIVE = 0, 1, 2, 3, 4
-SLOT_SIZE = 5
+# SLOT_SHM: 1 once the worker is about to make its first shared-memory segment;
+# only then must the parent look in /dev/shm for what it left behind.
+SLOT_BATCH, SLOT_ITEM, SLOT_STARTED, SLOT_SPAN, SLOT_ALIVE, SLOT_SHM = 0, 1, 2, 3, 4, 5
+SLOT_SIZE = 6
 FAST_SPAN = 256
 # Batches this long run in the fast path; shorter ones keep one slot write per
 # item, so a crash is pinned to exactly one task.

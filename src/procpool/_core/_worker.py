@@ -68,8 +68,18 @@ def worker_main(
         return
     conn.send_bytes(P.dumps((P.READY, os.getpid())))
     prefix = options.get("shm_prefix")
-    namer = shm.namer(prefix) if prefix and shm.available() else None
+    namer = _marking_namer(shm.namer(prefix), slot) if prefix and shm.available() else None
     _serve(conn, slot.view, options.get("max_rss"), namer)
+
+
+def _marking_namer(namer: shm.Namer, slot: Any) -> shm.Namer:
+    """Names segments; the first call first says so in the slot (see P.SLOT_SHM)."""
+
+    def name() -> str:
+        slot[P.SLOT_SHM] = 1.0
+        return namer()
+
+    return name
 
 
 def _watch_parent() -> None:

@@ -31,6 +31,7 @@ import contextlib
 import io
 import os
 import pickle
+import select
 import selectors
 import signal
 import socket
@@ -124,6 +125,7 @@ class Zygote:
         if sock is None:
             return
         sock.close()
+        _wait_for_exit(self.pid, timeout)
         deadline = time.monotonic() + timeout
         pause = 0.0005
         while True:
@@ -141,6 +143,18 @@ class Zygote:
                 return
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
+
+
+def _wait_for_exit(pid: int, timeout: float) -> None:
+    """Sleep until the child exits (Linux 5.3+: a pidfd), or until ``timeout``."""
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return  # the caller polls
+    try:
+        select.select([fd], [], [], timeout)
+    finally:
+        os.close(fd)
 
 
 class ZygoteContext(context.BaseContext):
@@ -198,7 +212,24 @@ class _Popen(popen_fork.Popen):
     def __init__(self, process_obj: Any, zygote: Zygote) -> None:
         self._zygote = zygote
         self._fds: list[int] = []
+        self._pid: int | None = None
+        self._pid_lock = threading.Lock()  # the dispatcher and statistics() may both ask
         super().__init__(process_obj)
+
+    @property
+    def pid(self) -> int:  # type: ignore[override]
+        # Read when first needed: a pool sends all its start requests before
+        # waiting for any pid, so the parent's work overlaps the zygote's forks.
+        if self._pid is not None:
+            return self._pid
+        with self._pid_lock:
+            return self._read_pid()
+
+    def _read_pid(self) -> int:
+        # With _pid_lock held: two threads must never both read the status pipe.
+        if self._pid is None:
+            self._pid = _read_signed(self.sentinel)
+        return self._pid
 
     def duplicate_for_child(self, fd: int) -> int:
         self._fds.append(fd)
@@ -218,23 +249,33 @@ class _Popen(popen_fork.Popen):
         self.finalizer = _Finalize(self, _close_fds, (keep, self.sentinel))
         with open(data_w, "wb", closefd=True) as f:
             f.write(buf.getbuffer())
-        self.pid = _read_signed(self.sentinel)
 
     def poll(self, flag: int = os.WNOHANG) -> int | None:
         if self.returncode is None:
             from multiprocessing.connection import wait
 
-            if not wait([self.sentinel], 0 if flag == os.WNOHANG else None):
+            timeout = 0 if flag == os.WNOHANG else None
+            if not wait([self.sentinel], timeout):
                 return None
-            try:
-                self.returncode = _read_signed(self.sentinel)
-            except (OSError, EOFError):
-                # The zygote died without reporting: the worker was orphaned.
-                # Its pid cannot have been reused while it runs; make sure it stops.
-                with contextlib.suppress(OSError):
-                    os.kill(self.pid, signal.SIGKILL)
-                self.returncode = 255
+            with self._pid_lock:
+                if self.returncode is not None:
+                    return self.returncode  # another thread read it meanwhile
+                self._read_returncode(wait, timeout)
         return self.returncode
+
+    def _read_returncode(self, wait: Any, timeout: float | None) -> None:
+        # With _pid_lock held.
+        try:
+            self._read_pid()  # the status pipe carries the pid first, then the code
+            if wait([self.sentinel], timeout):
+                self.returncode = _read_signed(self.sentinel)
+        except (OSError, EOFError):
+            # The zygote died without reporting: the worker was orphaned. Its
+            # pid cannot have been reused while it runs; make sure it stops.
+            if self._pid is not None:
+                with contextlib.suppress(OSError):
+                    os.kill(self._pid, signal.SIGKILL)
+            self.returncode = 255
 
 
 def _Finalize(obj: Any, callback: Any, args: tuple[Any, ...]) -> Any:
