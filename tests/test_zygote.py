@@ -170,3 +170,26 @@ def test_statistics_while_workers_are_replaced_never_block(single_threaded: None
             done.set()
             watcher.join()
     assert seen == sorted(seen)
+
+
+def test_closing_is_prompt_while_a_forked_child_holds_the_zygote_socket(
+    single_threaded: None,
+) -> None:
+    import multiprocessing
+
+    pool = Pool(1)
+    try:
+        assert pool.apply(helpers.square, (3,)) == 9
+        # A plain fork child of this process inherits the pool's end of the socket.
+        other = multiprocessing.get_context("fork").Process(target=time.sleep, args=(10,))
+        other.start()
+        try:
+            started = time.monotonic()
+            pool.close()
+            pool.join()
+            assert time.monotonic() - started < 2.0
+        finally:
+            other.kill()
+            other.join()
+    finally:
+        pool.terminate()

@@ -48,6 +48,7 @@ from ._startmethod import starting_a_process
 __all__ = ["ZygoteContext", "single_threaded"]
 
 _SIGNED = struct.Struct("q")
+_FORK, _STOP = b"F", b"Q"  # the requests a zygote takes
 _MAX_FDS = 256
 # Exit code of a zygote child that failed before its Process could run.
 _CHILD_FAILED = 1
@@ -108,7 +109,7 @@ class Zygote:
             with self._lock:
                 if self._sock is None:
                     raise OSError("the pool's zygote was closed")
-                socket.send_fds(self._sock, [b"F"], [status_w, data_r, *fds])
+                socket.send_fds(self._sock, [_FORK], [status_w, data_r, *fds])
         except BaseException:
             os.close(status_r)
             os.close(data_w)
@@ -124,9 +125,13 @@ class Zygote:
             sock, self._sock = self._sock, None
         if sock is None:
             return
+        # Say it, rather than rely on EOF: a child forked from this process
+        # meanwhile (another pool's fork worker) holds a copy of the socket.
+        with contextlib.suppress(OSError):
+            sock.send(_STOP)
         sock.close()
-        _wait_for_exit(self.pid, timeout)
         deadline = time.monotonic() + timeout
+        _wait_for_exit(self.pid, timeout)
         pause = 0.0005
         while True:
             try:
@@ -328,7 +333,7 @@ def _serve(sock: socket.socket) -> int:
                     msg, fds, _, _ = socket.recv_fds(sock, 1, _MAX_FDS)
                 except OSError:
                     msg, fds = b"", []
-                if not msg:
+                if not msg or msg == _STOP:  # the pool closed, or the parent died
                     _close_fds(*fds)
                     sel.unregister(sock)
                     sock.close()

@@ -18,9 +18,13 @@ class ProcessBackend(Dispatcher, Backend):
     def __init__(self, workers: int, options: BackendOptions) -> None:
         # A pool with the default start method, made in a single-threaded process,
         # forks its workers from a zygote (see _core/_zygote.py); else forkserver.
+        ctx: BaseContext | None = None
         if options.context is None and _zygote.available():
-            ctx: BaseContext = _zygote.ZygoteContext()
-        else:
+            try:
+                ctx = _zygote.ZygoteContext()
+            except OSError:
+                pass  # cannot fork now (EAGAIN, ENOMEM): forkserver may still work
+        if ctx is None:
             ctx = resolve_context(options.context)
         super().__init__(
             ctx,
