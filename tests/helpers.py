@@ -113,3 +113,13 @@ def kill_self(_: object = None) -> None:
     import signal
 
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def private_mb_after_collect(_: object = None) -> float:
+    """This worker's private memory (MB, Linux) after a full garbage collection."""
+    import gc
+
+    gc.collect()
+    with open("/proc/self/smaps_rollup") as f:
+        kb = sum(int(line.split()[1]) for line in f if line.startswith("Private_"))
+    return kb / 1024

@@ -221,3 +221,26 @@ def test_pool_cannot_be_pickled() -> None:
 
     with Pool(1) as pool, pytest.raises(NotImplementedError):
         pickle.dumps(pool)
+
+
+def test_a_pool_freed_while_another_registers_does_not_deadlock() -> None:
+    # An engine's weakref callback runs wherever the collector frees it: here,
+    # on a thread that holds the at-exit registry's lock (as a collection
+    # triggered inside the registration of a new pool would). It once waited
+    # for that lock forever.
+    from procpool import _runner
+
+    pool = Pool(1, backend="threads")
+    pool.terminate()
+    done = threading.Event()
+
+    def free_it_under_the_lock() -> None:
+        nonlocal pool
+        with _runner._engines_lock:
+            del pool  # the engine goes with it; its callback runs here
+        done.set()
+
+    thread = threading.Thread(target=free_it_under_the_lock, name="test-free", daemon=True)
+    thread.start()
+    thread.join(10)
+    assert done.is_set(), "the engine's weakref callback deadlocked on the registry lock"

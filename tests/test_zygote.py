@@ -193,3 +193,50 @@ def test_closing_is_prompt_while_a_forked_child_holds_the_zygote_socket(
             other.join()
     finally:
         pool.terminate()
+
+
+def _fork_failing_after(monkeypatch: pytest.MonkeyPatch, successes: int) -> None:
+    """Make os.fork fail with EAGAIN after ``successes`` calls (in this process and in
+    any process forked from it meanwhile, such as a zygote)."""
+    import errno
+
+    real_fork = os.fork
+    calls = [0]
+
+    def fork() -> int:
+        calls[0] += 1
+        if calls[0] > successes:
+            raise OSError(errno.EAGAIN, "Resource temporarily unavailable (test)")
+        return real_fork()
+
+    monkeypatch.setattr(os, "fork", fork)
+
+
+def test_a_zygote_that_cannot_be_forked_leaves_the_pool_on_forkserver(
+    single_threaded: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fork_failing_after(monkeypatch, 0)
+    with Pool(1) as pool:
+        assert _context(pool).get_start_method() == "forkserver"
+        assert pool.apply(helpers.square, (5,)) == 25
+
+
+def test_a_zygote_that_cannot_fork_workers_fails_the_pool_clearly(
+    single_threaded: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fork_failing_after(monkeypatch, 1)  # the zygote itself, then nothing
+    with pytest.raises(OSError, match="zygote did not start the worker"):
+        Pool(2)
+
+
+def test_a_full_collection_in_a_worker_does_not_copy_the_parents_objects(
+    single_threaded: None,
+) -> None:
+    heap = [{"i": i, "list": [i]} for i in range(600_000)]  # ~150 MB of tracked objects
+    try:
+        with Pool(1) as pool:
+            private = pool.apply(helpers.private_mb_after_collect)
+    finally:
+        del heap
+    # Frozen in the zygote, the inherited objects are not traversed (or written).
+    assert private < 40, private

@@ -271,7 +271,11 @@ def check_chunksize(chunksize: int | None) -> None:
 # -------------------------------------------------------------- at exit
 
 _engines: dict[int, tuple[weakref.ref[Backend], bool]] = {}
-_engines_lock = threading.Lock()
+# Reentrant: an engine's weakref callback (forget) runs wherever the collector
+# frees it, which may be inside _register on a thread that holds this lock
+# (a collection triggered by an allocation there). A plain Lock deadlocked
+# pool creation that way (seen on 3.13: the main thread stuck in forget).
+_engines_lock = threading.RLock()
 
 
 def _register(engine: Backend, drain_at_exit: bool) -> None:

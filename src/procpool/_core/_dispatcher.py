@@ -164,9 +164,13 @@ class _Worker:
 
     @property
     def pid(self) -> int:
+        """The worker's pid; 0 for one that never started (a zygote that could not fork)."""
         # Asked for lazily: under a zygote, reading it waits for the fork.
         if self._pid is None:
-            self._pid = int(self.process.pid)
+            try:
+                self._pid = int(self.process.pid)
+            except OSError:
+                self._pid = 0
         return self._pid
 
     def alive(self) -> bool:
@@ -821,7 +825,8 @@ class Dispatcher:
     def _watch(self, worker: _Worker) -> None:
         # A zygote's status pipe (the sentinel) carries the pid before the exit
         # code: read the pid first, so the sentinel fires only at exit.
-        worker.pid  # noqa: B018
+        if not worker.pid:
+            worker.process.pid  # noqa: B018 - raises the OSError that says why
         self._sel.register(worker.conn, selectors.EVENT_READ, ("conn", worker))
         self._sel.register(worker.process.sentinel, selectors.EVENT_READ, ("exit", worker))
 
@@ -956,6 +961,8 @@ def _fold(total: _WorkerRecord, more: _WorkerRecord | None = None) -> _WorkerRec
 
 
 def _kill(pid: int, sig: int) -> None:
+    if pid <= 0:
+        return  # never a process group by mistake (a worker that never started)
     try:
         os.kill(pid, sig)
     except (ProcessLookupError, PermissionError):

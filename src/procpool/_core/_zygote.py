@@ -28,6 +28,7 @@ children have been reaped.
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import os
 import pickle
@@ -83,8 +84,13 @@ class Zygote:
             with contextlib.suppress(Exception):
                 stream.flush()  # or the children would print the parent's buffered output again
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        with starting_a_process():
-            pid = os.fork()
+        try:
+            with starting_a_process():
+                pid = os.fork()
+        except BaseException:
+            ours.close()
+            theirs.close()
+            raise
         if pid == 0:  # the zygote
             code = 70
             try:
@@ -233,7 +239,13 @@ class _Popen(popen_fork.Popen):
     def _read_pid(self) -> int:
         # With _pid_lock held: two threads must never both read the status pipe.
         if self._pid is None:
-            self._pid = _read_signed(self.sentinel)
+            try:
+                self._pid = _read_signed(self.sentinel)
+            except EOFError:
+                raise OSError(
+                    "the pool's zygote did not start the worker: it could not fork "
+                    "(out of processes or memory?) or it died"
+                ) from None
         return self._pid
 
     def duplicate_for_child(self, fd: int) -> int:
@@ -316,6 +328,10 @@ def _write_signed(fd: int, value: int) -> None:
 
 def _serve(sock: socket.socket) -> int:
     """The zygote's loop: fork on request, report pids and exit codes."""
+    # Everything inherited from the parent goes to the collector's permanent
+    # generation: a worker's full collections then skip it, instead of writing
+    # to every inherited object's header and so copying every page of them.
+    gc.freeze()
     saved = _calm_signals()
     sig_r, sig_w = os.pipe()
     os.set_blocking(sig_r, False)
@@ -340,7 +356,13 @@ def _serve(sock: socket.socket) -> int:
                     accepting = False
                     continue
                 status_w, data_r, *inherited = fds
-                pid = os.fork()
+                try:
+                    pid = os.fork()
+                except OSError:
+                    # Out of processes or memory: the parent reads EOF instead
+                    # of a pid, and says so; later requests may succeed.
+                    _close_fds(status_w, data_r, *inherited)
+                    continue
                 if pid == 0:
                     code = _CHILD_FAILED
                     try:
