@@ -264,8 +264,14 @@ class _Popen(popen_fork.Popen):
         # process holds a copy of the write end, it knows its parent lives.
         keep = os.dup(data_w)
         self.finalizer = _Finalize(self, _close_fds, (keep, self.sentinel))
-        with open(data_w, "wb", closefd=True) as f:
-            f.write(buf.getbuffer())
+        try:
+            data = memoryview(buf.getbuffer())
+            while data:
+                data = data[os.write(data_w, data) :]
+        except BrokenPipeError:
+            pass  # the zygote could not fork: reading the pid says so
+        finally:
+            os.close(data_w)
 
     def poll(self, flag: int = os.WNOHANG) -> int | None:
         if self.returncode is None:
