@@ -242,3 +242,37 @@ def test_a_full_collection_in_a_worker_does_not_copy_the_parents_objects(
         del heap
     # Frozen in the zygote, the inherited objects are not traversed (or written).
     assert private < 40, private
+
+
+@pytest.mark.parametrize("load_gomp", [False, True])
+def test_native_threads_alone_keep_the_zygote_unless_a_fork_unsafe_runtime_is_loaded(
+    load_gomp: bool,
+) -> None:
+    import ctypes.util
+
+    if load_gomp and ctypes.util.find_library("gomp") is None:
+        pytest.skip("no GNU OpenMP library on this machine")
+    script = textwrap.dedent(
+        f"""
+        import ctypes, ctypes.util, os, threading
+        import numpy  # OpenBLAS starts native threads where there are 2+ CPUs
+        import procpool
+
+        if __name__ == "__main__":
+            if len(os.listdir("/proc/self/task")) == 1:
+                print("skip")
+            else:
+                if {load_gomp}:
+                    ctypes.CDLL(ctypes.util.find_library("gomp"))
+                assert threading.active_count() == 1
+                with procpool.Pool(1) as pool:
+                    assert pool.apply(abs, (-3,)) == 3
+                    print(pool._runner.engine._ctx.get_start_method())
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    if out.stdout.strip() == "skip":
+        pytest.skip("NumPy started no native thread here (one CPU?)")
+    assert out.stdout.strip() == ("forkserver" if load_gomp else "zygote")

@@ -59,21 +59,40 @@ _CHILD_FAILED = 1
 _inherited_fds: list[int] = []
 
 
+# Native runtimes whose threads (or state) do not survive fork: GNU OpenMP's
+# pool hangs a child that uses it, CUDA cannot be used in a forked child, and
+# XLA, TensorFlow and gRPC say so themselves. Loaded *and* with native threads
+# running, they send pools to forkserver.
+_FORK_UNSAFE_LIBRARIES = (b"libgomp", b"libcuda.so", b"xla_extension", b"libtensorflow", b"cygrpc")
+
+
 def single_threaded() -> bool:
     """Whether this process runs no Python thread but the current one.
 
-    The rule CPython's own fork warning (3.12+) applies. Native threads do not
-    count: NumPy's OpenBLAS starts one at import, and it (like glibc) makes
-    itself safe across fork with ``pthread_atfork``. A native pool that does
-    not (GNU OpenMP, once used in the parent) can still hang a child that uses
-    it; pass ``context="forkserver"`` for that (docs/pools.md).
+    The rule CPython's own fork warning (3.12+) applies: native threads alone
+    do not count (NumPy's OpenBLAS starts some at import, and makes itself
+    safe across fork with ``pthread_atfork``). See also available().
     """
     return threading.active_count() == 1
 
 
 def available() -> bool:
     """Whether a pool made now may fork a zygote."""
-    return sys.platform.startswith("linux") and hasattr(socket, "send_fds") and single_threaded()
+    if not (sys.platform.startswith("linux") and hasattr(socket, "send_fds")):
+        return False
+    return single_threaded() and not _fork_unsafe_runtime_running()
+
+
+def _fork_unsafe_runtime_running() -> bool:
+    """Native threads run and a runtime known not to survive fork is loaded."""
+    try:
+        if len(os.listdir("/proc/self/task")) == 1:
+            return False  # nothing runs beside us: nothing can be held
+        with open("/proc/self/maps", "rb") as maps:
+            mapped = maps.read()
+    except OSError:
+        return False
+    return any(name in mapped for name in _FORK_UNSAFE_LIBRARIES)
 
 
 class Zygote:
