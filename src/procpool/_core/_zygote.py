@@ -41,7 +41,8 @@ import sys
 import threading
 import time
 import types
-from multiprocessing import context, popen_fork, process, reduction
+from multiprocessing import context, popen_fork, process, reduction, util
+from multiprocessing.connection import wait
 from typing import Any
 
 from ._startmethod import starting_a_process
@@ -282,7 +283,7 @@ class _Popen(popen_fork.Popen):
         # The child watches the read end of the data pipe: while this
         # process holds a copy of the write end, it knows its parent lives.
         keep = os.dup(data_w)
-        self.finalizer = _Finalize(self, _close_fds, (keep, self.sentinel))
+        self.finalizer = util.Finalize(self, _close_fds, (keep, self.sentinel))
         try:
             data = memoryview(buf.getbuffer())
             while data:
@@ -294,18 +295,16 @@ class _Popen(popen_fork.Popen):
 
     def poll(self, flag: int = os.WNOHANG) -> int | None:
         if self.returncode is None:
-            from multiprocessing.connection import wait
-
             timeout = 0 if flag == os.WNOHANG else None
             if not wait([self.sentinel], timeout):
                 return None
             with self._pid_lock:
                 if self.returncode is not None:
                     return self.returncode  # another thread read it meanwhile
-                self._read_returncode(wait, timeout)
+                self._read_returncode(timeout)
         return self.returncode
 
-    def _read_returncode(self, wait: Any, timeout: float | None) -> None:
+    def _read_returncode(self, timeout: float | None) -> None:
         # With _pid_lock held.
         try:
             self._read_pid()  # the status pipe carries the pid first, then the code
@@ -318,12 +317,6 @@ class _Popen(popen_fork.Popen):
                 with contextlib.suppress(OSError):
                     os.kill(self._pid, signal.SIGKILL)
             self.returncode = 255
-
-
-def _Finalize(obj: Any, callback: Any, args: tuple[Any, ...]) -> Any:
-    from multiprocessing import util
-
-    return util.Finalize(obj, callback, args)
 
 
 def _close_fds(*fds: int) -> None:
