@@ -147,6 +147,38 @@ def test_a_script_gets_fork_semantics_and_no_output_twice() -> None:
     assert out.stdout.count("parent-before") == 1, out.stdout
 
 
+def test_a_pool_terminated_while_its_workers_start_prints_nothing() -> None:
+    # procpool's parent installs a SIGTERM handler that raises SystemExit. A
+    # child of the zygote that got SIGTERM while it was still unpickling its
+    # Process (here: slow initargs) used to print that as a traceback.
+    script = textwrap.dedent(
+        """
+        import time
+        import procpool
+
+        def slow():
+            time.sleep(0.5)
+
+        class SlowToUnpickle:
+            def __reduce__(self):
+                return slow, ()
+
+        if __name__ == "__main__":
+            with procpool.Pool(1):
+                pass  # the first pool installs the SIGTERM handler that later zygotes inherit
+            with procpool.Pool(2, initializer=print, initargs=(SlowToUnpickle(),)) as pool:
+                time.sleep(0.2)  # the workers are being unpickled now
+                pool.terminate()
+            print("done", pool._runner.engine._ctx.get_start_method())
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout == "done zygote\n"
+    assert out.stderr == ""
+
+
 def test_procpool_process_is_not_affected(single_threaded: None) -> None:
     # procpool.Process keeps the platform's default (a zygote per process would be a
     # second fork for nothing).

@@ -442,6 +442,12 @@ def _restore_signals(saved: dict[int, Any]) -> None:
     for sig, handler in saved.items():
         with contextlib.suppress(OSError, ValueError, TypeError):
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+    # But from its first instruction a child takes a worker's dispositions
+    # (worker_main sets the same): the parent's SIGTERM handler raises
+    # SystemExit, which a pool terminated while this child was still starting
+    # would print as a traceback; Ctrl-C is the parent's to handle.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _run_child(data_r: int, inherited: list[int]) -> int:
