@@ -2,7 +2,7 @@
 
 Layers (each imports only from the layers above it in this list; a test checks):
 
-1. leaf modules: ``_exceptions``, ``_version``
+1. leaf modules: ``_exceptions`` (and ``_broken``, its two costly members), ``_version``
 2. ``_core``: the engine (protocol, worker loop, dispatcher, start methods)
 3. ``backends``: where tasks run (local processes today)
 4. API modules: ``_results``, ``_runner``, ``_pool``, ``_executor``, ``_process``,
@@ -16,15 +16,14 @@ import importlib as _importlib
 import typing as _typing
 
 if _typing.TYPE_CHECKING:
+    from ._broken import InitializerError, WorkerCrashedError
     from ._context import Context, cpu_count, get_context
     from ._exceptions import (
-        InitializerError,
         ProcpoolError,
         RemoteTraceback,
         ResultSerializationError,
         SerializationError,
         TaskTimeoutError,
-        WorkerCrashedError,
     )
     from ._executor import ProcessPoolExecutor
     from ._pool import Pool
@@ -91,7 +90,7 @@ _WHERE = {
     "Context": "_context",
     "Event": "_sync",
     "IMapIterator": "_results",
-    "InitializerError": "_exceptions",
+    "InitializerError": "_broken",
     "JoinableQueue": "_sync",
     "Lock": "_sync",
     "Pool": "_pool",
@@ -109,7 +108,7 @@ _WHERE = {
     "SerializationError": "_exceptions",
     "SimpleQueue": "_sync",
     "TaskTimeoutError": "_exceptions",
-    "WorkerCrashedError": "_exceptions",
+    "WorkerCrashedError": "_broken",
     "WorkerStatistics": "_statistics",
     "__version__": "_version",
     "cpu_count": "_context",

@@ -46,9 +46,10 @@ from typing import Any
 
 import cloudpickle
 
+from ._broken import WorkerCrashedError
 from ._core._startmethod import resolve_context, starting_a_process
 from ._core._stdio import install_line_writers
-from ._exceptions import RemoteTraceback, SerializationError, WorkerCrashedError, describe_exitcode
+from ._exceptions import RemoteTraceback, SerializationError, describe_exitcode
 
 __all__ = ["ForkProcess", "ForkServerProcess", "Process", "SpawnProcess", "process_class"]
 

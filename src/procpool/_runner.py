@@ -21,10 +21,7 @@ from typing import Any
 from ._core import _protocol as P
 from ._core._batch import Batch, CallableCache, Sink, TaskPolicy, make_batches
 from ._core._startmethod import ContextLike
-from ._exceptions import TaskTimeoutError, WorkerCrashedError
 from .backends import Backend, BackendOptions, make_backend
-
-DEFAULT_RETRY_ON: tuple[type[BaseException], ...] = (WorkerCrashedError, TaskTimeoutError)
 
 _UNSET: Any = object()
 
@@ -53,8 +50,8 @@ def make_policy(
             )
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
         raise ValueError(f"retries must be an int >= 0, not {retries!r}")
-    kinds = DEFAULT_RETRY_ON if retry_on is None else tuple(retry_on)
-    for kind in kinds:
+    kinds = None if retry_on is None else tuple(retry_on)  # None: TaskPolicy's default
+    for kind in kinds or ():
         if not (isinstance(kind, type) and issubclass(kind, BaseException)):
             raise TypeError(f"retry_on must hold exception types, not {kind!r}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):

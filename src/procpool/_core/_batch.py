@@ -17,7 +17,7 @@ import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from .._exceptions import ProcpoolError, SerializationError
+from .._exceptions import ProcpoolError, SerializationError, TaskTimeoutError
 from . import _protocol as P
 from . import _shm as shm
 
@@ -145,16 +145,23 @@ class TaskPolicy:
         self,
         timeout: float | None = None,
         retries: int = 0,
-        retry_on: tuple[type[BaseException], ...] = (),
+        retry_on: tuple[type[BaseException], ...] | None = None,
         seed: int | None = None,
     ) -> None:
         self.timeout = timeout
         self.retries = retries
-        self.retry_on = retry_on
+        self.retry_on = retry_on  # None: a crashed worker or a timeout
         self.seed = seed
 
     def should_retry(self, exc: BaseException, attempts: int) -> bool:
-        return attempts < self.retries and isinstance(exc, self.retry_on)
+        if attempts >= self.retries:
+            return False
+        if self.retry_on is None:
+            # Looked up only now: see _broken.py for why it is not imported above.
+            from .._broken import WorkerCrashedError
+
+            return isinstance(exc, (WorkerCrashedError, TaskTimeoutError))
+        return isinstance(exc, self.retry_on)
 
 
 DEFAULT_POLICY = TaskPolicy()

@@ -75,12 +75,12 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+# WorkerCrashedError and InitializerError are imported where they are raised:
+# their module imports concurrent.futures, which a pool needs only on a crash.
 from .._exceptions import (
-    InitializerError,
     ProcpoolError,
     SerializationError,
     TaskTimeoutError,
-    WorkerCrashedError,
     describe_exitcode,
 )
 from . import _protocol as P
@@ -590,6 +590,8 @@ class Dispatcher:
             batch.fail(0, 1, error)
 
     def _on_init_failed(self, name: str, error: BaseException) -> None:
+        from .._broken import InitializerError
+
         err = InitializerError(
             f"the pool's initializer {name!r} raised "
             f"{type(error).__name__}: {error}; no task can run"
@@ -617,6 +619,8 @@ class Dispatcher:
         if worker.alive() and not worker.ready and self._init_bytes is not None:
             # Started, then died before it was ready: in the initializer.
             if not worker.retiring:
+                from .._broken import InitializerError
+
                 self._break(
                     InitializerError(
                         f"a worker died while running the pool's initializer: "
@@ -633,6 +637,8 @@ class Dispatcher:
                     if worker.start_timed_out
                     else f"died while starting ({describe_exitcode(exitcode)})"
                 )
+                from .._broken import WorkerCrashedError
+
                 self._break(
                     WorkerCrashedError(
                         f"{self._startup_deaths} workers in a row {how}; giving up",
@@ -686,6 +692,8 @@ class Dispatcher:
     def _settle_started(
         self, worker: _Worker, head: Batch, item: int, exitcode: int | None, requeue: list[Batch]
     ) -> None:
+        from .._broken import WorkerCrashedError
+
         n = len(head.items)
         how = describe_exitcode(exitcode)
         who = f"worker {worker.id} (pid {worker.pid})"
@@ -842,6 +850,8 @@ class Dispatcher:
             except Exception as exc:
                 # Out of processes or descriptors, or the zygote that forks
                 # workers was killed: nothing can run any more; say why.
+                from .._broken import WorkerCrashedError
+
                 self._break(
                     WorkerCrashedError(
                         f"cannot start a worker to replace one that exited: "
