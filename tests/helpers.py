@@ -123,3 +123,26 @@ def private_mb_after_collect(_: object = None) -> float:
     with open("/proc/self/smaps_rollup") as f:
         kb = sum(int(line.split()[1]) for line in f if line.startswith("Private_"))
     return kb / 1024
+
+
+_BARRIER: object = None
+
+
+def keep_barrier(barrier: object) -> None:
+    """An initializer: keep a Barrier passed in initargs."""
+    global _BARRIER
+    _BARRIER = barrier
+
+
+def pid_after_barrier(_: object = None) -> int:
+    """Wait until as many tasks as the barrier's parties run at once; return this pid."""
+    _BARRIER.wait(timeout=30)  # type: ignore[attr-defined]
+    return os.getpid()
+
+
+def note_start_and_sleep(path: str, seconds: float) -> None:
+    """An initializer: append this worker's start and end times to a file."""
+    start = time.monotonic()
+    time.sleep(seconds)
+    with open(path, "a") as f:
+        f.write(f"{start} {time.monotonic()}\n")

@@ -115,6 +115,13 @@ STUCK_DISPATCHER_S = 5.0
 # counts as a death at start-up. The usual culprit is fork: a child forked
 # while another thread of the parent held a lock waits for it forever.
 START_TIMEOUT = 60.0
+# A pool that starts workers on demand (see Dispatcher._grow) starts one more
+# when the waiting work would keep its workers busy this long: about what a
+# worker's start and stop cost. Evidence is a batch that has run this long, or
+# the work queued, at the seconds per item measured so far...
+GROW_AFTER_S = 0.002
+# ...or a worker still starting (a slow initializer) after this long.
+GROW_AFTER_START_S = 0.010
 
 
 _pool_ids = itertools.count()
@@ -132,6 +139,7 @@ class _Worker:
         "busy",
         "conn",
         "fns",
+        "forking",
         "id",
         "inflight",
         "process",
@@ -145,10 +153,13 @@ class _Worker:
         "transfer",
     )
 
-    def __init__(self, wid: int, process: Any, conn: Any, slot: Any) -> None:
+    def __init__(self, wid: int, process: Any, conn: Any, slot: Any, forking: bool) -> None:
         self.id = wid
         self.process = process
         self._pid: int | None = None
+        # Under a zygote: the fork is under way, and the sentinel's first event
+        # will be the pid, not the exit (see Dispatcher._on_forked).
+        self.forking = forking
         self.conn = conn
         self.slot = slot
         self.inflight: deque[Batch] = deque()
@@ -229,6 +240,10 @@ class Dispatcher:
         self._gone_folded: _WorkerRecord | None = None  # and all the others, summed
         # Under a zygote, functions of __main__ the workers already have go by name.
         self.inherited_main = getattr(ctx, "main_functions", None)
+        # Under a zygote, workers start on demand (see _grow).
+        self._on_demand = getattr(ctx, "zygote", None) is not None
+        self._item_s: float | None = None  # seconds per task, as measured so far
+        self._prefetch = True  # whether a busy worker may be sent a batch (see _may_prefetch)
         self._init_bytes = self._pickle_initializer(initializer, self.inherited_main)
         # initargs go to each worker as it starts, pickled by multiprocessing itself,
         # which allows what only process start-up may carry (a Queue, a Lock).
@@ -252,10 +267,8 @@ class Dispatcher:
         self.crashes = 0
         self._thread = threading.Thread(target=self._run, name="procpool-dispatcher", daemon=True)
         try:
-            # All start requests first, then their pids: under a zygote, the
-            # forks overlap the parent's work of preparing the next worker.
-            for worker in [self._spawn() for _ in range(workers)]:
-                self._watch(worker)
+            for _ in range(1 if self._on_demand else workers):
+                self._watch(self._spawn())
         except BaseException:
             # Out of processes or descriptors: leave nothing half-started behind.
             self._terminating = True
@@ -393,7 +406,7 @@ class Dispatcher:
             return  # a previous event in this round already buried it
         if kind == "conn":
             self._on_message(worker)
-        else:
+        elif not worker.forking or self._on_forked(worker):
             self._on_exit(worker)
 
     def _drain_wake(self) -> None:
@@ -432,11 +445,21 @@ class Dispatcher:
             if not worker.start_timed_out and not worker.alive():
                 left = max(0.0, worker.started + START_TIMEOUT - now) + 0.01
                 nearest = left if nearest is None else min(nearest, left)
+        if self._on_demand and self._pending and len(self._workers) < self._size:
+            # Work waits in a pool that may grow: look again soon (see _grow).
+            nearest = GROW_AFTER_S / 2 if nearest is None else min(nearest, GROW_AFTER_S / 2)
         return nearest
 
     # ------------------------------------------------------------ sending
 
     def _schedule(self) -> None:
+        if self._on_demand:
+            self._prefetch = self._may_prefetch()
+        self._send_pending()
+        if self._pending and self._on_demand and self._grow():
+            self._send_pending()  # a small batch may wait in the new worker's pipe
+
+    def _send_pending(self) -> None:
         pending = self._pending
         while pending and not self._terminating:
             batch = pending[0]
@@ -453,9 +476,11 @@ class Dispatcher:
 
     def _pick_worker(self, batch: Batch) -> _Worker | None:
         best: _Worker | None = None
+        active = 0
         for worker in self._workers.values():
             if worker.retiring or worker.timed_out:
                 continue
+            active += 1
             held = len(worker.inflight)
             if held == 0 and (worker.ready or self._fits_pipe(worker, batch)):
                 return worker
@@ -463,6 +488,8 @@ class Dispatcher:
                 best = worker
         if best is None or not self._fits_pipe(best, batch):
             return None  # only an idle, started worker may take a large batch
+        if not self._prefetch:
+            return None
         if self._max_tasks and best.tasks_done + self._held_items(best) >= self._max_tasks:
             return None
         return best
@@ -529,6 +556,8 @@ class Dispatcher:
         self.tasks_completed += len(batch.items)
         worker.busy += busy
         worker.transfer += transfer
+        per_item = busy / len(batch.items)
+        self._item_s = per_item if self._item_s is None else 0.7 * self._item_s + 0.3 * per_item
         observe = getattr(batch.sink, "observe", None)
         if observe is not None:
             observe(len(batch.items), busy)
@@ -668,10 +697,10 @@ class Dispatcher:
         worker.process.join(1.0)
         worker.conn.close()
         exitcode: int | None = worker.process.exitcode
+        gone = _record(worker, time.monotonic(), exitcode)  # reads the pid: before close()
         if exitcode is not None:
             worker.process.close()
         self._shm_used = self._shm_used or bool(worker.slot[P.SLOT_SHM])
-        gone = _record(worker, time.monotonic(), exitcode)
         with self._stats_lock:  # from live to gone in one step, for statistics()
             del self._workers[worker.id]
             self._remember(gone)
@@ -825,40 +854,118 @@ class Dispatcher:
                 raise
             child_end.close()
             slot.close_fd()  # the child has its own descriptor (or mapping) now
-        worker = _Worker(wid, process, parent_end, slot)
+        worker = _Worker(wid, process, parent_end, slot, forking=self._on_demand)
         with self._stats_lock:
             self._workers[wid] = worker
         return worker
 
     def _watch(self, worker: _Worker) -> None:
-        # A zygote's status pipe (the sentinel) carries the pid before the exit
-        # code: read the pid first, so the sentinel fires only at exit.
-        if not worker.pid:
-            worker.process.pid  # noqa: B018 - raises the OSError that says why
         self._sel.register(worker.conn, selectors.EVENT_READ, ("conn", worker))
         self._sel.register(worker.process.sentinel, selectors.EVENT_READ, ("exit", worker))
 
+    def _on_forked(self, worker: _Worker) -> bool:
+        """A zygote's worker: the sentinel's first event is its pid. Return whether it also exited.
+
+        The pid is read here, not when the worker was asked for, so that a pool
+        is made without waiting for a fork, and a map's first batches go out
+        while the zygote forks.
+        """
+        worker.forking = False
+        if worker.pid:
+            return worker.process.exitcode is not None
+        try:
+            worker.process.pid  # noqa: B018 - raises the OSError that says why
+        except OSError as exc:
+            self._cannot_start(exc)
+        self._bury(worker)
+        return False
+
     def _replenish(self) -> None:
-        if self._terminating or self._broken is not None:
-            return
+        if self._terminating or self._broken is not None or self._on_demand:
+            return  # on demand: _schedule() starts workers when work waits
         if self._closing and not self._pending:
             return  # closing with nothing queued: let the pool shrink to zero
         active = sum(1 for w in self._workers.values() if not w.retiring)
         for _ in range(self._size - active):
-            try:
-                self._watch(self._spawn())
-            except Exception as exc:
-                # Out of processes or descriptors, or the zygote that forks
-                # workers was killed: nothing can run any more; say why.
-                from .._broken import WorkerCrashedError
-
-                self._break(
-                    WorkerCrashedError(
-                        f"cannot start a worker to replace one that exited: "
-                        f"{type(exc).__name__}: {exc}"
-                    )
-                )
+            if not self._start_one():
                 return
+
+    def _grow(self) -> bool:
+        """Start one more worker, on demand (zygote pools); return whether it did.
+
+        Under a zygote, starting a worker costs the parent a message, and the
+        zygote forks one worker at a time anyway. So a pool starts its first
+        worker when it is made, and one more, up to its size, while work waits
+        that its workers would take longer than GROW_AFTER_S to get through
+        and no fork is under way. The seed's 1,000 squares then run on one or
+        two workers, without paying for (or stopping) three more; a longer map
+        has every worker within a few milliseconds.
+        """
+        if self._terminating or self._broken is not None:
+            return False
+        active = 0
+        for worker in self._workers.values():
+            if worker.forking:
+                return False
+            if not worker.retiring:
+                active += 1
+        if active >= self._size or not self._work_waits_long(active):
+            return False
+        return self._start_one()
+
+    def _may_prefetch(self) -> bool:
+        """Whether a busy worker may get a batch to keep for later (on-demand pools).
+
+        Not while the pool may still grow, unless its tasks are known to be
+        short: waiting work is what starts a worker, and a batch queued behind
+        a task that waits for it (a barrier) would otherwise wait forever.
+        """
+        active = sum(1 for w in self._workers.values() if not w.retiring)
+        if active >= self._size:
+            return True
+        return self._item_s is not None and not self._work_waits_long(active)
+
+    def _work_waits_long(self, active: int) -> bool:
+        if not self._pending:
+            return False
+        if active == 0:
+            return True
+        now = time.monotonic()
+        for worker in self._workers.values():
+            if worker.retiring or worker.timed_out:
+                continue
+            if not worker.ready:
+                if now - worker.started > GROW_AFTER_START_S:
+                    return True  # a slow start (an initializer): do not wait for it
+                continue
+            if worker.inflight:
+                batch_id, _, started = worker.read_slot()
+                if batch_id == worker.inflight[0].id and now - started > GROW_AFTER_S:
+                    return True  # one batch has run that long already
+        if self._item_s is None:
+            return False
+        items_ahead = GROW_AFTER_S * active / max(self._item_s, 1e-9)
+        waiting = 0
+        for batch in self._pending:
+            waiting += len(batch.items)
+            if waiting > items_ahead:
+                return True
+        return False
+
+    def _start_one(self) -> bool:
+        try:
+            self._watch(self._spawn())
+        except Exception as exc:
+            self._cannot_start(exc)
+            return False
+        return True
+
+    def _cannot_start(self, exc: BaseException) -> None:
+        # Out of processes or descriptors, or the zygote that forks workers was
+        # killed: nothing can run any more; say why.
+        from .._broken import WorkerCrashedError
+
+        self._break(WorkerCrashedError(f"cannot start a worker: {type(exc).__name__}: {exc}"))
 
     def _retire(self, worker: _Worker) -> None:
         try:
