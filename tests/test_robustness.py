@@ -130,6 +130,30 @@ def test_exiting_without_close_neither_hangs_nor_leaves_workers(kind: str) -> No
     assert not [p for p in pids if psutil.pid_exists(p)]
 
 
+def test_a_worker_that_crashes_while_the_interpreter_exits_is_reported_quietly() -> None:
+    # An executor finishes its queued work at exit; here that work kills its
+    # worker after threading's shutdown, when concurrent.futures.process can no
+    # longer be imported (it registers a threading exit hook). The error class
+    # must already be loaded, or the dispatcher thread dies with a traceback.
+    script = textwrap.dedent(
+        """
+        import os, time, procpool
+
+        def crash_later():
+            time.sleep(0.3)
+            os._exit(3)
+
+        if __name__ == "__main__":
+            ex = procpool.ProcessPoolExecutor(1)
+            future = ex.submit(crash_later)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30, check=True
+    )
+    assert out.stderr == ""
+
+
 def test_executor_map_stops_reading_input_when_abandoned() -> None:
     pulled = 0
 

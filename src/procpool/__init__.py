@@ -2,7 +2,7 @@
 
 Layers (each imports only from the layers above it in this list; a test checks):
 
-1. leaf modules: ``_exceptions`` (and ``_broken``, its two costly members), ``_version``
+1. leaf modules: ``_exceptions`` (and ``_exceptions_stdlib``, its costly members), ``_version``
 2. ``_core``: the engine (protocol, worker loop, dispatcher, start methods)
 3. ``backends``: where tasks run (local processes today)
 4. API modules: ``_results``, ``_runner``, ``_pool``, ``_executor``, ``_process``,
@@ -16,14 +16,17 @@ import importlib as _importlib
 import typing as _typing
 
 if _typing.TYPE_CHECKING:
-    from ._broken import InitializerError, WorkerCrashedError
     from ._context import Context, cpu_count, get_context
     from ._exceptions import (
         ProcpoolError,
         RemoteTraceback,
-        ResultSerializationError,
         SerializationError,
         TaskTimeoutError,
+    )
+    from ._exceptions_stdlib import (
+        InitializerError,
+        ResultSerializationError,
+        WorkerCrashedError,
     )
     from ._executor import ProcessPoolExecutor
     from ._pool import Pool
@@ -90,7 +93,7 @@ _WHERE = {
     "Context": "_context",
     "Event": "_sync",
     "IMapIterator": "_results",
-    "InitializerError": "_broken",
+    "InitializerError": "_exceptions_stdlib",
     "JoinableQueue": "_sync",
     "Lock": "_sync",
     "Pool": "_pool",
@@ -103,12 +106,12 @@ _WHERE = {
     "Queue": "_sync",
     "RLock": "_sync",
     "RemoteTraceback": "_exceptions",
-    "ResultSerializationError": "_exceptions",
+    "ResultSerializationError": "_exceptions_stdlib",
     "Semaphore": "_sync",
     "SerializationError": "_exceptions",
     "SimpleQueue": "_sync",
     "TaskTimeoutError": "_exceptions",
-    "WorkerCrashedError": "_broken",
+    "WorkerCrashedError": "_exceptions_stdlib",
     "WorkerStatistics": "_statistics",
     "__version__": "_version",
     "cpu_count": "_context",

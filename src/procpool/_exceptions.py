@@ -19,22 +19,21 @@ type, and the worker-side traceback text is attached as ``__cause__`` (a
 
 Pool-breaking errors subclass the standard library's, so ``except
 BrokenExecutor`` and ``except TimeoutError`` clauses written for the stdlib keep
-working; unlike the stdlib, the pool itself keeps serving afterwards. The two
-that subclass ``BrokenProcessPool`` are defined in ``_broken.py``, imported only
-where they are raised: ``concurrent.futures`` (with the ``logging`` it imports)
-would add about 3 ms to every worker's start.
+working; unlike the stdlib, the pool itself keeps serving afterwards. The three
+that subclass one of the standard library's pool errors are defined in
+``_exceptions_stdlib.py``, imported only where they are raised: importing
+``concurrent.futures`` (with the ``logging`` it imports) and
+``multiprocessing.pool`` would add about 4 ms to every worker's start.
 """
 
 from __future__ import annotations
 
 import pickle
 import signal
-from multiprocessing.pool import MaybeEncodingError  # type: ignore[attr-defined]
 
 __all__ = [
     "ProcpoolError",
     "RemoteTraceback",
-    "ResultSerializationError",
     "SerializationError",
     "TaskTimeoutError",
     "describe_exitcode",
@@ -103,34 +102,6 @@ class SerializationError(ProcpoolError, pickle.PicklingError):
     """
 
 
-class ResultSerializationError(SerializationError, MaybeEncodingError):  # type: ignore[misc]
-    """A task's result could not be pickled in the worker to be sent back.
-
-    Also a :class:`multiprocessing.pool.MaybeEncodingError`, what the standard
-    library's Pool raises in this case.
-
-    Attributes:
-        exc: ``repr`` of the pickling error.
-        value: ``repr`` of the result that would not pickle.
-    """
-
-    def __init__(self, message: str, *, exc: object = None, value: object = None) -> None:
-        Exception.__init__(self, message)
-        self.exc = repr(exc)
-        self.value = _safe_repr(value)
-
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-
-def _safe_repr(value: object) -> str:
-    try:
-        text = repr(value)
-    except Exception:
-        text = f"<{type(value).__qualname__} object>"
-    return text if len(text) <= 200 else text[:197] + "..."
-
-
 class RemoteTraceback(Exception):
     """Carries a worker's traceback text; attached as ``__cause__`` of a task's error."""
 
@@ -158,7 +129,6 @@ for _cls in (
     TaskTimeoutError,
     SerializationError,
     RemoteTraceback,
-    ResultSerializationError,
 ):
     _cls.__module__ = "procpool"
 del _cls

@@ -46,10 +46,10 @@ from typing import Any
 
 import cloudpickle
 
-from ._broken import WorkerCrashedError
 from ._core._startmethod import resolve_context, starting_a_process
 from ._core._stdio import install_line_writers
 from ._exceptions import RemoteTraceback, SerializationError, describe_exitcode
+from ._exceptions_stdlib import WorkerCrashedError
 
 __all__ = ["ForkProcess", "ForkServerProcess", "Process", "SpawnProcess", "process_class"]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import itertools
 import math
+import multiprocessing.util  # noqa: F401 - before atexit.register below
 import os
 import pickle
 import signal
@@ -321,6 +322,8 @@ def _handle_sigterm() -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
 
 
-# Registered after multiprocessing's own exit hook (imported above), so it runs
-# first: workers are gone before multiprocessing joins its children.
+# Registered after multiprocessing's own exit hook, so it runs first: workers
+# are gone before multiprocessing joins its children (which would wait forever
+# for a worker still running a task). multiprocessing.util registers that hook
+# when first imported: it is imported at the top of this module for that.
 atexit.register(_shutdown_all)

@@ -157,8 +157,8 @@ class TaskPolicy:
         if attempts >= self.retries:
             return False
         if self.retry_on is None:
-            # Looked up only now: see _broken.py for why it is not imported above.
-            from .._broken import WorkerCrashedError
+            # Looked up only now: see _exceptions_stdlib.py for why it is not imported above.
+            from .._exceptions_stdlib import WorkerCrashedError
 
             return isinstance(exc, (WorkerCrashedError, TaskTimeoutError))
         return isinstance(exc, self.retry_on)

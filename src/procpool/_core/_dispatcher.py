@@ -75,8 +75,8 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-# WorkerCrashedError and InitializerError are imported where they are raised:
-# their module imports concurrent.futures, which a pool needs only on a crash.
+# WorkerCrashedError and InitializerError are imported where they are raised,
+# from a module Dispatcher.__init__ loads once its workers are starting.
 from .._exceptions import (
     ProcpoolError,
     SerializationError,
@@ -274,6 +274,12 @@ class Dispatcher:
             self._terminating = True
             self._stop_workers()
             raise
+        # The errors that subclass the standard library's (~3 ms to import) are
+        # imported now, while the first workers start, rather than before they
+        # start; and never later: a crash settled while the interpreter exits
+        # could not import concurrent.futures.process any more.
+        from .. import _exceptions_stdlib  # noqa: F401
+
         self._thread.start()
 
     # ----------------------------------------------------------- caller side
@@ -619,7 +625,7 @@ class Dispatcher:
             batch.fail(0, 1, error)
 
     def _on_init_failed(self, name: str, error: BaseException) -> None:
-        from .._broken import InitializerError
+        from .._exceptions_stdlib import InitializerError
 
         err = InitializerError(
             f"the pool's initializer {name!r} raised "
@@ -648,7 +654,7 @@ class Dispatcher:
         if worker.alive() and not worker.ready and self._init_bytes is not None:
             # Started, then died before it was ready: in the initializer.
             if not worker.retiring:
-                from .._broken import InitializerError
+                from .._exceptions_stdlib import InitializerError
 
                 self._break(
                     InitializerError(
@@ -666,7 +672,7 @@ class Dispatcher:
                     if worker.start_timed_out
                     else f"died while starting ({describe_exitcode(exitcode)})"
                 )
-                from .._broken import WorkerCrashedError
+                from .._exceptions_stdlib import WorkerCrashedError
 
                 self._break(
                     WorkerCrashedError(
@@ -721,7 +727,7 @@ class Dispatcher:
     def _settle_started(
         self, worker: _Worker, head: Batch, item: int, exitcode: int | None, requeue: list[Batch]
     ) -> None:
-        from .._broken import WorkerCrashedError
+        from .._exceptions_stdlib import WorkerCrashedError
 
         n = len(head.items)
         how = describe_exitcode(exitcode)
@@ -963,7 +969,7 @@ class Dispatcher:
     def _cannot_start(self, exc: BaseException) -> None:
         # Out of processes or descriptors, or the zygote that forks workers was
         # killed: nothing can run any more; say why.
-        from .._broken import WorkerCrashedError
+        from .._exceptions_stdlib import WorkerCrashedError
 
         self._break(WorkerCrashedError(f"cannot start a worker: {type(exc).__name__}: {exc}"))
 

@@ -29,10 +29,9 @@ from multiprocessing import parent_process
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from .._exceptions import ResultSerializationError, SerializationError
+from .._exceptions import SerializationError
 from . import _protocol as P
 from . import _shm as shm
-from . import _stdio
 
 # How many callables a worker keeps unpickled; the dispatcher mirrors this
 # cache exactly, so it knows which callables it must send again.
@@ -51,6 +50,8 @@ def worker_main(
     resident memory after which the worker asks to be replaced, or None).
     """
     if options.get("stdio", True):
+        from . import _stdio  # here: the parent, which imports this module, never needs it
+
         _stdio.install_line_writers()
         if options.get("tag_output"):
             global _TAG
@@ -259,6 +260,8 @@ def _dumps_item_by_item(
         try:
             P.dumps(value)
         except BaseException as exc:
+            from .._exceptions_stdlib import ResultSerializationError  # see its docstring
+
             err = ResultSerializationError(
                 f"cannot pickle the result of {_task_name(first_index, i)} "
                 f"(type {type(value).__module__}.{type(value).__qualname__}): "

@@ -12,9 +12,9 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from .._broken import InitializerError
 from .._core import _protocol as P
 from .._core._dispatcher import PoolClosedError
+from .._exceptions_stdlib import InitializerError
 from ._base import Backend, BackendOptions
 
 if TYPE_CHECKING:
