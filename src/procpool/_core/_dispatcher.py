@@ -482,11 +482,9 @@ class Dispatcher:
 
     def _pick_worker(self, batch: Batch) -> _Worker | None:
         best: _Worker | None = None
-        active = 0
         for worker in self._workers.values():
             if worker.retiring or worker.timed_out:
                 continue
-            active += 1
             held = len(worker.inflight)
             if held == 0 and (worker.ready or self._fits_pipe(worker, batch)):
                 return worker
