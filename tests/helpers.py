@@ -146,3 +146,17 @@ def note_start_and_sleep(path: str, seconds: float) -> None:
     time.sleep(seconds)
     with open(path, "a") as f:
         f.write(f"{start} {time.monotonic()}\n")
+
+
+def nested_pool_report(n: int) -> tuple[list[int], list[str], str]:
+    """In a worker: make a default pool; return its results, the warnings, its start method."""
+    import warnings
+
+    import procpool
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with procpool.Pool(2) as pool:
+            results = pool.map(square, range(n))
+            method = pool._runner.engine._ctx.get_start_method()
+    return results, [str(w.message) for w in caught], method

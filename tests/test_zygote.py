@@ -82,6 +82,18 @@ def test_slow_initializers_run_side_by_side(single_threaded: None, tmp_path: Any
     assert all(later[0] < earlier[1] for earlier, later in itertools.pairwise(spans)), spans
 
 
+def test_a_pool_made_by_a_task_does_not_fork_beside_the_workers_watchdog(
+    single_threaded: None,
+) -> None:
+    # A worker runs a bare watchdog thread; forking there would be what
+    # CPython 3.12+ warns about, so a pool made by a task uses forkserver.
+    with Pool(1) as pool:
+        results, caught, method = pool.apply(helpers.nested_pool_report, (3,))
+    assert results == [0, 1, 4]
+    assert caught == []
+    assert method == "forkserver"
+
+
 def test_workers_see_the_parent_as_it_was_when_the_pool_was_made(single_threaded: None) -> None:
     helpers.STATE = "before"
     try:

@@ -94,9 +94,9 @@ def _watch_parent() -> None:
         os._exit(_ORPHAN_EXIT)
 
     # A bare thread: threading.Thread.start() waits until the new thread runs,
-    # ~0.4 ms of every worker's start on a busy machine. This one takes no lock
-    # and is not in threading.enumerate(), so a pool made by a task still sees
-    # a single-threaded process (it sleeps in select(), holding nothing).
+    # ~0.4 ms of every worker's start on a busy machine. This one takes no
+    # lock and only sleeps in select(). (It still counts as a Python thread:
+    # a pool made by a task uses forkserver, not a zygote.)
     _thread.start_new_thread(watch, ())
 
 

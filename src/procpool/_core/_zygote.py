@@ -73,8 +73,10 @@ def single_threaded() -> bool:
     The rule CPython's own fork warning (3.12+) applies: native threads alone
     do not count (NumPy's OpenBLAS starts some at import, and makes itself
     safe across fork with ``pthread_atfork``). See also available().
+    Threads started with ``_thread`` (a worker's parent watchdog) count too,
+    as they do for that warning, though ``threading`` does not list them.
     """
-    return threading.active_count() == 1
+    return threading.active_count() == 1 and len(sys._current_frames()) == 1
 
 
 def available() -> bool:
