@@ -57,10 +57,12 @@ def test_a_short_map_starts_one_worker_and_a_long_one_starts_them_all(
     single_threaded: None,
 ) -> None:
     with Pool(4) as pool:
+        assert pool.apply(helpers.square, (3,)) == 9  # the first worker is up
         assert pool.map(helpers.square, range(1000)) == [x * x for x in range(1000)]
-        assert len(pool.statistics().per_worker) == 1  # tiny work: one worker is enough
-        pids = set(pool.map(helpers.sleep_return, [0.05] * 40, chunksize=1))
-        assert pids == {None}
+        # Tiny work: no reason to start the other three (one could start if this
+        # machine stalled the first worker mid-batch for 2 ms).
+        assert len(pool.statistics().per_worker) <= 2
+        assert pool.map(helpers.sleep_return, [0.05] * 40, chunksize=1) == [None] * 40
         stats = pool.statistics()
         assert len(stats.per_worker) == 4
         assert all(w.tasks > 0 for w in stats.per_worker)

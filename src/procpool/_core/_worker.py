@@ -40,6 +40,9 @@ FN_CACHE_SIZE = 64
 # Exit code of a worker whose parent died: it had nobody to report to.
 _ORPHAN_EXIT = 70
 
+# Whether this process is a worker whose parent watchdog (a bare thread) runs.
+watchdog_started = False
+
 
 def worker_main(
     conn: Connection, slot: Any, init_bytes: bytes | None, options: dict[str, Any]
@@ -95,8 +98,10 @@ def _watch_parent() -> None:
 
     # A bare thread: threading.Thread.start() waits until the new thread runs,
     # ~0.4 ms of every worker's start on a busy machine. This one takes no
-    # lock and only sleeps in select(). (It still counts as a Python thread:
-    # a pool made by a task uses forkserver, not a zygote.)
+    # lock and only sleeps in select(). It still counts as a Python thread (as
+    # for CPython's fork warning): a pool made by a task uses forkserver.
+    global watchdog_started
+    watchdog_started = True
     _thread.start_new_thread(watch, ())
 
 

@@ -45,6 +45,7 @@ from multiprocessing import context, popen_fork, process, reduction, util
 from multiprocessing.connection import wait
 from typing import Any
 
+from . import _worker
 from ._startmethod import starting_a_process
 
 __all__ = ["ZygoteContext", "single_threaded"]
@@ -73,10 +74,15 @@ def single_threaded() -> bool:
     The rule CPython's own fork warning (3.12+) applies: native threads alone
     do not count (NumPy's OpenBLAS starts some at import, and makes itself
     safe across fork with ``pthread_atfork``). See also available().
-    Threads started with ``_thread`` (a worker's parent watchdog) count too,
-    as they do for that warning, though ``threading`` does not list them.
+    Threads started with ``_thread`` count too, as they do for that warning,
+    though ``threading`` does not list them: a worker's parent watchdog (known
+    from the moment it is started), and any other that is running Python code.
     """
-    return threading.active_count() == 1 and len(sys._current_frames()) == 1
+    return (
+        threading.active_count() == 1
+        and not _worker.watchdog_started
+        and len(sys._current_frames()) == 1
+    )
 
 
 def available() -> bool:
