@@ -139,7 +139,6 @@ class _Worker:
         "busy",
         "conn",
         "fns",
-        "forking",
         "id",
         "inflight",
         "process",
@@ -153,13 +152,10 @@ class _Worker:
         "transfer",
     )
 
-    def __init__(self, wid: int, process: Any, conn: Any, slot: Any, forking: bool) -> None:
+    def __init__(self, wid: int, process: Any, conn: Any, slot: Any) -> None:
         self.id = wid
         self.process = process
         self._pid: int | None = None
-        # Under a zygote: the fork is under way, and the sentinel's first event
-        # will be the pid, not the exit (see Dispatcher._on_forked).
-        self.forking = forking
         self.conn = conn
         self.slot = slot
         self.inflight: deque[Batch] = deque()
@@ -183,6 +179,12 @@ class _Worker:
             except OSError:
                 self._pid = 0
         return self._pid
+
+    @property
+    def forking(self) -> bool:
+        """Under a zygote: asked for, and its pid not known yet (the fork may be under way)."""
+        pid_pending = getattr(self.process._popen, "pid_pending", None)
+        return pid_pending is not None and bool(pid_pending())
 
     def alive(self) -> bool:
         """Whether the worker got through start-up (it may still be in its initializer)."""
@@ -412,7 +414,7 @@ class Dispatcher:
             return  # a previous event in this round already buried it
         if kind == "conn":
             self._on_message(worker)
-        elif not worker.forking or self._on_forked(worker):
+        elif not self._on_demand or self._has_exited(worker):
             self._on_exit(worker)
 
     def _drain_wake(self) -> None:
@@ -858,7 +860,7 @@ class Dispatcher:
                 raise
             child_end.close()
             slot.close_fd()  # the child has its own descriptor (or mapping) now
-        worker = _Worker(wid, process, parent_end, slot, forking=self._on_demand)
+        worker = _Worker(wid, process, parent_end, slot)
         with self._stats_lock:
             self._workers[wid] = worker
         return worker
@@ -867,14 +869,14 @@ class Dispatcher:
         self._sel.register(worker.conn, selectors.EVENT_READ, ("conn", worker))
         self._sel.register(worker.process.sentinel, selectors.EVENT_READ, ("exit", worker))
 
-    def _on_forked(self, worker: _Worker) -> bool:
-        """A zygote's worker: the sentinel's first event is its pid. Return whether it also exited.
+    def _has_exited(self, worker: _Worker) -> bool:
+        """A zygote's worker's sentinel fired: for its pid, or for its exit; which?
 
-        The pid is read here, not when the worker was asked for, so that a pool
-        is made without waiting for a fork, and a map's first batches go out
-        while the zygote forks.
+        Its status pipe carries the pid first, then the exit code. The pid is
+        read when it comes (here, or by any thread that asks first), not when
+        the worker was asked for, so that a pool is made without waiting for a
+        fork, and a map's first batches go out while the zygote forks.
         """
-        worker.forking = False
         if worker.pid:
             return worker.process.exitcode is not None
         try:

@@ -264,6 +264,10 @@ class _Popen(popen_fork.Popen):
         with self._pid_lock:
             return self._read_pid()
 
+    def pid_pending(self) -> bool:
+        """Whether the pid has not been read yet (so the fork may be under way)."""
+        return self._pid is None
+
     def _read_pid(self) -> int:
         # With _pid_lock held: two threads must never both read the status pipe.
         if self._pid is None:
