@@ -148,6 +148,11 @@ def test_a_killed_zygote_breaks_the_pool_with_a_clear_error_and_no_hang(
             try:
                 pool.map(helpers.square, range(4))
             except (WorkerCrashedError, ValueError) as exc:
+                if "exit code 255" in str(exc):
+                    # A map that reached a worker before the zygote's death was
+                    # seen: its orphaned worker is killed and the tasks it held
+                    # fail so (docs/faults.md). The next map must say why.
+                    continue
                 assert "cannot start a worker" in str(exc) or "not running" in str(exc)
                 break
             time.sleep(0.05)
