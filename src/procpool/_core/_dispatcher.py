@@ -891,10 +891,13 @@ class Dispatcher:
             return  # on demand: _schedule() starts workers when work waits
         if self._closing and not self._pending:
             return  # closing with nothing queued: let the pool shrink to zero
-        active = sum(1 for w in self._workers.values() if not w.retiring)
-        for _ in range(self._size - active):
+        for _ in range(self._size - self._active()):
             if not self._start_one():
                 return
+
+    def _active(self) -> int:
+        """Workers started or starting that will take more work."""
+        return sum(1 for w in self._workers.values() if not w.retiring)
 
     def _grow(self) -> bool:
         """Start one more worker, on demand (zygote pools); return whether it did.
@@ -909,12 +912,9 @@ class Dispatcher:
         """
         if self._terminating or self._broken is not None:
             return False
-        active = 0
-        for worker in self._workers.values():
-            if worker.forking:
-                return False
-            if not worker.retiring:
-                active += 1
+        if any(worker.forking for worker in self._workers.values()):
+            return False
+        active = self._active()
         if active >= self._size or not self._work_waits_long(active):
             return False
         return self._start_one()
@@ -926,7 +926,7 @@ class Dispatcher:
         short: waiting work is what starts a worker, and a batch queued behind
         a task that waits for it (a barrier) would otherwise wait forever.
         """
-        active = sum(1 for w in self._workers.values() if not w.retiring)
+        active = self._active()
         if active >= self._size:
             return True
         return self._item_s is not None and not self._work_waits_long(active)
