@@ -17,12 +17,13 @@ import os
 import platform
 import sys
 import traceback
+from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 from bench import contenders, workloads
-from bench.sizes import MODES
+from bench.sizes import MODES, Sizes
 
 DISTRIBUTIONS = (
     "procpool",
@@ -71,6 +72,13 @@ class _Recorder:
         os._exit(code)
 
 
+def _sizes(spec: dict[str, Any]) -> Sizes:
+    """The mode's sizes, with the run's worker count (``--workers``) where it set one."""
+    sizes = MODES[spec["mode"]]
+    workers = spec.get("params", {}).get("workers")
+    return replace(sizes, workers=workers) if workers else sizes
+
+
 def run_case(spec: dict[str, Any], recorder: _Recorder) -> NoReturn:
     try:
         workload = workloads.WORKLOADS[spec["workload"]]
@@ -78,7 +86,7 @@ def run_case(spec: dict[str, Any], recorder: _Recorder) -> NoReturn:
         ctx = workloads.Ctx(
             contender=contender,
             case=spec["case"],
-            sizes=MODES[spec["mode"]],
+            sizes=_sizes(spec),
             params=spec.get("params", {}),
             finish_cb=recorder.finish,
             fail_cb=recorder.fail,

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--python", help="interpreter for the measurements (default: benchmarks/.venv)"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="workers of every pool but W1's five (default: 2); for scaling runs on bigger "
+        "machines",
     )
     parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/results)")
     parser.add_argument(
@@ -168,11 +175,18 @@ def main(argv: list[str]) -> int:
         return 0
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     sizes, workloads, names = MODES[mode], selected(_split(args.only)), choose_contenders(args)
+    if args.workers is not None:
+        if args.workers < 1:
+            raise SystemExit(f"--workers must be at least 1, not {args.workers}")
+        sizes = replace(sizes, workers=args.workers)
     started = time.monotonic()
     runner.compile_procpool(python)
     environment = json.loads(runner.capture(python, "--describe"))
     print(f"[bench] {mode} run with {python} (procpool import: {environment['procpool_import']})")
-    params = {"burn_iterations": int(runner.capture(python, "--calibrate", str(sizes.cpu_task_ms)))}
+    params = {
+        "burn_iterations": int(runner.capture(python, "--calibrate", str(sizes.cpu_task_ms))),
+        "workers": sizes.workers,
+    }
     records = measure_all(python, mode, plan(workloads, names, sizes), params)
     header = {
         "machine": report.machine(),
@@ -181,6 +195,7 @@ def main(argv: list[str]) -> int:
         "mode": mode,
         "command": " ".join(["python benchmarks/run.py", shlex.join(argv)]).strip(),
         "wall_s": time.monotonic() - started,
+        "workers": sizes.workers,
     }
     today = datetime.date.today().isoformat()
     title = f"procpool benchmarks, {today}, {header['machine']['host']}"
@@ -190,7 +205,6 @@ def main(argv: list[str]) -> int:
     results = {
         **header,
         "title": title,
-        "workers": sizes.workers,
         "params": params,
         "records": [r.to_json() for r in records],
     }
@@ -198,8 +212,10 @@ def main(argv: list[str]) -> int:
         Path(tempfile.mkdtemp(prefix="procpool-smoke-")) if args.smoke else RESULTS_DIR
     )
     host = re.sub(r"[^A-Za-z0-9.-]+", "-", header["machine"]["host"])
-    complete = mode == "full" and not args.only and not args.contenders
+    complete = mode == "full" and not args.only and not args.contenders and args.workers is None
     suffix = "" if complete else f"-{mode}" if mode != "full" else "-partial"
+    if args.workers is not None:
+        suffix += f"-{args.workers}w"
     stem = f"{today}-{host}{suffix}"
     written = write_outputs(out, stem, results, markdown, python)
     if complete:

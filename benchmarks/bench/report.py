@@ -95,6 +95,7 @@ def _header_lines(header: dict[str, Any]) -> list[str]:
         f"- Versions: {versions}",
         f"- procpool: revision {header['revision']}; import: {env['procpool_import']}",
         f"- Mode: {header['mode']}; command: `{header['command']}`; total {header['wall_s']:.0f} s",
+        f"- Workers: {header.get('workers', 2)} per pool (W1: 5)",
     ]
 
 
