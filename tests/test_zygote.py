@@ -74,6 +74,27 @@ def test_tasks_that_wait_for_each_other_get_all_the_workers(single_threaded: Non
         assert len(set(pool.map(helpers.pid_after_barrier, range(3), chunksize=1))) == 3
 
 
+def test_tasks_that_wait_for_each_other_get_all_the_workers_after_short_ones(
+    single_threaded: None,
+) -> None:
+    # A pool that has learnt its tasks are short must still not queue a task
+    # behind one that waits for it: it used to, and the Barrier broke after 30 s.
+    with Pool(3, initializer=helpers.keep_barrier, initargs=(procpool.Barrier(3),)) as pool:
+        assert pool.map(helpers.square, range(2000)) == [x * x for x in range(2000)]
+        assert len(set(pool.map(helpers.pid_after_barrier, range(3), chunksize=1))) == 3
+
+
+def test_each_long_task_gets_a_worker_of_its_own(single_threaded: None) -> None:
+    # Once a batch has run long, each waiting batch warrants a worker, and none
+    # waits behind another's task while the pool can still grow.
+    with Pool(6) as pool:
+        pool.apply(helpers.square, (3,))
+        assert pool.map(helpers.sleep_return, [0.3] * 6, chunksize=1) == [None] * 6
+        stats = pool.statistics()
+        assert len(stats.per_worker) == 6
+        assert all(w.tasks > 0 for w in stats.per_worker)
+
+
 def test_slow_initializers_run_side_by_side(single_threaded: None, tmp_path: Any) -> None:
     # A worker still in its initializer does not hold back the next worker's start.
     log = tmp_path / "starts"

@@ -564,6 +564,9 @@ class Dispatcher:
         worker.transfer += transfer
         per_item = busy / len(batch.items)
         self._item_s = per_item if self._item_s is None else 0.7 * self._item_s + 0.3 * per_item
+        if not worker.inflight and self._pending:
+            # The worker waits: send its next batch before unpacking this one.
+            self._send_pending()
         observe = getattr(batch.sink, "observe", None)
         if observe is not None:
             observe(len(batch.items), busy)
@@ -900,63 +903,84 @@ class Dispatcher:
         return sum(1 for w in self._workers.values() if not w.retiring)
 
     def _grow(self) -> bool:
-        """Start one more worker, on demand (zygote pools); return whether it did.
+        """Start more workers, on demand (zygote pools); return whether it did.
 
         Under a zygote, starting a worker costs the parent a message, and the
         zygote forks one worker at a time anyway. So a pool starts its first
-        worker when it is made, and one more, up to its size, while work waits
-        that its workers would take longer than GROW_AFTER_S to get through
-        and no fork is under way. The seed's 1,000 squares then run on one or
-        two workers, without paying for (or stopping) three more; a longer map
-        has every worker within a few milliseconds.
+        worker when it is made, and more, up to its size, as waiting work
+        warrants (see _shortfall). The seed's 1,000 squares then run on one or
+        two workers, without paying for (or stopping) three more; a map of long
+        tasks asks for all its workers at once, and the zygote forks them back
+        to back.
         """
         if self._terminating or self._broken is not None:
             return False
-        if any(worker.forking for worker in self._workers.values()):
-            return False
         active = self._active()
-        if active >= self._size or not self._work_waits_long(active):
+        if active >= self._size:
             return False
-        return self._start_one()
+        more = min(self._size - active, self._shortfall(active))
+        started = False
+        for _ in range(more):
+            if not self._start_one():
+                break
+            started = True
+        return started
 
     def _may_prefetch(self) -> bool:
         """Whether a busy worker may get a batch to keep for later (on-demand pools).
 
-        Not while the pool may still grow, unless its tasks are known to be
-        short: waiting work is what starts a worker, and a batch queued behind
-        a task that waits for it (a barrier) would otherwise wait forever.
+        Not while the pool may still grow. A batch queued behind a task that
+        waits for it (a Barrier across tasks) would wait until that task gives
+        up, where a worker started for it would have run it at once. That held
+        even for tasks known to be short: a pool that had learnt so from one map
+        broke the Barrier of the next.
         """
-        active = self._active()
-        if active >= self._size:
-            return True
-        return self._item_s is not None and not self._work_waits_long(active)
+        return self._active() >= self._size
 
-    def _work_waits_long(self, active: int) -> bool:
-        if not self._pending:
-            return False
+    def _shortfall(self, active: int) -> int:
+        """How many more workers the waiting work warrants (zero or less: none).
+
+        A waiting batch warrants a worker of its own when batches are seen to
+        be long: one has run longer than GROW_AFTER_S, or a worker is still
+        starting (a slow initializer) after GROW_AFTER_START_S. Workers already
+        started that hold no batch take waiting ones first. Otherwise the work
+        queued, at the seconds per task measured so far, warrants one more
+        worker when it would keep each started one busy GROW_AFTER_S, but not
+        while a fork is under way: that estimate comes from few tasks (an
+        `apply` that included a first import), and by the time the fork is
+        done, finished batches will have corrected it.
+        """
+        pending = self._pending
+        if not pending:
+            return 0
         if active == 0:
-            return True
+            return 1
         now = time.monotonic()
+        free = 0
+        long = False
         for worker in self._workers.values():
             if worker.retiring or worker.timed_out:
                 continue
+            if not worker.inflight:
+                free += 1
             if not worker.ready:
-                if now - worker.started > GROW_AFTER_START_S:
-                    return True  # a slow start (an initializer): do not wait for it
-                continue
-            if worker.inflight:
+                long = long or now - worker.started > GROW_AFTER_START_S
+            elif worker.inflight:
                 batch_id, _, started = worker.read_slot()
-                if batch_id == worker.inflight[0].id and now - started > GROW_AFTER_S:
-                    return True  # one batch has run that long already
-        if self._item_s is None:
-            return False
+                long = long or (batch_id == worker.inflight[0].id and now - started > GROW_AFTER_S)
+        if long:
+            return len(pending) - free
+        if self._item_s is None or len(pending) <= free:
+            return 0
+        if any(worker.forking for worker in self._workers.values()):
+            return 0
         items_ahead = GROW_AFTER_S * active / max(self._item_s, 1e-9)
         waiting = 0
-        for batch in self._pending:
+        for batch in pending:
             waiting += len(batch.items)
             if waiting > items_ahead:
-                return True
-        return False
+                return 1
+        return 0
 
     def _start_one(self) -> bool:
         try:
