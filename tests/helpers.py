@@ -29,6 +29,17 @@ def sleep_return(seconds: float, value: object = None) -> object:
     return value
 
 
+def blob(nbytes: int) -> bytes:
+    return b"x" * nbytes
+
+
+def stamped_blob(nbytes: int) -> tuple[float, bytes]:
+    """Sleep 50 ms, then return when this task started and ``nbytes`` of bytes."""
+    started = time.monotonic()
+    time.sleep(0.05)
+    return started, b"x" * nbytes
+
+
 def identity(x: object) -> object:
     return x
 

@@ -17,12 +17,13 @@ import pytest
 from procpool import (
     InitializerError,
     Pool,
+    ResultSerializationError,
     SerializationError,
     TaskTimeoutError,
     WorkerCrashedError,
 )
 from procpool import testing as crash
-from tests.helpers import square
+from tests.helpers import blob, square
 
 # (id, function, args, pool options, expected type, message pattern)
 TASK_ROWS: list[tuple[str, Callable[..., Any], tuple[Any, ...], dict[str, Any], type, str]] = [
@@ -162,13 +163,12 @@ def test_initializer_fault(
 
 
 def test_crash_mid_batch_fails_the_running_task_and_reruns_the_unstarted(start_method: str) -> None:
-    specs = (
+    out = _one_batch_on_one_worker(
         [(square, (i,)) for i in range(3)]
         + [(crash.exit_abruptly, (4,))]
-        + [(square, (i,)) for i in range(4, 8)]
+        + [(square, (i,)) for i in range(4, 8)],
+        start_method,
     )
-    with Pool(1, context=start_method) as pool:
-        out = pool.map(_call, specs, chunksize=8, return_exceptions=True)
     # Tasks 0-2 ran, but their results died with the worker: they fail, saying so.
     for i in range(3):
         assert isinstance(out[i], WorkerCrashedError)
@@ -177,6 +177,54 @@ def test_crash_mid_batch_fails_the_running_task_and_reruns_the_unstarted(start_m
     assert out[3].exitcode == 4
     # Tasks 4-7 had not started: they ran on the replacement worker.
     assert out[4:] == [16, 25, 36, 49]
+
+
+def _one_batch_on_one_worker(specs: list[Any], start_method: str) -> list[Any]:
+    with Pool(1, context=start_method) as pool:
+        return pool.map(_call, specs, chunksize=len(specs), return_exceptions=True)
+
+
+BIG = 600_000  # two results of this size make a piece sent ahead (P.PIECE_BYTES)
+
+
+def test_results_sent_ahead_of_a_batch_outlive_its_worker(start_method: str) -> None:
+    # Tasks 0-3 return 600 KB each, so their results travel in two pieces before
+    # task 4 kills the worker: they were delivered, and must not fail with it.
+    out = _one_batch_on_one_worker(
+        [(blob, (BIG,)) for _ in range(4)]
+        + [(crash.exit_abruptly, (4,))]
+        + [(square, (i,)) for i in range(5, 8)],
+        start_method,
+    )
+    assert out[:4] == [b"x" * BIG] * 4
+    assert isinstance(out[4], WorkerCrashedError) and "died running task 4" in str(out[4])
+    assert out[5:] == [25, 36, 49]
+
+
+def test_results_sent_ahead_keep_errors_and_retries_in_place() -> None:
+    flag = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"procpool-ahead-{os.getpid()}")
+    if os.path.exists(flag):
+        os.unlink(flag)
+    specs = [
+        (blob, (BIG,)),
+        (crash.return_unpicklable, ()),  # in a piece sent ahead: fails alone
+        (blob, (BIG,)),
+        (crash.raise_error, ("task 3 says no",)),
+        (blob, (BIG,)),
+        (blob, (BIG,)),
+        (_crash_first_time, (flag,)),  # after two pieces: retried, on its own
+        (square, (7,)),
+    ]
+    try:
+        with Pool(1, retries=1) as pool:
+            out = pool.map(_call, specs, chunksize=8, return_exceptions=True)
+    finally:
+        if os.path.exists(flag):
+            os.unlink(flag)
+    assert out[0] == out[2] == out[4] == out[5] == b"x" * BIG
+    assert isinstance(out[1], ResultSerializationError) and "result of task 1 " in str(out[1])
+    assert isinstance(out[3], crash.CrasherError) and "task 3 says no" in str(out[3])
+    assert out[6:] == ["second try", 49]
 
 
 def test_sigkill_from_outside_fails_only_that_worker_s_task(tmp_path: Any) -> None:

@@ -8,12 +8,22 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 
 from procpool import Pool, RemoteTraceback, SerializationError
 from procpool.testing import Unpicklable, return_unpicklable
-from tests.helpers import add, fail_on, get_env, pid, set_env, sleep_return, square
+from tests.helpers import (
+    add,
+    fail_on,
+    get_env,
+    pid,
+    set_env,
+    sleep_return,
+    square,
+    stamped_blob,
+)
 
 
 def test_every_method_gives_the_stdlib_answer(start_method: str) -> None:
@@ -108,6 +118,19 @@ def test_imap_raises_at_the_failing_item_and_goes_on() -> None:
         with pytest.raises(ValueError):
             next(it)
         assert list(it) == [4, 5]
+
+
+def test_an_ordered_imap_yields_large_results_while_their_batch_runs() -> None:
+    # Twelve 50 ms tasks in one batch, 600 KB of result each: their results go
+    # ahead in pieces of two, so the first is here long before the last starts.
+    with Pool(1) as pool:
+        results = pool.imap(stamped_blob, [600_000] * 12, chunksize=12)
+        _, first = next(results)
+        received = time.monotonic()
+        rest = list(results)
+    assert first == b"x" * 600_000 and [r[1] for r in rest] == [first] * 11
+    last_started = rest[-1][0]
+    assert received < last_started
 
 
 def test_imap_next_timeout() -> None:

@@ -38,6 +38,7 @@ class Batch:
 
     __slots__ = (
         "attempts",
+        "done",
         "first_index",
         "fn",
         "id",
@@ -77,6 +78,8 @@ class Batch:
         self.named = named
         self.attempts = attempts
         self.on_start = on_start
+        # Tasks whose results came ahead of the batch's reply (P.PARTIAL): 0 .. done-1.
+        self.done = 0
         # Index of the first task for per-task random seeds (a map's own index,
         # or a single call's sequence number in its pool).
         self.seed_base = first_index if seed_base is None else seed_base

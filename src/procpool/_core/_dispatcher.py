@@ -546,6 +546,8 @@ class Dispatcher:
         tag = msg[0]
         if tag == P.RESULTS:
             self._on_results(worker, msg)
+        elif tag == P.PARTIAL:
+            self._on_partial(worker, msg)
         elif tag == P.READY:
             worker.ready = True
             self._startup_deaths = 0
@@ -576,48 +578,70 @@ class Dispatcher:
             self.recycled += 1
             self._replenish()
         batch.release()
+        self._unpack(batch, payload, batch.done, len(batch.items))
+        if worker.retiring and not worker.inflight:
+            self._retire(worker)
+
+    def _on_partial(self, worker: _Worker, msg: tuple[Any, ...]) -> None:
+        """The results of a running batch's next tasks, sent ahead of its reply."""
+        _, batch_id, payload, count = msg
+        if not worker.inflight or worker.inflight[0].id != batch_id:
+            return  # the pool broke while this batch ran, and failed it then
+        batch = worker.inflight[0]
+        start = batch.done
+        batch.done += count
+        self._unpack(batch, payload, start, start + count)
+
+    def _unpack(self, batch: Batch, payload: Any, start: int, stop: int) -> None:
+        """Deliver the results of tasks ``start .. stop-1`` of ``batch`` from ``payload``."""
         try:
             values, errors = shm.unpack(payload)
         except BaseException as exc:
-            n = len(batch.items)
+            first = batch.first_index + start
             which = (
-                batch.task_name()
-                if n == 1
-                else f"tasks {batch.first_index}..{batch.first_index + n - 1}"
+                batch.task_name(start)
+                if stop - start == 1
+                else f"tasks {first}..{first + stop - start - 1}"
             )
             err = SerializationError(
                 f"cannot unpickle the result of {which} in the parent: {type(exc).__name__}: {exc}"
             )
             err.__cause__ = exc
-            batch.fail(0, len(batch.items), err)
+            batch.fail(start, stop, err)
         else:
             if values is None:
                 self._on_unpickle_failure(batch, errors)
             else:
-                self._deliver(batch, values, errors)
-        if worker.retiring and not worker.inflight:
-            self._retire(worker)
+                self._deliver(batch, values, errors, start)
 
     def _deliver(
-        self, batch: Batch, values: list[Any], errors: dict[int, BaseException] | None
+        self,
+        batch: Batch,
+        values: list[Any],
+        errors: dict[int, BaseException] | None,
+        start: int = 0,
     ) -> None:
+        """Deliver ``values`` (and ``errors``), the outcomes of tasks from ``start`` on."""
+        first = batch.first_index + start
         retry = set()
         if errors:
             self.tasks_failed += len(errors)
         if errors and batch.policy.retries:
             retry = {i for i, e in errors.items() if batch.policy.should_retry(e, batch.attempts)}
         if not retry:
-            batch.sink.deliver(batch.first_index, values, errors)
+            batch.sink.deliver(first, values, errors)
             return
         assert errors is not None
         self.tasks_failed -= len(retry)
         self.retried += len(retry)
         for i in sorted(retry, reverse=True):
-            self._pending.appendleft(batch.subset(i, i + 1, attempts=batch.attempts + 1))
+            self._pending.appendleft(
+                batch.subset(start + i, start + i + 1, attempts=batch.attempts + 1)
+            )
         for i, value in enumerate(values):  # the others, one by one around the gaps
             if i not in retry:
                 error = {0: errors[i]} if i in errors else None
-                batch.sink.deliver(batch.first_index + i, [value], error)
+                batch.sink.deliver(first + i, [value], error)
 
     def _on_unpickle_failure(self, batch: Batch, error: BaseException) -> None:
         if len(batch.items) > 1:
@@ -691,6 +715,8 @@ class Dispatcher:
                 msg = pickle.loads(worker.conn.recv_bytes())
                 if msg[0] == P.RESULTS:
                     self._on_results(worker, msg)
+                elif msg[0] == P.PARTIAL:
+                    self._on_partial(worker, msg)
                 elif msg[0] == P.INIT_FAILED:
                     self._on_init_failed(msg[1], msg[2])
         except (EOFError, OSError):
@@ -733,6 +759,12 @@ class Dispatcher:
         from .._exceptions_stdlib import WorkerCrashedError
 
         n = len(head.items)
+        done = head.done  # tasks whose results came ahead (P.PARTIAL): settled already
+        if 0 <= item < done:
+            # Between two tasks, right after sending the results of those before.
+            if done < n:
+                requeue.insert(0, head.tail(done))
+            return
         how = describe_exitcode(exitcode)
         who = f"worker {worker.id} (pid {worker.pid})"
 
@@ -749,7 +781,7 @@ class Dispatcher:
             stage = "unpickling the arguments of" if item < 0 else "sending the results of"
             self._fail_or_retry(
                 head,
-                0,
+                done if item >= 0 else 0,
                 n,
                 crashed(lambda i: f"{who} died while {stage} {head.task_name(i)}: {how}"),
             )
@@ -782,7 +814,7 @@ class Dispatcher:
             )
         self._fail_or_retry(
             head,
-            0,
+            done,
             item,
             crashed(
                 lambda i: (

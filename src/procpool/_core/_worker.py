@@ -24,9 +24,10 @@ import signal
 import sys
 import time
 from collections import OrderedDict
-from itertools import starmap
+from itertools import islice, starmap
 from multiprocessing import parent_process
 from multiprocessing.connection import Connection, wait
+from sys import getsizeof
 from typing import Any
 
 from .._exceptions import SerializationError
@@ -129,7 +130,7 @@ def _serve(conn: Connection, slot: Any, max_rss: int | None, namer: shm.Namer | 
         tag = msg[0]
         if tag == P.BATCH:
             started = time.perf_counter()
-            reply, running = _run_batch(msg, fns, slot, namer)
+            reply, running = _run_batch(msg, fns, slot, namer, conn)
             transfer = time.perf_counter() - started - running
             recycle = max_rss is not None and over_memory(max_rss)
             conn.send_bytes(P.dumps((P.RESULTS, msg[1], reply, running, transfer, recycle)))
@@ -142,9 +143,17 @@ def _serve(conn: Connection, slot: Any, max_rss: int | None, namer: shm.Namer | 
 
 
 def _run_batch(
-    msg: tuple[Any, ...], fns: OrderedDict[int, Any], slot: Any, namer: shm.Namer | None
+    msg: tuple[Any, ...],
+    fns: OrderedDict[int, Any],
+    slot: Any,
+    namer: shm.Namer | None,
+    conn: Connection,
 ) -> tuple[shm.Packed, float]:
-    """Run one batch; return its reply payload and the seconds spent in the tasks."""
+    """Run one batch; return its reply payload and the seconds spent in the tasks.
+
+    Large results go ahead in pieces while the batch runs (see _Stream); the
+    payload then holds the results of the tasks after the last piece.
+    """
     _, batch_id, fn_id, star, timed, first_index, seed, payload = msg
     slot[P.SLOT_ITEM] = P.ITEM_UNPICKLING
     slot[P.SLOT_SPAN] = 1
@@ -162,15 +171,88 @@ def _run_batch(
         err = SerializationError(f"cannot unpickle the task's arguments in the worker: {exc!r}")
         err.__cause__ = exc
         return P.dumps((None, P.portable_error(err, "unpickling the arguments"))), 0.0
+    stream = _Stream(conn, batch_id, namer, first_index, len(items)) if len(items) > 1 else None
     started = time.perf_counter()
-    values, errors = _call_all(fn, star, timed, first_index, seed, items, slot)
+    values, errors = _call_all(fn, star, timed, first_index, seed, items, slot, stream)
     running = time.perf_counter() - started
     slot[P.SLOT_SPAN] = 1
     slot[P.SLOT_ITEM] = len(items)  # from here on, a crash is in sending the results
+    sent = 0
+    if stream is not None and stream.sent:
+        sent = stream.sent
+        values, errors = values[sent:], _shift(errors, sent, len(values))
     try:
         return shm.pack((values, errors), namer), running
     except BaseException:
-        return _dumps_item_by_item(values, errors, first_index), running
+        return _dumps_item_by_item(values, errors, first_index + sent), running
+
+
+class _Stream:
+    """Sends a batch's first results ahead (P.PARTIAL) once they add up to P.PIECE_BYTES.
+
+    Sizes are estimates (see _result_size). Without this, 25 results of 1 MB
+    wait for each other and travel as one 25 MB message; the parent delivers
+    each piece as it comes, so an ordered ``imap`` yields while the batch runs.
+    The last task's results always go with the final reply, so a batch never
+    sends a piece more than it must.
+    """
+
+    __slots__ = ("batch_id", "conn", "first_index", "n", "namer", "sent", "size")
+
+    def __init__(
+        self, conn: Connection, batch_id: int, namer: shm.Namer | None, first_index: int, n: int
+    ) -> None:
+        self.conn = conn
+        self.batch_id = batch_id
+        self.namer = namer
+        self.first_index = first_index
+        self.n = n
+        self.sent = 0  # results sent ahead: those of tasks 0 .. sent-1
+        self.size = 0  # bytes of the results run since then
+
+    def add(
+        self, nbytes: int, values: list[Any], errors: dict[int, BaseException] | None, upto: int
+    ) -> None:
+        """Count ``nbytes`` more of results, which now cover tasks ``0 .. upto-1``."""
+        self.size += nbytes
+        if self.size < P.PIECE_BYTES or upto >= self.n:
+            return
+        sent = self.sent
+        piece, piece_errors = values[sent:upto], _shift(errors, sent, upto)
+        try:
+            payload = shm.pack((piece, piece_errors), self.namer)
+        except BaseException:
+            payload = _dumps_item_by_item(piece, piece_errors, self.first_index + sent)
+        self.conn.send_bytes(P.dumps((P.PARTIAL, self.batch_id, payload, upto - sent)))
+        values[sent:upto] = [None] * (upto - sent)  # sent: free them, keep the indexes
+        self.sent, self.size = upto, 0
+
+
+def _result_size(value: Any) -> int:
+    """About how many bytes ``value`` pickles to, cheaply: ``sys.getsizeof`` (whole
+    for bytes, str and NumPy arrays), plus that of the first few members of a
+    tuple, list or dict (a result is often a tuple around a large object)."""
+    size: int = getsizeof(value, 0)
+    kind = type(value)
+    if kind is tuple or kind is list:
+        for member in value[:_MEMBERS_SIZED]:
+            size += getsizeof(member, 0)
+    elif kind is dict:
+        for member in islice(value.values(), _MEMBERS_SIZED):
+            size += getsizeof(member, 0)
+    return size
+
+
+_MEMBERS_SIZED = 4
+
+
+def _shift(
+    errors: dict[int, BaseException] | None, start: int, stop: int
+) -> dict[int, BaseException] | None:
+    """The errors of tasks ``start .. stop-1``, indexed from ``start``."""
+    if not errors:
+        return None
+    return {i - start: e for i, e in errors.items() if start <= i < stop} or None
 
 
 # Callables arrive cloudpickled, but what cloudpickle writes is plain pickle: a
@@ -192,10 +274,11 @@ def _call_all(
     seed: tuple[int, int] | None,
     items: list[Any],
     slot: Any,
+    stream: _Stream | None = None,
 ) -> tuple[list[Any], dict[int, BaseException] | None]:
     fast = star != P.CALL_ARGS_KWARGS and not (timed or seed is not None or _TAG is not None)
     if fast and len(items) >= P.FAST_MIN_ITEMS:
-        return _call_fast(fn, star, first_index, items, slot)
+        return _call_fast(fn, star, first_index, items, slot, stream)
     values: list[Any] = []
     append = values.append
     errors: dict[int, BaseException] | None = None
@@ -219,11 +302,13 @@ def _call_all(
             if errors is None:
                 errors = {}
             errors[i] = P.portable_error(exc, _task_name(first_index, i))
+        if stream is not None:
+            stream.add(_result_size(values[i]), values, errors, i + 1)
     return values, errors
 
 
 def _call_fast(
-    fn: Any, star: int, first_index: int, items: list[Any], slot: Any
+    fn: Any, star: int, first_index: int, items: list[Any], slot: Any, stream: _Stream | None
 ) -> tuple[list[Any], dict[int, BaseException] | None]:
     """Many tiny tasks: ``map`` at C speed, publishing progress every FAST_SPAN items.
 
@@ -244,7 +329,6 @@ def _call_fast(
         slot[P.SLOT_ITEM] = start
         try:
             extend(apply(fn, items[start:end]))
-            start = end
         except BaseException as exc:
             failed = len(values)
             values.append(None)
@@ -252,6 +336,10 @@ def _call_fast(
                 errors = {}
             errors[failed] = P.portable_error(exc, _task_name(first_index, failed))
             start = failed + 1
+            continue
+        if stream is not None:  # sized by the span's first result
+            stream.add(_result_size(values[start]) * (end - start), values, errors, end)
+        start = end
     return values, errors
 
 
