@@ -201,6 +201,21 @@ def test_results_sent_ahead_of_a_batch_outlive_its_worker(start_method: str) -> 
     assert out[5:] == [25, 36, 49]
 
 
+def test_a_death_while_sending_results_ahead_fails_only_what_was_sent(
+    start_method: str,
+) -> None:
+    # Task 1's result ends the worker when pickled, in the piece that tasks 0-2
+    # make: those three fail, saying so; task 3 had not started and runs again.
+    out = _one_batch_on_one_worker(
+        [(blob, (BIG,)), (crash.return_crashes_on_pickle, ()), (blob, (BIG,)), (square, (3,))],
+        start_method,
+    )
+    for i in range(3):
+        assert isinstance(out[i], WorkerCrashedError), out[i]
+        assert f"died while sending the results of task {i}" in str(out[i])
+    assert out[3] == 9
+
+
 def test_results_sent_ahead_keep_errors_and_retries_in_place() -> None:
     flag = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"procpool-ahead-{os.getpid()}")
     if os.path.exists(flag):

@@ -203,6 +203,10 @@ class _Worker:
         """How many items from the slot's item on were running as one unit (read after death)."""
         return max(1, int(self.slot[P.SLOT_SPAN]))
 
+    def sending_ahead(self) -> bool:
+        """Whether the worker was sending results ahead, not running a task (read after death)."""
+        return int(self.slot[P.SLOT_SPAN]) == P.SPAN_SENDING
+
 
 class Dispatcher:
     """Runs batches on a set of worker processes; see the module docstring.
@@ -566,17 +570,17 @@ class Dispatcher:
         worker.transfer += transfer
         per_item = busy / len(batch.items)
         self._item_s = per_item if self._item_s is None else 0.7 * self._item_s + 0.3 * per_item
+        if recycle and not worker.retiring:
+            # Over its memory limit: it finishes what it holds, then is replaced.
+            worker.retiring = True
+            self.recycled += 1
+            self._replenish()
         if not worker.inflight and self._pending:
             # The worker waits: send its next batch before unpacking this one.
             self._send_pending()
         observe = getattr(batch.sink, "observe", None)
         if observe is not None:
             observe(len(batch.items), busy)
-        if recycle and not worker.retiring:
-            # Over its memory limit: it finishes what it holds, then is replaced.
-            worker.retiring = True
-            self.recycled += 1
-            self._replenish()
         batch.release()
         self._unpack(batch, payload, batch.done, len(batch.items))
         if worker.retiring and not worker.inflight:
@@ -760,11 +764,6 @@ class Dispatcher:
 
         n = len(head.items)
         done = head.done  # tasks whose results came ahead (P.PARTIAL): settled already
-        if 0 <= item < done:
-            # Between two tasks, right after sending the results of those before.
-            if done < n:
-                requeue.insert(0, head.tail(done))
-            return
         how = describe_exitcode(exitcode)
         who = f"worker {worker.id} (pid {worker.pid})"
 
@@ -777,6 +776,20 @@ class Dispatcher:
                 **extra,
             )
 
+        if 0 <= item < n and worker.sending_ahead():
+            # Sending the results of tasks done .. item-1 ahead (P.PARTIAL): the
+            # piece never arrived (or it did, and done == item). Later ones had
+            # not started.
+            self._fail_or_retry(
+                head,
+                done,
+                item,
+                crashed(
+                    lambda i: f"{who} died while sending the results of {head.task_name(i)}: {how}"
+                ),
+            )
+            requeue.insert(0, head.tail(item))
+            return
         if item == P.ITEM_UNPICKLING or item >= n:
             stage = "unpickling the arguments of" if item < 0 else "sending the results of"
             self._fail_or_retry(

@@ -64,6 +64,9 @@ PROTOCOL = 5
 SLOT_BATCH, SLOT_ITEM, SLOT_STARTED, SLOT_SPAN, SLOT_ALIVE, SLOT_SHM = 0, 1, 2, 3, 4, 5
 SLOT_SIZE = 6
 FAST_SPAN = 256
+# SLOT_SPAN while a worker sends the results of tasks before SLOT_ITEM ahead of its
+# reply (P.PARTIAL): no task runs.
+SPAN_SENDING = 0
 # Batches this long run in the fast path; shorter ones keep one slot write per
 # item, so a crash is pinned to exactly one task.
 FAST_MIN_ITEMS = 64

@@ -171,7 +171,9 @@ def _run_batch(
         err = SerializationError(f"cannot unpickle the task's arguments in the worker: {exc!r}")
         err.__cause__ = exc
         return P.dumps((None, P.portable_error(err, "unpickling the arguments"))), 0.0
-    stream = _Stream(conn, batch_id, namer, first_index, len(items)) if len(items) > 1 else None
+    stream = (
+        _Stream(conn, slot, batch_id, namer, first_index, len(items)) if len(items) > 1 else None
+    )
     started = time.perf_counter()
     values, errors = _call_all(fn, star, timed, first_index, seed, items, slot, stream)
     running = time.perf_counter() - started
@@ -197,12 +199,19 @@ class _Stream:
     sends a piece more than it must.
     """
 
-    __slots__ = ("batch_id", "conn", "first_index", "n", "namer", "sent", "size")
+    __slots__ = ("batch_id", "conn", "first_index", "n", "namer", "sent", "size", "slot")
 
     def __init__(
-        self, conn: Connection, batch_id: int, namer: shm.Namer | None, first_index: int, n: int
+        self,
+        conn: Connection,
+        slot: Any,
+        batch_id: int,
+        namer: shm.Namer | None,
+        first_index: int,
+        n: int,
     ) -> None:
         self.conn = conn
+        self.slot = slot
         self.batch_id = batch_id
         self.namer = namer
         self.first_index = first_index
@@ -217,7 +226,9 @@ class _Stream:
         self.size += nbytes
         if self.size < P.PIECE_BYTES or upto >= self.n:
             return
-        sent = self.sent
+        sent, slot = self.sent, self.slot
+        slot[P.SLOT_ITEM] = upto  # a death now is in sending; tasks from upto on have not run
+        slot[P.SLOT_SPAN] = P.SPAN_SENDING
         piece, piece_errors = values[sent:upto], _shift(errors, sent, upto)
         try:
             payload = shm.pack((piece, piece_errors), self.namer)
@@ -226,6 +237,7 @@ class _Stream:
         self.conn.send_bytes(P.dumps((P.PARTIAL, self.batch_id, payload, upto - sent)))
         values[sent:upto] = [None] * (upto - sent)  # sent: free them, keep the indexes
         self.sent, self.size = upto, 0
+        slot[P.SLOT_SPAN] = 1  # the fast path sets its own before each span
 
 
 def _result_size(value: Any) -> int:
