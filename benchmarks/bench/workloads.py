@@ -18,7 +18,7 @@ import math
 import multiprocessing
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -155,7 +155,12 @@ def tiny(ctx: Ctx) -> None:
     with ctx.session() as session:
         _warm(session, ctx.sizes.workers)
         if ctx.case == "default":
-            rate = measure.rate_within_budget(_map_squares(session, inputs, None), n, budget)
+            # The best of two, as the chunked figure is the best of several: a process's
+            # first map of 1M tasks pays the parent's allocator for ~28 MB of fresh result
+            # objects (procpool: 0.150 s, then 0.110-0.125 s; the workers' busy and
+            # transfer times are the same in both), which later maps reuse.
+            run = _map_squares(session, inputs, None)
+            rate = _best(measure.rate_within_budget(run, n, budget / 2) for _ in range(2))
             ctx.finish(*_rate_figures(rate))
         tries = {
             c: measure.rate_within_budget(
@@ -176,7 +181,12 @@ def tiny_serial(ctx: Ctx) -> None:
     def run(k: int) -> None:
         _check([x * x for x in inputs[k]][-1] == (k - 1) ** 2, "squares")
 
-    ctx.finish(*_rate_figures(measure.rate_within_budget(run, n, ctx.sizes.budget_s)))
+    budget = ctx.sizes.budget_s / 2
+    ctx.finish(*_rate_figures(_best(measure.rate_within_budget(run, n, budget) for _ in range(2))))
+
+
+def _best(rates: Iterable[measure.Rate]) -> measure.Rate:
+    return max(rates, key=lambda rate: rate.per_second)
 
 
 def tiny_cases(contender: Contender, sizes: Sizes) -> tuple[str, ...]:
