@@ -40,6 +40,22 @@ def stamped_blob(nbytes: int) -> tuple[float, bytes]:
     return started, b"x" * nbytes
 
 
+class SlowToPickle:
+    """Takes ``seconds`` to pickle; unpickles as the string "pickled"."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        time.sleep(self.seconds)
+        return str, ("pickled",)
+
+
+def big_then_slow_to_pickle(seconds: float) -> tuple[bytes, SlowToPickle]:
+    """A result over a piece's 1 MB that takes ``seconds`` to pickle."""
+    return b"x" * 1_100_000, SlowToPickle(seconds)
+
+
 def identity(x: object) -> object:
     return x
 

@@ -23,7 +23,7 @@ from procpool import (
     WorkerCrashedError,
 )
 from procpool import testing as crash
-from tests.helpers import blob, square
+from tests.helpers import big_then_slow_to_pickle, blob, square
 
 # (id, function, args, pool options, expected type, message pattern)
 TASK_ROWS: list[tuple[str, Callable[..., Any], tuple[Any, ...], dict[str, Any], type, str]] = [
@@ -214,6 +214,14 @@ def test_a_death_while_sending_results_ahead_fails_only_what_was_sent(
         assert isinstance(out[i], WorkerCrashedError), out[i]
         assert f"died while sending the results of task {i}" in str(out[i])
     assert out[3] == 9
+
+
+def test_sending_results_ahead_does_not_count_against_task_timeout() -> None:
+    # Task 0 ends at once, but its result takes 0.8 s to pickle, in a piece sent
+    # ahead of task 1: no task ran longer than 0.5 s, so nothing is killed.
+    with Pool(1, task_timeout=0.5) as pool:
+        out = pool.map(big_then_slow_to_pickle, [0.8, 0.0], chunksize=2)
+    assert out == [(b"x" * 1_100_000, "pickled")] * 2
 
 
 def test_results_sent_ahead_keep_errors_and_retries_in_place() -> None:

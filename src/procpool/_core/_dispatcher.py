@@ -448,10 +448,10 @@ class Dispatcher:
             if timeout is None:
                 continue
             batch_id, item, started = worker.read_slot()
-            if batch_id == head.id and item >= 0:
+            if batch_id == head.id and item >= 0 and not worker.sending_ahead():
                 left = max(0.0, started + timeout - now) + 0.001
             else:
-                left = 0.01  # not started yet: look again soon
+                left = 0.01  # not started yet, or sending results ahead: look again soon
             nearest = left if nearest is None else min(nearest, left)
         for worker in self._workers.values():
             if not worker.start_timed_out and not worker.alive():
@@ -871,7 +871,8 @@ class Dispatcher:
             if timeout is None:
                 continue
             batch_id, item, started = worker.read_slot()
-            if batch_id == head.id and 0 <= item < len(head.items) and now - started > timeout:
+            running = 0 <= item < len(head.items) and not worker.sending_ahead()
+            if batch_id == head.id and running and now - started > timeout:
                 worker.timed_out = (head.id, item)
                 _kill(worker.pid, signal.SIGKILL)
 
