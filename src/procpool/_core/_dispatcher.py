@@ -66,7 +66,6 @@ from __future__ import annotations
 import itertools
 import multiprocessing.context
 import os
-import pickle
 import selectors
 import signal
 import threading
@@ -528,8 +527,9 @@ class Dispatcher:
             first = batch.first_index if batch.named else -1
             timed = batch.policy.timeout is not None
             seed = None if batch.policy.seed is None else (batch.policy.seed, batch.seed_base)
-            worker.conn.send_bytes(
-                P.dumps((P.BATCH, batch.id, fn.id, batch.star, timed, first, seed, batch.payload))
+            P.send(
+                worker.conn,
+                (P.BATCH, batch.id, fn.id, batch.star, timed, first, seed, batch.payload),
             )
         except OSError:
             # The worker is gone; its sentinel will fire and this batch,
@@ -542,7 +542,7 @@ class Dispatcher:
 
     def _on_message(self, worker: _Worker) -> None:
         try:
-            msg = pickle.loads(worker.conn.recv_bytes())
+            msg = P.recv(worker.conn)
         except (EOFError, OSError):
             # The worker is exiting; its sentinel reports how.
             self._sel.unregister(worker.conn)
@@ -559,7 +559,7 @@ class Dispatcher:
             self._on_init_failed(msg[1], msg[2])
 
     def _on_results(self, worker: _Worker, msg: tuple[Any, ...]) -> None:
-        _, batch_id, payload, busy, transfer, recycle = msg
+        _, batch_id, busy, transfer, recycle, payload = msg
         if self._broken is not None and (not worker.inflight or worker.inflight[0].id != batch_id):
             return  # the pool broke while this batch ran, and failed it then
         batch = worker.inflight.popleft()
@@ -588,7 +588,7 @@ class Dispatcher:
 
     def _on_partial(self, worker: _Worker, msg: tuple[Any, ...]) -> None:
         """The results of a running batch's next tasks, sent ahead of its reply."""
-        _, batch_id, payload, count = msg
+        _, batch_id, count, payload = msg
         if not worker.inflight or worker.inflight[0].id != batch_id:
             return  # the pool broke while this batch ran, and failed it then
         batch = worker.inflight[0]
@@ -716,7 +716,7 @@ class Dispatcher:
     def _drain_messages(self, worker: _Worker) -> None:
         try:
             while worker.conn.poll():
-                msg = pickle.loads(worker.conn.recv_bytes())
+                msg = P.recv(worker.conn)
                 if msg[0] == P.RESULTS:
                     self._on_results(worker, msg)
                 elif msg[0] == P.PARTIAL:

@@ -123,17 +123,16 @@ def _serve(conn: Connection, slot: Any, max_rss: int | None, namer: shm.Namer | 
     fns: OrderedDict[int, Any] = OrderedDict()
     while True:
         try:
-            data = conn.recv_bytes()
+            msg = P.recv(conn)
         except (EOFError, OSError):
             return  # the parent closed the pipe: nothing more will come
-        msg = pickle.loads(data)
         tag = msg[0]
         if tag == P.BATCH:
             started = time.perf_counter()
             reply, running = _run_batch(msg, fns, slot, namer, conn)
             transfer = time.perf_counter() - started - running
             recycle = max_rss is not None and over_memory(max_rss)
-            conn.send_bytes(P.dumps((P.RESULTS, msg[1], reply, running, transfer, recycle)))
+            P.send(conn, (P.RESULTS, msg[1], running, transfer, recycle, reply))
         elif tag == P.FN:
             fns[msg[1]] = msg[2]  # unpickled at first use, so a crash is blamed on a batch
             if len(fns) > FN_CACHE_SIZE:
@@ -234,7 +233,7 @@ class _Stream:
             payload = shm.pack((piece, piece_errors), self.namer)
         except BaseException:
             payload = _dumps_item_by_item(piece, piece_errors, self.first_index + sent)
-        self.conn.send_bytes(P.dumps((P.PARTIAL, self.batch_id, payload, upto - sent)))
+        P.send(self.conn, (P.PARTIAL, self.batch_id, upto - sent, payload))
         values[sent:upto] = [None] * (upto - sent)  # sent: free them, keep the indexes
         self.sent, self.size = upto, 0
         slot[P.SLOT_SPAN] = 1  # the fast path sets its own before each span
