@@ -119,8 +119,12 @@ START_TIMEOUT = 60.0
 # worker's start and stop cost. Evidence is a batch that has run this long, or
 # the work queued, at the seconds per item measured so far...
 GROW_AFTER_S = 0.002
-# ...or a worker still starting (a slow initializer) after this long.
+# ...or a worker still starting after this long. A batch that has run
+# GROW_ALL_AFTER_S, or a worker that long in its initializer, warrants a worker
+# for every waiting batch at once; the other evidence one more worker at a time
+# (a worker stalled for 2 ms by a busy machine must not start them all).
 GROW_AFTER_START_S = 0.010
+GROW_ALL_AFTER_S = 0.020
 
 
 _pool_ids = itertools.count()
@@ -568,8 +572,16 @@ class Dispatcher:
         self.tasks_completed += len(batch.items)
         worker.busy += busy
         worker.transfer += transfer
+        # Seconds per task, for growing on-demand pools (see _shortfall): a faster
+        # batch is believed at once, a slower one raises the estimate gradually.
+        # One call's time (an apply, a first call) overstates a map's tasks by
+        # 10-20x, and growth on an estimate should err towards fewer workers:
+        # a batch that has run 2 ms starts more on its own evidence.
         per_item = busy / len(batch.items)
-        self._item_s = per_item if self._item_s is None else 0.7 * self._item_s + 0.3 * per_item
+        if self._item_s is None or per_item < self._item_s:
+            self._item_s = per_item
+        else:
+            self._item_s = 0.7 * self._item_s + 0.3 * per_item
         if recycle and not worker.retiring:
             # Over its memory limit: it finishes what it holds, then is replaced.
             worker.retiring = True
@@ -987,14 +999,16 @@ class Dispatcher:
         """How many more workers the waiting work warrants (zero or less: none).
 
         A waiting batch warrants a worker of its own when batches are seen to
-        be long: one has run longer than GROW_AFTER_S, or a worker is still
-        starting (a slow initializer) after GROW_AFTER_START_S. Workers already
-        started that hold no batch take waiting ones first. Otherwise the work
-        queued, at the seconds per task measured so far, warrants one more
-        worker when it would keep each started one busy GROW_AFTER_S, but not
-        while a fork is under way: that estimate comes from few tasks (an
-        `apply` that included a first import), and by the time the fork is
-        done, finished batches will have corrected it.
+        be long: one has run longer than GROW_ALL_AFTER_S, or a worker is still
+        in its initializer GROW_AFTER_START_S after it was started. Workers
+        already started that hold no batch take waiting ones first. Weaker
+        evidence warrants one more worker, and not while a fork is under way: a
+        batch that has run GROW_AFTER_S or a worker still booting after
+        GROW_AFTER_START_S (a busy machine can stall a process that long), or
+        queued work that, at the seconds per task measured so far, would
+        keep each started worker busy GROW_AFTER_S (an estimate from few tasks,
+        say an `apply` that included a first import; by the time the fork is
+        done, finished batches will have corrected it).
         """
         pending = self._pending
         if not pending:
@@ -1003,22 +1017,30 @@ class Dispatcher:
             return 1
         now = time.monotonic()
         free = 0
-        long = False
+        slow_init = slow_boot = False
+        longest = 0.0  # the longest a running batch has run
         for worker in self._workers.values():
             if worker.retiring or worker.timed_out:
                 continue
             if not worker.inflight:
                 free += 1
             if not worker.ready:
-                long = long or now - worker.started > GROW_AFTER_START_S
+                if now - worker.started > GROW_AFTER_START_S:
+                    if worker.alive():
+                        slow_init = True  # booted: in its initializer
+                    else:
+                        slow_boot = True  # still booting: a busy machine
             elif worker.inflight:
                 batch_id, _, started = worker.read_slot()
-                long = long or (batch_id == worker.inflight[0].id and now - started > GROW_AFTER_S)
-        if long:
+                if batch_id == worker.inflight[0].id:
+                    longest = max(longest, now - started)
+        if slow_init or longest > GROW_ALL_AFTER_S:
             return len(pending) - free
-        if self._item_s is None or len(pending) <= free:
+        if len(pending) <= free or any(worker.forking for worker in self._workers.values()):
             return 0
-        if any(worker.forking for worker in self._workers.values()):
+        if longest > GROW_AFTER_S or slow_boot:
+            return 1
+        if self._item_s is None:
             return 0
         items_ahead = GROW_AFTER_S * active / max(self._item_s, 1e-9)
         waiting = 0
