@@ -806,7 +806,7 @@ class Dispatcher:
             stage = "unpickling the arguments of" if item < 0 else "sending the results of"
             self._fail_or_retry(
                 head,
-                done if item >= 0 else 0,
+                done,  # 0 while unpickling: nothing can have been sent ahead
                 n,
                 crashed(lambda i: f"{who} died while {stage} {head.task_name(i)}: {how}"),
             )
@@ -1017,9 +1017,10 @@ class Dispatcher:
             return 1
         now = time.monotonic()
         free = 0
-        slow_init = slow_boot = False
+        slow_init = slow_boot = forking = False
         longest = 0.0  # the longest a running batch has run
         for worker in self._workers.values():
+            forking = forking or worker.forking
             if worker.retiring or worker.timed_out:
                 continue
             if not worker.inflight:
@@ -1036,7 +1037,7 @@ class Dispatcher:
                     longest = max(longest, now - started)
         if slow_init or longest > GROW_ALL_AFTER_S:
             return len(pending) - free
-        if len(pending) <= free or any(worker.forking for worker in self._workers.values()):
+        if len(pending) <= free or forking:
             return 0
         if longest > GROW_AFTER_S or slow_boot:
             return 1
