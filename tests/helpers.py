@@ -187,3 +187,16 @@ def nested_pool_report(n: int) -> tuple[list[int], list[str], str]:
             results = pool.map(square, range(n))
             method = pool._runner.engine._ctx.get_start_method()
     return results, [str(w.message) for w in caught], method
+
+
+def fork_holder_then_exit(pid_file: str) -> None:
+    """Fork a child that keeps every inherited descriptor (the worker's pipe
+    included) open for 30 s, write its pid to ``pid_file``, then die with exit
+    code 5. The caller kills the child."""
+    child = os.fork()
+    if child == 0:
+        time.sleep(30)
+        os._exit(0)
+    with open(pid_file, "w") as f:
+        f.write(str(child))
+    os._exit(5)

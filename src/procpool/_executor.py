@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ._core import _protocol as P
 from ._core._dispatcher import PoolClosedError
 from ._core._startmethod import ContextLike
-from ._results import IMapIterator
+from ._results import IMapIterator, wait_helped
 from ._runner import _UNSET, Runner, check_chunksize, default_workers, make_policy
 
 if TYPE_CHECKING:
@@ -38,14 +38,42 @@ def _mark_interpreter_exiting() -> None:
 getattr(threading, "_register_atexit", atexit.register)(_mark_interpreter_exiting)
 
 
+class _Future(cf.Future[T]):
+    """A Future whose ``result()`` may read the outcome from the worker itself.
+
+    See ``_batch.Sink``: on an idle pool the task went straight to a worker,
+    and the thread that waits reads the reply, sparing two thread wake-ups.
+    ``as_completed``, ``wait`` and callbacks get the outcome as before.
+    """
+
+    _waiter: Callable[[float | None], None] | None = None
+
+    def result(self, timeout: float | None = None) -> T:
+        return super().result(self._help(timeout))
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        return super().exception(self._help(timeout))
+
+    def _help(self, timeout: float | None) -> float | None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is None or self.done():
+            return timeout
+        return wait_helped(waiter, timeout)
+
+
 class _FutureSink:
     """Hands a single task's outcome to its Future."""
 
     __slots__ = ("future", "owner")
 
-    def __init__(self, future: cf.Future[Any], owner: ProcessPoolExecutor) -> None:
+    def __init__(self, future: _Future[Any], owner: ProcessPoolExecutor) -> None:
         self.future = future
         self.owner = owner
+
+    def attach_waiter(self, waiter: Callable[[float | None], None]) -> bool:
+        """Let ``future.result()`` read the outcome itself (see ``_batch.Sink``)."""
+        self.future._waiter = waiter
+        return True
 
     def start(self) -> bool:
         """Called as the task is sent to a worker; False (cancelled) drops it."""
@@ -177,7 +205,7 @@ class ProcessPoolExecutor(cf.Executor):
             broken = self._runner.engine.broken
             if broken is not None:
                 raise broken
-            future: cf.Future[T] = cf.Future()
+            future: _Future[T] = _Future()
             self._pending[future] = None
         sink = _FutureSink(future, self)
         try:

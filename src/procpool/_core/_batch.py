@@ -33,6 +33,13 @@ class Sink(Protocol):
         """Take the results of tasks ``first .. first+len(values)-1``; ``errors`` overrides."""
 
 
+# A sink may also offer ``attach_waiter(wait) -> bool``: it takes (or declines)
+# a function that the thread waiting for its outcome calls, with its timeout in
+# seconds, to read the outcome from the worker itself (Dispatcher._send_direct).
+# A sink that takes it calls deliver() on that thread, so it takes it only if
+# deliver() runs no user code that expects the dispatcher's thread.
+
+
 class Batch:
     """Tasks ``first_index ..`` of one call of ``fn``, pickled and ready to send."""
 

@@ -1,0 +1,259 @@
+"""The direct path: a lone call on an idle pool goes straight to a worker from
+the caller's thread, and the thread that waits reads the reply itself.
+
+Each test first checks (white-box, through the dispatcher's count of lent
+pipes) that the path it means to test was taken, so that none of them passes
+by falling back to the dispatcher thread.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from procpool import Pool, ProcessPoolExecutor, WorkerCrashedError
+from procpool import testing as crash
+from tests.helpers import fork_holder_then_exit, sleep_return, square
+
+
+def _lendings(pool: Any) -> int:
+    engine = pool._runner.engine
+    return int(engine._lendings)
+
+
+def _warm(pool: Any) -> None:
+    """Make sure every worker is up and has reported ready (an on-demand pool
+    starts its second worker for tasks seen to be long)."""
+    deadline = time.monotonic() + 30
+    while True:
+        pool.starmap(sleep_return, [(0.03, i) for i in range(4)], chunksize=1)
+        workers = pool._runner.engine._workers.values()
+        if len(workers) == pool._runner.engine.size and all(w.ready for w in workers):
+            return
+        assert time.monotonic() < deadline, "workers did not start"
+
+
+def test_round_trips_on_an_idle_pool_take_the_direct_path(start_method: str) -> None:
+    with Pool(2, context=start_method) as pool:
+        _warm(pool)
+        before = _lendings(pool)
+        assert [pool.apply(square, (i,)) for i in range(50)] == [i * i for i in range(50)]
+        assert [pool.apply_async(square, (i,)).get(10) for i in range(50)] == [
+            i * i for i in range(50)
+        ]
+        # Lent and given back once per call.
+        assert _lendings(pool) - before == 2 * 100
+        assert pool.statistics().tasks_completed >= 100
+
+
+@pytest.mark.parametrize(
+    ("fn", "pattern"),
+    [
+        (crash.exit_abruptly, r"died running the task: exit code 3"),
+        (crash.kill_self, r"SIGKILL"),
+        (crash.segfault, r"SIGSEGV"),
+    ],
+    ids=["os._exit", "sigkill", "segfault"],
+)
+def test_a_worker_that_dies_while_its_pipe_is_lent_fails_only_that_call(
+    start_method: str, fn: Any, pattern: str
+) -> None:
+    with Pool(2, context=start_method) as pool:
+        _warm(pool)
+        before = _lendings(pool)
+        with pytest.raises(WorkerCrashedError, match=pattern):
+            pool.apply(fn)
+        assert _lendings(pool) > before
+        assert [pool.apply(square, (i,)) for i in range(10)] == [i * i for i in range(10)]
+        assert pool.statistics().crashes == 1
+
+
+def test_a_death_is_seen_even_while_a_grandchild_holds_the_pipe_open(tmp_path: Path) -> None:
+    # The worker's end of the pipe outlives the worker in a process it forked:
+    # no end of file comes, and only the worker's sentinel says it died.
+    holder = tmp_path / "holder.pid"
+    with Pool(2) as pool:
+        _warm(pool)
+        before = _lendings(pool)
+        started = time.monotonic()
+        try:
+            with pytest.raises(WorkerCrashedError, match="exit code 5"):
+                pool.apply(fork_holder_then_exit, (str(holder),))
+        finally:
+            _kill_holder(holder)
+        assert time.monotonic() - started < 5  # the holder would have slept 30 s
+        assert _lendings(pool) > before
+        assert pool.apply(square, (3,)) == 9
+
+
+def _kill_holder(path: Path) -> None:
+    deadline = time.monotonic() + 10
+    while not path.exists() or not path.read_text().strip():
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.01)
+    try:
+        os.kill(int(path.read_text()), signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def test_get_with_a_timeout_gives_the_pipe_back_and_the_result_still_arrives() -> None:
+    with Pool(2) as pool:
+        _warm(pool)
+        result = pool.apply_async(sleep_return, (0.5, "late"))
+        with pytest.raises(multiprocessing.TimeoutError):
+            result.get(timeout=0.05)
+        # Meanwhile the dispatcher serves the other worker, and the lent pipe came back.
+        assert pool.apply(square, (4,)) == 16
+        assert result.get(timeout=10) == "late"
+        assert result.successful()
+
+
+def test_results_nobody_waits_for_still_arrive() -> None:
+    # Sent directly, then never asked for: the dispatcher reads the replies.
+    with Pool(2) as pool:
+        _warm(pool)
+        results = []
+        for i in range(20):
+            results.append(pool.apply_async(square, (i,)))
+            time.sleep(0.002)  # a worker idles again between calls
+        pool.close()
+        pool.join()
+        assert [r.get(0) for r in results] == [i * i for i in range(20)]
+
+
+def test_many_threads_waiting_at_once_each_get_their_own_result() -> None:
+    errors: list[BaseException] = []
+    with Pool(2) as pool:
+        _warm(pool)
+        before = _lendings(pool)
+
+        def calls(k: int) -> None:
+            try:
+                for i in range(200):
+                    assert pool.apply(square, (k * 1000 + i,)) == (k * 1000 + i) ** 2
+            except BaseException as exc:  # reported below, from the main thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=calls, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors
+        assert _lendings(pool) > before  # some went the direct way, the rest did not
+
+
+def test_terminate_releases_a_thread_waiting_on_a_lent_pipe() -> None:
+    pool = Pool(2)
+    try:
+        _warm(pool)
+        result = pool.apply_async(sleep_return, (30, None))
+        outcome: list[BaseException] = []
+
+        def wait() -> None:
+            try:
+                result.get(20)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        time.sleep(0.2)  # the waiter has the pipe now
+        started = time.monotonic()
+        pool.terminate()
+        waiter.join(10)
+        assert not waiter.is_alive()
+        assert time.monotonic() - started < 5
+        assert outcome and not isinstance(outcome[0], multiprocessing.TimeoutError)
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def test_close_and_join_wait_for_a_call_read_on_the_direct_path() -> None:
+    with Pool(2) as pool:
+        _warm(pool)
+        result = pool.apply_async(sleep_return, (0.3, "done"))
+        waiter = threading.Thread(target=result.wait)
+        waiter.start()
+        time.sleep(0.05)
+        pool.close()
+        pool.join()  # must not hang: the waiter tells the dispatcher it is done
+        waiter.join(10)
+        assert result.get(0) == "done"
+
+
+def test_retries_of_a_crashed_direct_call_run_on_a_fresh_worker(tmp_path: Path) -> None:
+    flag = tmp_path / "crashed-once"
+    with Pool(2, retries=1) as pool:
+        _warm(pool)
+        before = _lendings(pool)
+        assert pool.apply(_crash_first_time, (str(flag),)) == "second try"
+        assert _lendings(pool) > before
+        assert pool.statistics().retries == 1
+
+
+def _crash_first_time(flag: str) -> str:
+    if not os.path.exists(flag):
+        Path(flag).write_text("x")
+        os._exit(9)
+    return "second try"
+
+
+def test_callbacks_still_run_on_the_dispatcher_thread() -> None:
+    with Pool(2) as pool:
+        _warm(pool)
+        seen: list[str] = []
+        result = pool.apply_async(square, (5,), callback=lambda _: seen.append(_thread_name()))
+        assert result.get(10) == 25
+        assert seen == ["procpool-dispatcher"]
+
+
+def _thread_name() -> str:
+    return threading.current_thread().name
+
+
+def test_executor_futures_take_the_direct_path_and_keep_their_contract() -> None:
+    with ProcessPoolExecutor(2) as ex:
+        list(ex.map(sleep_return, [0.03] * 4))  # both workers up
+        before = _lendings(ex)
+        assert [ex.submit(square, i).result() for i in range(20)] == [i * i for i in range(20)]
+        assert _lendings(ex) - before == 2 * 20
+
+        slow = ex.submit(sleep_return, 0.5, "late")
+        with pytest.raises(cf.TimeoutError):
+            slow.result(timeout=0.05)
+        assert slow.exception(timeout=10) is None
+        assert slow.result() == "late"
+
+        failing = ex.submit(crash.raise_error, "boom")
+        assert isinstance(failing.exception(timeout=10), crash.CrasherError)
+
+        # Futures nobody calls result() on are settled by the dispatcher.
+        futures = [ex.submit(square, i) for i in range(10)]
+        assert sorted(f.result() for f in cf.as_completed(futures, timeout=10)) == sorted(
+            i * i for i in range(10)
+        )
+
+
+def test_a_done_callback_that_submits_more_work_does_not_deadlock() -> None:
+    with ProcessPoolExecutor(2) as ex:
+        list(ex.map(square, range(8)))
+        chained: list[cf.Future[int]] = []
+        first = ex.submit(square, 3)
+        first.add_done_callback(lambda f: chained.append(ex.submit(square, f.result())))
+        assert first.result(timeout=10) == 9
+        deadline = time.monotonic() + 10
+        while not chained and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert chained[0].result(timeout=10) == 81
