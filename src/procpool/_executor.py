@@ -58,7 +58,10 @@ class _Future(cf.Future[T]):
         waiter, self._waiter = self._waiter, None
         if waiter is None or self.done():
             return timeout
-        return wait_helped(waiter, timeout)
+        timeout = wait_helped(waiter, timeout)
+        if not self.done():
+            self._waiter = waiter  # timed out: the next wait may read it again
+        return timeout
 
 
 class _FutureSink:
@@ -86,6 +89,7 @@ class _FutureSink:
         self, first: int, values: list[Any], errors: dict[int, BaseException] | None
     ) -> None:
         self.owner._forget(self.future)
+        self.future._waiter = None  # it holds the batch and the worker: let them go
         if self.future.done():
             return
         if errors:

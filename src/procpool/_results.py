@@ -91,6 +91,8 @@ class AsyncResult(Generic[T]):
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not self._event.is_set():
             timeout = wait_helped(waiter, timeout)
+            if not self._event.is_set():
+                self._waiter = waiter  # timed out: the next wait may read it again
         self._event.wait(timeout)
 
     def attach_waiter(self, waiter: Callable[[float | None], None]) -> bool:
@@ -120,6 +122,7 @@ class AsyncResult(Generic[T]):
         raise self._value
 
     def _finish(self, success: bool, value: Any) -> None:
+        self._waiter = None  # it holds the batch and the worker: let them go
         # Callbacks run before waiters wake, as in the stdlib; an exception in a
         # callback becomes the call's outcome rather than vanishing in a thread.
         try:

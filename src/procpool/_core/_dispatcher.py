@@ -32,8 +32,10 @@ be asleep). No lock is taken per task, and no feeder thread stands between
 callers and pipes.
 
 *The dispatcher thread* owns every worker and every pipe; nothing else touches
-them. It waits on all pipes, all worker sentinels and the wake-up pipe at once
-with one persistent selector. It sends a batch to an idle worker first; while
+them, but for the direct path below, under the engine lock, which the
+dispatcher holds whenever it is not asleep in select(). It waits on all
+pipes, all worker sentinels and the wake-up pipe at once with one persistent
+selector. It sends a batch to an idle worker first; while
 every worker is busy, it keeps one more small batch (the *prefetch*) queued in
 each worker's pipe so no worker waits for its next batch. A batch larger than
 the prefetch limit is sent only to an idle worker: a worker blocked writing a
@@ -54,6 +56,14 @@ shared slot says which batch and which item were running: that item fails with
 WorkerCrashedError naming the exit code or signal; items of the batch that had
 already run (their results died with the worker) fail too; everything that
 had not started goes back to the front of ``pending``. The worker is replaced.
+
+*The direct path* spares a lone call on an idle pool two thread wake-ups.
+The caller's thread sends the batch to an idle worker itself
+(_send_direct), and the thread that then waits for the result borrows that
+worker's pipe: it leaves the dispatcher's selector, the waiting thread reads
+and handles the reply (``_pipewait.py`` says how it waits), and gives it
+back (_wait_direct). A worker that dies meanwhile is settled by the
+dispatcher, as any other, once the pipe is back.
 
 *Workers* (``_worker.py``) run batches and answer each with one message.
 
@@ -86,6 +96,7 @@ from .._exceptions import (
 )
 from . import _protocol as P
 from . import _shm as shm
+from . import _signals
 from ._batch import Batch, dumps_callable
 from ._pipewait import PipeWait
 from ._slot import Slot
@@ -131,6 +142,9 @@ GROW_ALL_AFTER_S = 0.020
 # How long a lone call waits for the dispatcher to let go of the engine lock
 # before it goes the dispatcher's way (see Dispatcher._send_direct).
 DIRECT_LOCK_WAIT_S = 0.0005
+# How long the dispatcher leaves a direct call's reply for the thread that will
+# wait for it, when the reply comes first (see Dispatcher._hold_for_waiter).
+HOLD_FOR_WAITER_S = 0.001
 
 
 _pool_ids = itertools.count()
@@ -147,6 +161,7 @@ class _Worker:
         "_pid",
         "busy",
         "conn",
+        "direct_at",
         "eof",
         "fd",
         "fns",
@@ -183,6 +198,7 @@ class _Worker:
         self.started = time.monotonic()
         self.start_timed_out = False
         self.lent = False  # its pipe is lent to a caller's thread (see Dispatcher._wait_direct)
+        self.direct_at = 0.0  # when a call was sent to it on the direct path, not yet waited for
         self.eof = False  # its pipe reported end of file to that thread
         self.pipe_wait: PipeWait | None = None  # how that thread waits
 
@@ -279,10 +295,10 @@ class Dispatcher:
         epoll = getattr(self._sel, "_selector", None)
         self._epoll: Any = epoll if isinstance(epoll, getattr(select, "epoll", ())) else None
         self._muted: dict[int, selectors.SelectorKey | None] = {}  # see _mute
+        self._held: dict[int, _Worker] = {}  # replies left to their waiters (_hold_for_waiter)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
-        self._wake_pending = False
         self._closing = False  # no new work; finish what is there, then stop workers
         self._terminating = False  # drop everything now
         self._broken: BaseException | None = None
@@ -363,6 +379,15 @@ class Dispatcher:
         attach = getattr(batch.sink, "attach_waiter", None)
         if attach is None or batch.policy.timeout is not None or self._pending:
             return False
+        saved = _signals.defer()  # engine code on the caller's thread: see _signals
+        try:
+            return self._send_direct_locked(batch, attach)
+        finally:
+            _signals.deliver(saved)
+
+    def _send_direct_locked(
+        self, batch: Batch, attach: Callable[[Callable[[float | None], None]], bool]
+    ) -> bool:
         if not self._engine_lock.acquire(blocking=False):
             if threading.get_ident() in (self._thread.ident, self._handler):
                 return False  # called back from under the lock: it will not come free
@@ -387,6 +412,7 @@ class Dispatcher:
                     batch.release()
                     return True  # cancelled before it started
             self._send(worker, batch)
+            worker.direct_at = time.monotonic()
             return True
         finally:
             self._engine_lock.release()
@@ -409,17 +435,39 @@ class Dispatcher:
         dispatcher may hold events from a select() begun before the pipe was
         lent: it checks that the pipe still has something to read.
         """
+        if threading.get_ident() in (self._thread.ident, self._handler):
+            return  # a callback waiting on another result: the lock is this thread's
         deadline = None if timeout is None else time.monotonic() + timeout
         engine = self._engine_lock
-        with engine:
-            if worker.lent or not self._holds(worker, batch):
-                return
-            pipe_wait = self._lend(worker)
+        saved = _signals.defer()  # engine code on the caller's thread: see _signals
+        try:
+            with engine:
+                if worker.lent or not self._holds(worker, batch):
+                    return
+                pipe_wait = self._lend(worker)
+            stop = _signals.pending if saved is not None else None
+            self._read_lent(worker, batch, pipe_wait, deadline, stop)
+        finally:
+            _signals.deliver(saved)
+
+    def _read_lent(
+        self,
+        worker: _Worker,
+        batch: Batch,
+        pipe_wait: PipeWait,
+        deadline: float | None,
+        stop: Callable[[], bool] | None,
+    ) -> None:
+        """Read and handle ``worker``'s messages until ``batch`` is settled, or ``stop()``
+        says to give up (asked every tick of the wait); give the pipe back."""
+        engine = self._engine_lock
         settled = False
         try:
             while not settled:
-                if not pipe_wait.wait(deadline):
-                    return  # timed out, or the worker exited: its sentinel says how
+                if not pipe_wait.wait(deadline, stop):
+                    # Timed out, a signal to deliver, or the worker exited (its
+                    # sentinel, which the dispatcher watches, says how).
+                    return
                 try:
                     # Outside the lock: while lent, nothing else reads this pipe,
                     # and a large reply does not hold up the dispatcher.
@@ -448,6 +496,7 @@ class Dispatcher:
 
     def _lend(self, worker: _Worker) -> PipeWait:
         worker.lent = True
+        worker.direct_at = 0.0
         self._lendings += 1
         self._mute(worker.fd)  # the sentinel stays: see _on_ready
         if worker.pipe_wait is None:
@@ -470,6 +519,8 @@ class Dispatcher:
         stays: ~0.4 us a call, where the selectors API's unregister and register
         cost ~2 us each, and the direct path makes two such calls a round trip.
         """
+        if fd in self._muted:
+            return  # held for its waiter already (see _hold_for_waiter)
         if self._epoll is None:
             try:
                 self._muted[fd] = self._sel.unregister(fd)
@@ -531,12 +582,15 @@ class Dispatcher:
         return True
 
     def _wake(self) -> None:
-        if not self._wake_pending:
-            self._wake_pending = True
-            try:
-                os.write(self._wake_w, b"\0")
-            except (BlockingIOError, OSError):
-                pass
+        # A byte each time, with no flag to skip the write while one is unread:
+        # setting such a flag and writing cannot be one step, and a signal
+        # handler that raised (Ctrl-C) between the two left the flag set with no
+        # byte to read, and no caller could wake the dispatcher again. A full
+        # pipe means it will wake anyway.
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):
+            pass
 
     def statistics(self) -> PoolStatistics:
         """A snapshot of task counts, faults, and how each worker spent its time."""
@@ -588,6 +642,8 @@ class Dispatcher:
                     for key, _ in events:
                         self._on_ready(key, stale)
                     self._enforce_timeouts()
+                    if self._held:
+                        self._release_held()
         except BaseException as exc:
             with engine:
                 self._fail_everything(
@@ -618,16 +674,45 @@ class Dispatcher:
         if kind == "conn":
             if stale and not worker.conn.poll():
                 return  # the caller it was lent to read what had come
+            if worker.direct_at and self._hold_for_waiter(worker):
+                return
             self._on_message(worker)
         elif not self._on_demand or self._has_exited(worker):
             self._on_exit(worker)
+
+    def _hold_for_waiter(self, worker: _Worker) -> bool:
+        """Leave the reply of a call sent on the direct path to the thread that will wait for it.
+
+        The reply came before that thread took the pipe: the dispatcher was
+        awake (a thread asleep in select() takes longer to wake than the caller
+        takes to come). Read here, the call would pay the two thread wake-ups
+        the direct path spares, and an awake dispatcher tends to stay awake for
+        the next call too. So the pipe is muted for up to HOLD_FOR_WAITER_S; a
+        reply nobody comes for (a fire-and-forget ``apply_async``) is read then.
+        """
+        if time.monotonic() - worker.direct_at >= HOLD_FOR_WAITER_S:
+            worker.direct_at = 0.0
+            return False
+        self._mute(worker.fd)
+        self._held[worker.id] = worker
+        return True
+
+    def _release_held(self) -> None:
+        """Read the held replies whose waiter did not come in time (see _hold_for_waiter)."""
+        now = time.monotonic()
+        for wid, worker in list(self._held.items()):
+            if worker.lent or not worker.direct_at:
+                del self._held[wid]  # its waiter took it
+            elif now - worker.direct_at >= HOLD_FOR_WAITER_S:
+                del self._held[wid]
+                worker.direct_at = 0.0
+                self._unmute(worker.fd, drop=False)
 
     def _drain_wake(self) -> None:
         try:
             os.read(self._wake_r, 4096)
         except BlockingIOError:
             pass
-        self._wake_pending = False
 
     def _finished(self) -> bool:
         if self._terminating:
@@ -661,6 +746,9 @@ class Dispatcher:
         if self._on_demand and self._pending and len(self._workers) < self._size:
             # Work waits in a pool that may grow: look again soon (see _grow).
             nearest = GROW_AFTER_S / 2 if nearest is None else min(nearest, GROW_AFTER_S / 2)
+        for worker in self._held.values():
+            left = max(0.0, worker.direct_at + HOLD_FOR_WAITER_S - now)
+            nearest = left if nearest is None else min(nearest, left)
         return nearest
 
     # ------------------------------------------------------------ sending
@@ -955,6 +1043,9 @@ class Dispatcher:
         if exitcode is not None:
             worker.process.close()
         self._shm_used = self._shm_used or bool(worker.slot[P.SLOT_SHM])
+        self._held.pop(worker.id, None)
+        if not worker.lent:
+            self._muted.pop(worker.fd, None)  # its number may come back with another pipe
         with self._stats_lock:  # from live to gone in one step, for statistics()
             del self._workers[worker.id]
             self._remember(gone)

@@ -37,6 +37,7 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Callable
 
 __all__ = ["PipeWait"]
 
@@ -80,13 +81,15 @@ class PipeWait:
         if self._sock is None:
             self._poll.register(conn_fd, select.POLLIN)
 
-    def wait(self, deadline: float | None) -> bool:
+    def wait(self, deadline: float | None, stop: Callable[[], bool] | None = None) -> bool:
         """Wait until a message (or end of file) can be read: True; or until ``deadline``
-        (``time.monotonic()``) passes or the worker exits: False."""
+        (``time.monotonic()``) passes, the worker exits, or ``stop()``, asked every
+        TICK_S, says so: False."""
         start = time.perf_counter()
-        if self._quick and self._spin(start + SPIN_S):
+        spin = SPIN_S if deadline is None else min(SPIN_S, deadline - time.monotonic())
+        if self._quick and self._spin(start + spin):
             return True
-        if self._sleep(deadline):
+        if self._sleep(deadline, stop):
             self._quick = _SPIN and time.perf_counter() - start < SPIN_S
             return True
         return False
@@ -98,7 +101,7 @@ class PipeWait:
                 return False
         return True
 
-    def _sleep(self, deadline: float | None) -> bool:
+    def _sleep(self, deadline: float | None, stop: Callable[[], bool] | None) -> bool:
         while True:
             left = TICK_S if deadline is None else min(TICK_S, deadline - time.monotonic())
             if left <= 0:
@@ -113,6 +116,8 @@ class PipeWait:
                 return True
             elif self._poll.poll(0):
                 return False  # the sentinel: the worker exited
+            if stop is not None and stop():
+                return False
 
     def close(self) -> None:
         if self._sock is not None:
