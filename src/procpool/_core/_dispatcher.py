@@ -57,13 +57,12 @@ WorkerCrashedError naming the exit code or signal; items of the batch that had
 already run (their results died with the worker) fail too; everything that
 had not started goes back to the front of ``pending``. The worker is replaced.
 
-*The direct path* spares a lone call on an idle pool two thread wake-ups.
-The caller's thread sends the batch to an idle worker itself
-(_send_direct), and the thread that then waits for the result borrows that
-worker's pipe: it leaves the dispatcher's selector, the waiting thread reads
-and handles the reply (``_pipewait.py`` says how it waits), and gives it
-back (_wait_direct). A worker that dies meanwhile is settled by the
-dispatcher, as any other, once the pipe is back.
+*The direct path* (``_direct.py``, mixed into the Dispatcher) spares a lone
+call on an idle pool two thread wake-ups. The caller's thread sends the batch
+to an idle worker itself, and the thread that then waits for the result
+borrows that worker's pipe: it leaves the dispatcher's selector, the waiting
+thread reads and handles the reply, and gives it back. A worker that dies
+meanwhile is settled by the dispatcher, as any other, once the pipe is back.
 
 *Workers* (``_worker.py``) run batches and answer each with one message.
 
@@ -73,18 +72,16 @@ layer's AsyncResult, Future and imap iterators.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import multiprocessing.context
 import os
-import select
 import selectors
 import signal
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 # WorkerCrashedError and InitializerError are imported where they are raised,
 # from a module Dispatcher.__init__ loads once its workers are starting.
@@ -96,15 +93,15 @@ from .._exceptions import (
 )
 from . import _protocol as P
 from . import _shm as shm
-from . import _signals
 from ._batch import Batch, dumps_callable
-from ._pipewait import PipeWait
+from ._direct import DirectPath
 from ._slot import Slot
 from ._startmethod import starting_a_process
 from ._worker import FN_CACHE_SIZE, worker_main
+from ._workers import Worker, WorkerRecord, fold, kill, record, worker_statistics
 
 if TYPE_CHECKING:
-    from .._statistics import PoolStatistics, WorkerStatistics
+    from .._statistics import PoolStatistics
 
 __all__ = ["Dispatcher", "PoolClosedError"]
 
@@ -139,12 +136,6 @@ GROW_AFTER_S = 0.002
 # (a worker stalled for 2 ms by a busy machine must not start them all).
 GROW_AFTER_START_S = 0.010
 GROW_ALL_AFTER_S = 0.020
-# How long a lone call waits for the dispatcher to let go of the engine lock
-# before it goes the dispatcher's way (see Dispatcher._send_direct).
-DIRECT_LOCK_WAIT_S = 0.0005
-# How long the dispatcher leaves a direct call's reply for the thread that will
-# wait for it, when the reply comes first (see Dispatcher._hold_for_waiter).
-HOLD_FOR_WAITER_S = 0.001
 
 
 _pool_ids = itertools.count()
@@ -154,94 +145,7 @@ class PoolClosedError(ProcpoolError, ValueError):
     """A task was submitted to a pool that is closed or terminated."""
 
 
-class _Worker:
-    """The dispatcher's record of one worker process."""
-
-    __slots__ = (
-        "_pid",
-        "busy",
-        "conn",
-        "direct_at",
-        "eof",
-        "fd",
-        "fns",
-        "id",
-        "inflight",
-        "lent",
-        "pipe_wait",
-        "process",
-        "ready",
-        "retiring",
-        "slot",
-        "start_timed_out",
-        "started",
-        "tasks_done",
-        "timed_out",
-        "transfer",
-    )
-
-    def __init__(self, wid: int, process: Any, conn: Any, slot: Any) -> None:
-        self.id = wid
-        self.process = process
-        self._pid: int | None = None
-        self.conn = conn
-        self.fd: int = conn.fileno()  # still known once conn is closed
-        self.slot = slot
-        self.inflight: deque[Batch] = deque()
-        self.fns: OrderedDict[int, None] = OrderedDict()  # mirror of the worker's cache
-        self.tasks_done = 0
-        self.ready = False
-        self.retiring = False
-        self.timed_out: tuple[int, int] | None = None  # (batch id, item) we killed it for
-        self.busy = 0.0  # seconds spent running tasks, as the worker measured
-        self.transfer = 0.0  # seconds spent (un)pickling arguments and results
-        self.started = time.monotonic()
-        self.start_timed_out = False
-        self.lent = False  # its pipe is lent to a caller's thread (see Dispatcher._wait_direct)
-        self.direct_at = 0.0  # when a call was sent to it on the direct path, not yet waited for
-        self.eof = False  # its pipe reported end of file to that thread
-        self.pipe_wait: PipeWait | None = None  # how that thread waits
-
-    @property
-    def pid(self) -> int:
-        """The worker's pid; 0 for one that never started (a zygote that could not fork)."""
-        # Asked for lazily: under a zygote, reading it waits for the fork.
-        if self._pid is None:
-            try:
-                self._pid = int(self.process.pid)
-            except OSError:
-                self._pid = 0
-        return self._pid
-
-    @property
-    def forking(self) -> bool:
-        """Under a zygote: asked for, and its pid not known yet (the fork may be under way)."""
-        pid_pending = getattr(self.process._popen, "pid_pending", None)
-        return pid_pending is not None and bool(pid_pending())
-
-    def alive(self) -> bool:
-        """Whether the worker got through start-up (it may still be in its initializer)."""
-        return self.ready or self.slot[P.SLOT_ALIVE] > 0
-
-    def read_slot(self) -> tuple[int, int, float]:
-        for _ in range(100):  # the worker may be writing: read until stable
-            batch = int(self.slot[P.SLOT_BATCH])
-            item = int(self.slot[P.SLOT_ITEM])
-            started = float(self.slot[P.SLOT_STARTED])
-            if int(self.slot[P.SLOT_BATCH]) == batch and int(self.slot[P.SLOT_ITEM]) == item:
-                return batch, item, started
-        return batch, item, started
-
-    def running_span(self) -> int:
-        """How many items from the slot's item on were running as one unit (read after death)."""
-        return max(1, int(self.slot[P.SLOT_SPAN]))
-
-    def sending_ahead(self) -> bool:
-        """Whether the worker was sending results ahead, not running a task (read after death)."""
-        return int(self.slot[P.SLOT_SPAN]) == P.SPAN_SENDING
-
-
-class Dispatcher:
+class Dispatcher(DirectPath):
     """Runs batches on a set of worker processes; see the module docstring.
 
     Thread-safe: ``submit``, ``close``, ``terminate`` and ``join`` may be called
@@ -275,8 +179,8 @@ class Dispatcher:
         self.retried = 0
         self.tasks_completed = 0
         self.tasks_failed = 0
-        self._gone: list[_WorkerRecord] = []  # workers that have exited (the last few)
-        self._gone_folded: _WorkerRecord | None = None  # and all the others, summed
+        self._gone: list[WorkerRecord] = []  # workers that have exited (the last few)
+        self._gone_folded: WorkerRecord | None = None  # and all the others, summed
         # Under a zygote, functions of __main__ the workers already have go by name.
         self.inherited_main = getattr(ctx, "main_functions", None)
         # Under a zygote, workers start on demand (see _grow).
@@ -288,14 +192,10 @@ class Dispatcher:
         # which allows what only process start-up may carry (a Queue, a Lock).
         self._initargs = tuple(initargs)
         self._pending: deque[Batch] = deque()
-        self._workers: dict[int, _Worker] = {}
+        self._workers: dict[int, Worker] = {}
         self._wids = itertools.count()
         self._sel = selectors.DefaultSelector()
-        # The kernel's epoll behind it, if it is one: see _mute().
-        epoll = getattr(self._sel, "_selector", None)
-        self._epoll: Any = epoll if isinstance(epoll, getattr(select, "epoll", ())) else None
-        self._muted: dict[int, selectors.SelectorKey | None] = {}  # see _mute
-        self._held: dict[int, _Worker] = {}  # replies left to their waiters (_hold_for_waiter)
+        self._init_direct_path()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
@@ -304,11 +204,6 @@ class Dispatcher:
         self._broken: BaseException | None = None
         self._startup_deaths = 0
         self._lock = threading.Lock()  # orders submit() against the final shutdown
-        # Held by whichever thread moves batches and reads pipes: the dispatcher
-        # thread, or a caller's thread on the direct path (see _send_direct).
-        self._engine_lock = threading.Lock()
-        self._lendings = 0  # pipes lent and taken back so far (see _on_ready)
-        self._handler: int | None = None  # a caller's thread handling a message under it
         self._stats_lock = threading.Lock()  # keeps statistics() snapshots whole
         self._stopped = False
         self._shm_used = False  # whether any worker made a shared-memory segment
@@ -359,196 +254,6 @@ class Dispatcher:
         for batch in batches:
             batch.fail(0, len(batch.items), self._broken)
 
-    # ---------------------------------------------------------- direct path
-
-    def _send_direct(self, batch: Batch) -> bool:
-        """Send a lone call straight to an idle worker from the caller's thread.
-
-        A round trip through the dispatcher thread crosses four hand-offs
-        (caller, dispatcher, worker, dispatcher, caller), and on a small
-        machine each thread's wake-up costs as much as the worker's. When the
-        pool is idle, the caller sends the batch itself, without waking the
-        dispatcher, and lends the thread that waits for the result the worker's
-        pipe (_wait_direct): two hand-offs, as for a bare Pipe. Only when
-        nothing else waits: the lock is waited for only briefly; a batch with a
-        task timeout needs the dispatcher's clock; a sink that runs user
-        callbacks must run them on the dispatcher thread, as the stdlib does.
-        Returns whether the batch was taken (sent, or dropped as cancelled).
-        """
-        attach: Callable[[Callable[[float | None], None]], bool] | None
-        attach = getattr(batch.sink, "attach_waiter", None)
-        if attach is None or batch.policy.timeout is not None or self._pending:
-            return False
-        saved = _signals.defer()  # engine code on the caller's thread: see _signals
-        try:
-            return self._send_direct_locked(batch, attach)
-        finally:
-            _signals.deliver(saved)
-
-    def _send_direct_locked(
-        self, batch: Batch, attach: Callable[[Callable[[float | None], None]], bool]
-    ) -> bool:
-        if not self._engine_lock.acquire(blocking=False):
-            if threading.get_ident() in (self._thread.ident, self._handler):
-                return False  # called back from under the lock: it will not come free
-            # The dispatcher holds it for microseconds at a time, typically just
-            # after it delivered the result whose caller now calls again.
-            if not self._engine_lock.acquire(timeout=DIRECT_LOCK_WAIT_S):
-                return False
-        try:
-            if self._pending or not self.accepting or self._broken is not None or self._stopped:
-                return False
-            worker = self._idle_worker()
-            if (
-                worker is None
-                # A write that could block would block the caller, holding the lock.
-                or not self._fits_pipe(worker, batch)
-                or not attach(functools.partial(self._wait_direct, worker, batch))
-            ):
-                return False
-            if batch.on_start is not None:
-                on_start, batch.on_start = batch.on_start, None
-                if not on_start():
-                    batch.release()
-                    return True  # cancelled before it started
-            self._send(worker, batch)
-            worker.direct_at = time.monotonic()
-            return True
-        finally:
-            self._engine_lock.release()
-
-    def _idle_worker(self) -> _Worker | None:
-        for worker in self._workers.values():
-            if worker.ready and not (
-                worker.inflight or worker.retiring or worker.timed_out or worker.lent
-            ):
-                return worker
-        return None
-
-    def _wait_direct(self, worker: _Worker, batch: Batch, timeout: float | None) -> None:
-        """Read ``batch``'s result from ``worker``'s pipe on this (the waiting) thread.
-
-        The pipe leaves the dispatcher's selector while lent. The thread returns
-        when the batch is settled, or the timeout passes, or the worker exits
-        (then the dispatcher, which gets the pipe back, settles the batch as for
-        any death; until then it ignores the sentinel, see _on_ready). The
-        dispatcher may hold events from a select() begun before the pipe was
-        lent: it checks that the pipe still has something to read.
-        """
-        if threading.get_ident() in (self._thread.ident, self._handler):
-            return  # a callback waiting on another result: the lock is this thread's
-        deadline = None if timeout is None else time.monotonic() + timeout
-        engine = self._engine_lock
-        saved = _signals.defer()  # engine code on the caller's thread: see _signals
-        try:
-            with engine:
-                if worker.lent or not self._holds(worker, batch):
-                    return
-                pipe_wait = self._lend(worker)
-            stop = _signals.pending if saved is not None else None
-            self._read_lent(worker, batch, pipe_wait, deadline, stop)
-        finally:
-            _signals.deliver(saved)
-
-    def _read_lent(
-        self,
-        worker: _Worker,
-        batch: Batch,
-        pipe_wait: PipeWait,
-        deadline: float | None,
-        stop: Callable[[], bool] | None,
-    ) -> None:
-        """Read and handle ``worker``'s messages until ``batch`` is settled, or ``stop()``
-        says to give up (asked every tick of the wait); give the pipe back."""
-        engine = self._engine_lock
-        settled = False
-        try:
-            while not settled:
-                if not pipe_wait.wait(deadline, stop):
-                    # Timed out, a signal to deliver, or the worker exited (its
-                    # sentinel, which the dispatcher watches, says how).
-                    return
-                try:
-                    # Outside the lock: while lent, nothing else reads this pipe,
-                    # and a large reply does not hold up the dispatcher.
-                    msg = P.recv(worker.conn)
-                except (EOFError, OSError):
-                    worker.eof = True  # exiting (or buried): the sentinel reports how
-                    return
-                with engine:
-                    if not self._holds(worker, batch):
-                        return  # failed meanwhile (terminate): the message is moot
-                    self._handler = threading.get_ident()  # sinks may call submit()
-                    try:
-                        self._handle(worker, msg)
-                    finally:
-                        self._handler = None
-                    settled = not self._holds(worker, batch)
-                    if settled:
-                        self._take_back(worker)
-        finally:
-            if not settled:
-                with engine:
-                    self._take_back(worker)
-
-    def _holds(self, worker: _Worker, batch: Batch) -> bool:
-        return worker.id in self._workers and not self._terminating and batch in worker.inflight
-
-    def _lend(self, worker: _Worker) -> PipeWait:
-        worker.lent = True
-        worker.direct_at = 0.0
-        self._lendings += 1
-        self._mute(worker.fd)  # the sentinel stays: see _on_ready
-        if worker.pipe_wait is None:
-            worker.pipe_wait = PipeWait(worker.fd, worker.process.sentinel)
-        return worker.pipe_wait
-
-    def _take_back(self, worker: _Worker) -> None:
-        worker.lent = False
-        self._lendings += 1
-        buried = worker.id not in self._workers
-        self._unmute(worker.fd, drop=buried or worker.eof)
-        self._unmute(worker.process.sentinel, drop=buried)  # if _on_ready muted it
-        if self._pending or self._closing or worker.eof:
-            self._wake()  # work to schedule, a close to finish, or a death to settle
-
-    def _mute(self, fd: int) -> None:
-        """Take ``fd`` out of the dispatcher's select() while it is lent (see _unmute).
-
-        Under epoll (Linux) only the kernel is asked, and the selector's key
-        stays: ~0.4 us a call, where the selectors API's unregister and register
-        cost ~2 us each, and the direct path makes two such calls a round trip.
-        """
-        if fd in self._muted:
-            return  # held for its waiter already (see _hold_for_waiter)
-        if self._epoll is None:
-            try:
-                self._muted[fd] = self._sel.unregister(fd)
-            except KeyError:
-                pass  # taken out for good already: its pipe's end of file was seen
-            return
-        try:
-            self._epoll.unregister(fd)
-        except OSError:
-            return  # as above
-        self._muted[fd] = None
-
-    def _unmute(self, fd: int, *, drop: bool) -> None:
-        """Put a muted ``fd`` back in select(), or (``drop``) out of the selector for good."""
-        if fd not in self._muted:
-            return
-        key = self._muted.pop(fd)
-        if key is not None:  # no epoll: the selector forgot it
-            if not drop:
-                self._sel.register(key.fileobj, key.events, key.data)
-        elif not drop:
-            self._epoll.register(fd, select.EPOLLIN)
-        else:
-            try:
-                self._sel.unregister(fd)  # the key alone: the kernel forgot the fd
-            except KeyError:
-                pass  # buried meanwhile
-
     def close(self) -> None:
         """Stop accepting work; the queued work still runs, then the workers exit."""
         self._closing = True
@@ -569,7 +274,7 @@ class Dispatcher:
             except ValueError:
                 continue  # the dispatcher buried it meanwhile
             if running:
-                _kill(worker.pid, signal.SIGKILL)
+                kill(worker.pid, signal.SIGKILL)
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the dispatcher (and so every worker) to finish; True if it has."""
@@ -598,7 +303,7 @@ class Dispatcher:
 
         now = time.monotonic()
         with self._stats_lock:
-            live = [_record(w, now, None) for w in self._workers.values()]
+            live = [record(w, now, None) for w in self._workers.values()]
             folded = [] if self._gone_folded is None else [self._gone_folded]
             gone = folded + self._gone
         return PoolStatistics(
@@ -610,19 +315,19 @@ class Dispatcher:
             retries=self.retried,
             recycled=self.recycled,
             per_worker=(
-                *(_worker_statistics(record, alive=False) for record in gone),
-                *(_worker_statistics(record, alive=True) for record in live),
+                *(worker_statistics(record, alive=False) for record in gone),
+                *(worker_statistics(record, alive=True) for record in live),
             ),
         )
 
-    def _remember(self, gone: _WorkerRecord) -> None:
+    def _remember(self, gone: WorkerRecord) -> None:
         # A long-lived pool that recycles workers must not grow without bound:
         # beyond the last GONE_KEPT exited workers, figures fold into one entry.
         self._gone.append(gone)
         if len(self._gone) > GONE_KEPT:
             oldest = self._gone.pop(0)
             folded = self._gone_folded
-            self._gone_folded = _fold(oldest) if folded is None else _fold(folded, oldest)
+            self._gone_folded = fold(oldest) if folded is None else fold(folded, oldest)
 
     # ------------------------------------------------------ dispatcher loop
 
@@ -680,34 +385,6 @@ class Dispatcher:
         elif not self._on_demand or self._has_exited(worker):
             self._on_exit(worker)
 
-    def _hold_for_waiter(self, worker: _Worker) -> bool:
-        """Leave the reply of a call sent on the direct path to the thread that will wait for it.
-
-        The reply came before that thread took the pipe: the dispatcher was
-        awake (a thread asleep in select() takes longer to wake than the caller
-        takes to come). Read here, the call would pay the two thread wake-ups
-        the direct path spares, and an awake dispatcher tends to stay awake for
-        the next call too. So the pipe is muted for up to HOLD_FOR_WAITER_S; a
-        reply nobody comes for (a fire-and-forget ``apply_async``) is read then.
-        """
-        if time.monotonic() - worker.direct_at >= HOLD_FOR_WAITER_S:
-            worker.direct_at = 0.0
-            return False
-        self._mute(worker.fd)
-        self._held[worker.id] = worker
-        return True
-
-    def _release_held(self) -> None:
-        """Read the held replies whose waiter did not come in time (see _hold_for_waiter)."""
-        now = time.monotonic()
-        for wid, worker in list(self._held.items()):
-            if worker.lent or not worker.direct_at:
-                del self._held[wid]  # its waiter took it
-            elif now - worker.direct_at >= HOLD_FOR_WAITER_S:
-                del self._held[wid]
-                worker.direct_at = 0.0
-                self._unmute(worker.fd, drop=False)
-
     def _drain_wake(self) -> None:
         try:
             os.read(self._wake_r, 4096)
@@ -746,9 +423,9 @@ class Dispatcher:
         if self._on_demand and self._pending and len(self._workers) < self._size:
             # Work waits in a pool that may grow: look again soon (see _grow).
             nearest = GROW_AFTER_S / 2 if nearest is None else min(nearest, GROW_AFTER_S / 2)
-        for worker in self._held.values():
-            left = max(0.0, worker.direct_at + HOLD_FOR_WAITER_S - now)
-            nearest = left if nearest is None else min(nearest, left)
+        held = self._next_release(now)
+        if held is not None:
+            nearest = held if nearest is None else min(nearest, held)
         return nearest
 
     # ------------------------------------------------------------ sending
@@ -775,8 +452,8 @@ class Dispatcher:
                     continue  # cancelled before it started
             self._send(worker, batch)
 
-    def _pick_worker(self, batch: Batch) -> _Worker | None:
-        best: _Worker | None = None
+    def _pick_worker(self, batch: Batch) -> Worker | None:
+        best: Worker | None = None
         for worker in self._workers.values():
             if worker.retiring or worker.timed_out:
                 continue
@@ -794,16 +471,16 @@ class Dispatcher:
         return best
 
     @staticmethod
-    def _fits_pipe(worker: _Worker, batch: Batch) -> bool:
+    def _fits_pipe(worker: Worker, batch: Batch) -> bool:
         """Whether sending the batch (and its callable) to the worker can never block."""
         extra = 0 if batch.fn.id in worker.fns else len(batch.fn.data)
         return batch.size + extra <= PREFETCH_BYTES
 
     @staticmethod
-    def _held_items(worker: _Worker) -> int:
+    def _held_items(worker: Worker) -> int:
         return sum(len(b.items) for b in worker.inflight)
 
-    def _send(self, worker: _Worker, batch: Batch) -> None:
+    def _send(self, worker: Worker, batch: Batch) -> None:
         worker.inflight.append(batch)
         fn = batch.fn
         try:
@@ -830,7 +507,7 @@ class Dispatcher:
 
     # ----------------------------------------------------------- receiving
 
-    def _on_message(self, worker: _Worker) -> None:
+    def _on_message(self, worker: Worker) -> None:
         try:
             msg = P.recv(worker.conn)
         except (EOFError, OSError):
@@ -839,7 +516,7 @@ class Dispatcher:
             return
         self._handle(worker, msg)
 
-    def _handle(self, worker: _Worker, msg: tuple[Any, ...]) -> None:
+    def _handle(self, worker: Worker, msg: tuple[Any, ...]) -> None:
         tag = msg[0]
         if tag == P.RESULTS:
             self._on_results(worker, msg)
@@ -851,7 +528,7 @@ class Dispatcher:
         elif tag == P.INIT_FAILED:
             self._on_init_failed(msg[1], msg[2])
 
-    def _on_results(self, worker: _Worker, msg: tuple[Any, ...]) -> None:
+    def _on_results(self, worker: Worker, msg: tuple[Any, ...]) -> None:
         _, batch_id, busy, transfer, recycle, payload = msg
         if self._broken is not None and (not worker.inflight or worker.inflight[0].id != batch_id):
             return  # the pool broke while this batch ran, and failed it then
@@ -887,7 +564,7 @@ class Dispatcher:
         if worker.retiring and not worker.inflight:
             self._retire(worker)
 
-    def _on_partial(self, worker: _Worker, msg: tuple[Any, ...]) -> None:
+    def _on_partial(self, worker: Worker, msg: tuple[Any, ...]) -> None:
         """The results of a running batch's next tasks, sent ahead of its reply."""
         _, batch_id, count, payload = msg
         if not worker.inflight or worker.inflight[0].id != batch_id:
@@ -973,7 +650,7 @@ class Dispatcher:
 
     # ------------------------------------------------------- worker death
 
-    def _on_exit(self, worker: _Worker) -> None:
+    def _on_exit(self, worker: Worker) -> None:
         self._drain_messages(worker)
         exitcode = self._bury(worker)
         if worker.slot[P.SLOT_SHM]:  # a listing of /dev/shm, only if it may help
@@ -1014,7 +691,7 @@ class Dispatcher:
                 )
         self._replenish()
 
-    def _drain_messages(self, worker: _Worker) -> None:
+    def _drain_messages(self, worker: Worker) -> None:
         try:
             while worker.conn.poll():
                 msg = P.recv(worker.conn)
@@ -1027,7 +704,7 @@ class Dispatcher:
         except (EOFError, OSError):
             pass
 
-    def _bury(self, worker: _Worker) -> int | None:
+    def _bury(self, worker: Worker) -> int | None:
         """Forget a worker that has exited, reap it, and return its exit code."""
         for obj in (worker.conn, worker.process.sentinel):
             try:
@@ -1039,19 +716,17 @@ class Dispatcher:
         if worker.pipe_wait is not None:
             worker.pipe_wait.close()
         exitcode: int | None = worker.process.exitcode
-        gone = _record(worker, time.monotonic(), exitcode)  # reads the pid: before close()
+        gone = record(worker, time.monotonic(), exitcode)  # reads the pid: before close()
         if exitcode is not None:
             worker.process.close()
         self._shm_used = self._shm_used or bool(worker.slot[P.SLOT_SHM])
-        self._held.pop(worker.id, None)
-        if not worker.lent:
-            self._muted.pop(worker.fd, None)  # its number may come back with another pipe
+        self._forget_direct(worker)
         with self._stats_lock:  # from live to gone in one step, for statistics()
             del self._workers[worker.id]
             self._remember(gone)
         return exitcode
 
-    def _settle_inflight(self, worker: _Worker, exitcode: int | None) -> None:
+    def _settle_inflight(self, worker: Worker, exitcode: int | None) -> None:
         """Fail what the dead worker was running; re-queue what it had not started."""
         head = worker.inflight.popleft()
         requeue = list(worker.inflight)
@@ -1064,7 +739,7 @@ class Dispatcher:
         worker.inflight.clear()
 
     def _settle_started(
-        self, worker: _Worker, head: Batch, item: int, exitcode: int | None, requeue: list[Batch]
+        self, worker: Worker, head: Batch, item: int, exitcode: int | None, requeue: list[Batch]
     ) -> None:
         from .._exceptions_stdlib import WorkerCrashedError
 
@@ -1168,7 +843,7 @@ class Dispatcher:
             late = now - worker.started > START_TIMEOUT
             if late and not worker.start_timed_out and not worker.alive():
                 worker.start_timed_out = True
-                _kill(worker.pid, signal.SIGKILL)
+                kill(worker.pid, signal.SIGKILL)
                 continue
             if not worker.inflight or worker.timed_out:
                 continue
@@ -1180,11 +855,11 @@ class Dispatcher:
             running = 0 <= item < len(head.items) and not worker.sending_ahead()
             if batch_id == head.id and running and now - started > timeout:
                 worker.timed_out = (head.id, item)
-                _kill(worker.pid, signal.SIGKILL)
+                kill(worker.pid, signal.SIGKILL)
 
     # ------------------------------------------------------ worker set
 
-    def _spawn(self) -> _Worker:
+    def _spawn(self) -> Worker:
         """Start a worker; it is watched (and its pid known) after _watch()."""
         wid = next(self._wids)
         with starting_a_process():
@@ -1215,16 +890,16 @@ class Dispatcher:
                 raise
             child_end.close()
             slot.close_fd()  # the child has its own descriptor (or mapping) now
-        worker = _Worker(wid, process, parent_end, slot)
+        worker = Worker(wid, process, parent_end, slot)
         with self._stats_lock:
             self._workers[wid] = worker
         return worker
 
-    def _watch(self, worker: _Worker) -> None:
+    def _watch(self, worker: Worker) -> None:
         self._sel.register(worker.conn, selectors.EVENT_READ, ("conn", worker))
         self._sel.register(worker.process.sentinel, selectors.EVENT_READ, ("exit", worker))
 
-    def _has_exited(self, worker: _Worker) -> bool:
+    def _has_exited(self, worker: Worker) -> bool:
         """A zygote's worker's sentinel fired: for its pid, or for its exit; which?
 
         Its status pipe carries the pid first, then the exit code. The pid is
@@ -1360,7 +1035,7 @@ class Dispatcher:
 
         self._break(WorkerCrashedError(f"cannot start a worker: {type(exc).__name__}: {exc}"))
 
-    def _retire(self, worker: _Worker) -> None:
+    def _retire(self, worker: Worker) -> None:
         try:
             worker.conn.send_bytes(P.dumps((P.STOP,)))
         except OSError:
@@ -1371,7 +1046,7 @@ class Dispatcher:
         for worker in list(self._workers.values()):
             worker.retiring = True
             if self._terminating:
-                _kill(worker.pid, signal.SIGTERM)
+                kill(worker.pid, signal.SIGTERM)
             else:
                 try:
                     worker.conn.send_bytes(P.dumps((P.STOP,)))
@@ -1381,7 +1056,7 @@ class Dispatcher:
         for worker in list(self._workers.values()):
             worker.process.join(max(0.0, deadline - time.monotonic()))
             if worker.process.exitcode is None:
-                _kill(worker.pid, signal.SIGKILL)
+                kill(worker.pid, signal.SIGKILL)
                 worker.process.join(5.0)
             if not self._terminating:
                 self._drain_messages(worker)
@@ -1398,7 +1073,7 @@ class Dispatcher:
 
     def _reap_everything(self) -> None:
         for worker in list(self._workers.values()):  # only if the thread died early
-            _kill(worker.pid, signal.SIGKILL)
+            kill(worker.pid, signal.SIGKILL)
             worker.process.join(5.0)
         self._close_context()
 
@@ -1429,51 +1104,3 @@ class Dispatcher:
             raise SerializationError(
                 f"cannot pickle the initializer {initializer!r}: {exc}"
             ) from exc
-
-
-class _WorkerRecord(NamedTuple):
-    """What statistics() reports of a worker, live or exited; it becomes a
-    WorkerStatistics only when asked for, so a pool that never asks never loads
-    dataclasses."""
-
-    worker_id: int
-    pid: int
-    tasks: int
-    busy_seconds: float
-    transfer_seconds: float
-    idle_seconds: float
-    exitcode: int | None
-
-
-def _record(worker: _Worker, now: float, exitcode: int | None) -> _WorkerRecord:
-    idle = max(0.0, now - worker.started - worker.busy - worker.transfer)
-    return _WorkerRecord(
-        worker.id, worker.pid, worker.tasks_done, worker.busy, worker.transfer, idle, exitcode
-    )
-
-
-def _worker_statistics(record: _WorkerRecord, *, alive: bool) -> WorkerStatistics:
-    from .._statistics import WorkerStatistics  # lazily: dataclasses cost start-up time
-
-    return WorkerStatistics(**record._asdict(), alive=alive)
-
-
-def _fold(total: _WorkerRecord, more: _WorkerRecord | None = None) -> _WorkerRecord:
-    """Sum exited workers into one entry (worker_id -1, pid 0)."""
-    if more is None:
-        return total._replace(worker_id=-1, pid=0, exitcode=None)
-    return total._replace(
-        tasks=total.tasks + more.tasks,
-        busy_seconds=total.busy_seconds + more.busy_seconds,
-        transfer_seconds=total.transfer_seconds + more.transfer_seconds,
-        idle_seconds=total.idle_seconds + more.idle_seconds,
-    )
-
-
-def _kill(pid: int, sig: int) -> None:
-    if pid <= 0:
-        return  # never a process group by mistake (a worker that never started)
-    try:
-        os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass

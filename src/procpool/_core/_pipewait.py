@@ -1,15 +1,15 @@
 """Waiting, on a caller's thread, for a worker's next message (the direct path).
 
 The dispatcher lends a worker's pipe to the thread that waits for a result
-(see ``Dispatcher._send_direct``). That thread must notice a message, the
+(see ``_direct.py``). That thread must notice a message, the
 worker's exit, and its own deadline; how it waits costs more than anything
 else in a round trip:
 
 - ``poll()`` on the pipe and the worker's sentinel, then ``read()``: the
   obvious way, and 30-40 us slower per round trip on a virtual machine than a
-  blocking read. A thread asleep in ``read()`` on a socket is woken by the
-  writer as it goes to sleep itself (a synchronous wake-up, on the writer's
-  CPU); one asleep in ``poll()`` is not.
+  blocking read (measured; the likely reason, not verified: a thread asleep
+  in ``read()`` on a socket gets the kernel's synchronous wake-up, on the
+  writer's CPU, and one asleep in ``poll()`` does not).
 - So on Linux, where ``multiprocessing.Pipe`` is a socket pair, it sleeps in a
   blocking ``recv(MSG_PEEK)`` with a receive timeout (SO_RCVTIMEO). The peek
   takes nothing from the pipe, so the message is then read whole by the usual

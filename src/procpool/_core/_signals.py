@@ -2,7 +2,7 @@
 
 Python runs a signal handler on the main thread between two bytecodes, and
 Ctrl-C's raises KeyboardInterrupt there. The dispatcher thread never runs one.
-But on the direct path (``Dispatcher._send_direct`` and ``_wait_direct``),
+But on the direct path (``_direct.py``),
 engine code runs on the caller's thread, and an exception raised between the
 reads of one message, or in the middle of handling it, would tear the message
 or lose a result: a later ``get()`` would wait forever.

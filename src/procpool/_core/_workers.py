@@ -1,0 +1,158 @@
+"""What the dispatcher knows of each worker process, and what it reports of it.
+
+A :class:`Worker` is the dispatcher's record of one live worker: its process,
+its pipe, the shared slot it publishes progress in, the batches it holds, and
+the time it spent. Once it exits, a :class:`WorkerRecord` keeps its figures for
+``statistics()``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import OrderedDict, deque
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from . import _protocol as P
+
+if TYPE_CHECKING:
+    from .._statistics import WorkerStatistics
+    from ._batch import Batch
+    from ._pipewait import PipeWait
+
+__all__ = ["Worker", "WorkerRecord", "fold", "kill", "record", "worker_statistics"]
+
+
+class Worker:
+    """The dispatcher's record of one worker process."""
+
+    __slots__ = (
+        "_pid",
+        "busy",
+        "conn",
+        "direct_at",
+        "eof",
+        "fd",
+        "fns",
+        "id",
+        "inflight",
+        "lent",
+        "pipe_wait",
+        "process",
+        "ready",
+        "retiring",
+        "slot",
+        "start_timed_out",
+        "started",
+        "tasks_done",
+        "timed_out",
+        "transfer",
+    )
+
+    def __init__(self, wid: int, process: Any, conn: Any, slot: Any) -> None:
+        self.id = wid
+        self.process = process
+        self._pid: int | None = None
+        self.conn = conn
+        self.fd: int = conn.fileno()  # still known once conn is closed
+        self.slot = slot
+        self.inflight: deque[Batch] = deque()
+        self.fns: OrderedDict[int, None] = OrderedDict()  # mirror of the worker's cache
+        self.tasks_done = 0
+        self.ready = False
+        self.retiring = False
+        self.timed_out: tuple[int, int] | None = None  # (batch id, item) we killed it for
+        self.busy = 0.0  # seconds spent running tasks, as the worker measured
+        self.transfer = 0.0  # seconds spent (un)pickling arguments and results
+        self.started = time.monotonic()
+        self.start_timed_out = False
+        self.lent = False  # its pipe is lent to a caller's thread (see _direct.py)
+        self.direct_at = 0.0  # when a call was sent to it on the direct path, not yet waited for
+        self.eof = False  # its pipe reported end of file to that thread
+        self.pipe_wait: PipeWait | None = None  # how that thread waits
+
+    @property
+    def pid(self) -> int:
+        """The worker's pid; 0 for one that never started (a zygote that could not fork)."""
+        # Asked for lazily: under a zygote, reading it waits for the fork.
+        if self._pid is None:
+            try:
+                self._pid = int(self.process.pid)
+            except OSError:
+                self._pid = 0
+        return self._pid
+
+    @property
+    def forking(self) -> bool:
+        """Under a zygote: asked for, and its pid not known yet (the fork may be under way)."""
+        pid_pending = getattr(self.process._popen, "pid_pending", None)
+        return pid_pending is not None and bool(pid_pending())
+
+    def alive(self) -> bool:
+        """Whether the worker got through start-up (it may still be in its initializer)."""
+        return self.ready or self.slot[P.SLOT_ALIVE] > 0
+
+    def read_slot(self) -> tuple[int, int, float]:
+        for _ in range(100):  # the worker may be writing: read until stable
+            batch = int(self.slot[P.SLOT_BATCH])
+            item = int(self.slot[P.SLOT_ITEM])
+            started = float(self.slot[P.SLOT_STARTED])
+            if int(self.slot[P.SLOT_BATCH]) == batch and int(self.slot[P.SLOT_ITEM]) == item:
+                return batch, item, started
+        return batch, item, started
+
+    def running_span(self) -> int:
+        """How many items from the slot's item on were running as one unit (read after death)."""
+        return max(1, int(self.slot[P.SLOT_SPAN]))
+
+    def sending_ahead(self) -> bool:
+        """Whether the worker was sending results ahead, not running a task (read after death)."""
+        return int(self.slot[P.SLOT_SPAN]) == P.SPAN_SENDING
+
+
+class WorkerRecord(NamedTuple):
+    """What statistics() reports of a worker, live or exited; it becomes a
+    WorkerStatistics only when asked for, so a pool that never asks never loads
+    dataclasses."""
+
+    worker_id: int
+    pid: int
+    tasks: int
+    busy_seconds: float
+    transfer_seconds: float
+    idle_seconds: float
+    exitcode: int | None
+
+
+def record(worker: Worker, now: float, exitcode: int | None) -> WorkerRecord:
+    idle = max(0.0, now - worker.started - worker.busy - worker.transfer)
+    return WorkerRecord(
+        worker.id, worker.pid, worker.tasks_done, worker.busy, worker.transfer, idle, exitcode
+    )
+
+
+def worker_statistics(record: WorkerRecord, *, alive: bool) -> WorkerStatistics:
+    from .._statistics import WorkerStatistics  # lazily: dataclasses cost start-up time
+
+    return WorkerStatistics(**record._asdict(), alive=alive)
+
+
+def fold(total: WorkerRecord, more: WorkerRecord | None = None) -> WorkerRecord:
+    """Sum exited workers into one entry (worker_id -1, pid 0)."""
+    if more is None:
+        return total._replace(worker_id=-1, pid=0, exitcode=None)
+    return total._replace(
+        tasks=total.tasks + more.tasks,
+        busy_seconds=total.busy_seconds + more.busy_seconds,
+        transfer_seconds=total.transfer_seconds + more.transfer_seconds,
+        idle_seconds=total.idle_seconds + more.idle_seconds,
+    )
+
+
+def kill(pid: int, sig: int) -> None:
+    if pid <= 0:
+        return  # never a process group by mistake (a worker that never started)
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
