@@ -315,8 +315,8 @@ class Dispatcher(DirectPath):
             retries=self.retried,
             recycled=self.recycled,
             per_worker=(
-                *(worker_statistics(record, alive=False) for record in gone),
-                *(worker_statistics(record, alive=True) for record in live),
+                *(worker_statistics(one, alive=False) for one in gone),
+                *(worker_statistics(one, alive=True) for one in live),
             ),
         )
 
