@@ -278,6 +278,7 @@ def test_signals_that_raise_at_any_moment_never_tear_a_message_or_lose_a_result(
     # of the main thread: on the direct path, also between the reads of one
     # message and in the middle of handling it. The pool must stay whole.
     interrupted = 0
+    ctrl_c = signal.getsignal(signal.SIGINT)
     previous = signal.signal(signal.SIGALRM, _interrupt)
     try:
         with Pool(2) as pool:
@@ -304,3 +305,51 @@ def test_signals_that_raise_at_any_moment_never_tear_a_message_or_lose_a_result(
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
     assert interrupted > 10
+    # And every handler held back during a section is back in place.
+    assert signal.getsignal(signal.SIGINT) is ctrl_c
+
+
+def test_ctrl_c_interrupts_a_long_direct_wait_and_the_pool_goes_on() -> None:
+    # A real SIGINT, from another thread, while the main thread waits on a lent pipe.
+    with Pool(2) as pool:
+        _warm(pool)
+        result = pool.apply_async(sleep_return, (1.0, "late"))
+        timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        started = time.monotonic()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                result.get(timeout=10)
+        finally:
+            timer.join()
+        assert time.monotonic() - started < 0.6  # within a tick of the wait, not at the reply
+        assert result.get(timeout=10) == "late"
+        assert pool.apply(square, (6,)) == 36
+
+
+@pytest.mark.parametrize(
+    ("options", "recycled"),
+    [({"maxtasksperchild": 3}, False), ({"max_memory_per_worker": 1}, True)],
+    ids=["maxtasksperchild", "max_memory_per_worker"],
+)
+def test_workers_recycled_after_direct_calls_are_replaced(
+    options: dict[str, Any], recycled: bool
+) -> None:
+    # The reply that retires a worker may be handled on the caller's thread, which
+    # then sends the worker its stop and starts its replacement. (A worker that
+    # has not reported ready takes no direct call: those go the dispatcher's way.)
+    with Pool(2, **options) as pool:
+        _warm(pool)
+        assert [pool.apply(square, (i,)) for i in range(30)] == [i * i for i in range(30)]
+        stats = pool.statistics()
+        assert len({w.pid for w in stats.per_worker}) >= 10
+        assert stats.recycled >= 10 or not recycled
+        assert pool.map(square, range(20)) == [i * i for i in range(20)]
+    if not recycled:
+        with Pool(2, maxtasksperchild=3) as pool:
+            _warm(pool)
+            before = _lendings(pool)
+            for i in range(30):
+                assert pool.apply(square, (i,)) == i * i
+                time.sleep(0.01)  # the replacement gets ready meanwhile
+            assert _lendings(pool) > before

@@ -61,8 +61,10 @@ def defer() -> Saved | None:
         for signum in _WATCHED:
             handler = _sig.getsignal(signum)
             if callable(handler) and handler is not _note:  # not in a section already
-                _sig.signal(signum, _note)
+                # Noted before the swap: a handler that raises as the swap returns
+                # (another signal's, not swapped yet) must not leave this one swapped.
                 saved.append((signum, handler))
+                _sig.signal(signum, _note)
     except BaseException:
         _restore(saved)  # a handler ran before its stand-in was in place, and raised
         raise
