@@ -49,19 +49,10 @@ class _Future(cf.Future[T]):
     _waiter: Callable[[float | None], None] | None = None
 
     def result(self, timeout: float | None = None) -> T:
-        return super().result(self._help(timeout))
+        return super().result(wait_helped(self, self.done, timeout))
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        return super().exception(self._help(timeout))
-
-    def _help(self, timeout: float | None) -> float | None:
-        waiter, self._waiter = self._waiter, None
-        if waiter is None or self.done():
-            return timeout
-        timeout = wait_helped(waiter, timeout)
-        if not self.done():
-            self._waiter = waiter  # timed out: the next wait may read it again
-        return timeout
+        return super().exception(wait_helped(self, self.done, timeout))
 
 
 class _FutureSink:

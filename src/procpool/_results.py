@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from itertools import islice
 from multiprocessing import TimeoutError as MPTimeoutError
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from ._core._batch import Batch
 
@@ -88,12 +88,7 @@ class AsyncResult(Generic[T]):
 
     def wait(self, timeout: float | None = None) -> None:
         """Wait until the result is available or ``timeout`` seconds pass."""
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not self._event.is_set():
-            timeout = wait_helped(waiter, timeout)
-            if not self._event.is_set():
-                self._waiter = waiter  # timed out: the next wait may read it again
-        self._event.wait(timeout)
+        self._event.wait(wait_helped(self, self._event.is_set, timeout))
 
     def attach_waiter(self, waiter: Callable[[float | None], None]) -> bool:
         """Let the thread that waits read the outcome itself (see ``_batch.Sink``).
@@ -139,14 +134,22 @@ class AsyncResult(Generic[T]):
 ApplyResult = AsyncResult
 
 
-def wait_helped(waiter: Callable[[float | None], None], timeout: float | None) -> float | None:
-    """Run a sink's waiter (see ``_batch.Sink``) and return what is left of ``timeout``."""
-    if timeout is None:
-        waiter(None)
-        return None
-    deadline = time.monotonic() + timeout
+class _Helped(Protocol):
+    _waiter: Callable[[float | None], None] | None
+
+
+def wait_helped(owner: _Helped, done: Callable[[], bool], timeout: float | None) -> float | None:
+    """Run the waiter ``owner`` (a sink) was given, if it has one and is not ``done()``
+    (see ``_batch.Sink``); return what is left of ``timeout``. A wait that times out
+    leaves the waiter for the next one."""
+    waiter, owner._waiter = owner._waiter, None
+    if waiter is None or done():
+        return timeout
+    deadline = None if timeout is None else time.monotonic() + timeout
     waiter(timeout)
-    return max(0.0, deadline - time.monotonic())
+    if not done():
+        owner._waiter = waiter
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 class _ApplySink(AsyncResult[T]):
