@@ -96,3 +96,42 @@ def test_default_map_chunks_carry_about_a_megabyte() -> None:
         out = pool.map(double, arrays)
         assert [float(a[0]) for a in out] == [2.0 * i for i in range(8)]
         assert pool.statistics().tasks_completed == 8
+
+
+def test_several_buffers_share_one_segment_each_in_its_place() -> None:
+    # Sizes that are not multiples of the 64-byte alignment, so each buffer's
+    # offset in the segment differs from the running sum of the sizes.
+    arrays = (
+        np.arange(40_001, dtype="float64"),
+        np.frombuffer(os.urandom(300_007), dtype="uint8"),
+        bytearray(os.urandom(262_147)),
+    )
+    with Pool(1) as pool:
+        got = pool.apply(_same, (arrays,))
+    np.testing.assert_array_equal(got[0], arrays[0])
+    np.testing.assert_array_equal(got[1], arrays[1])
+    assert got[2] == arrays[2]
+    assert not _segments()
+
+
+def _same(x: object) -> object:
+    return x
+
+
+def test_a_maps_later_batches_do_not_try_the_direct_path() -> None:
+    # Large items make one batch per submit; only a call's first batch may be
+    # sent from the caller's thread, the others must not wait for the engine lock.
+    with Pool(2) as pool:
+        engine = pool._runner.engine  # type: ignore[attr-defined]
+        tried: list[int] = []
+        real = engine._send_direct_locked
+
+        def spy(batch: object, attach: object) -> bool:
+            tried.append(batch.first_index)  # type: ignore[attr-defined]
+            return bool(real(batch, attach))
+
+        engine._send_direct_locked = spy
+        arrays = [np.full(1 << 18, float(i)) for i in range(8)]  # 2 MB: one per chunk
+        out = pool.map(double, arrays)
+        assert [float(a[0]) for a in out] == [2.0 * i for i in range(8)]
+    assert tried in ([], [0])

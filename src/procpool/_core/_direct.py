@@ -101,6 +101,11 @@ class DirectPath:
         attach = getattr(batch.sink, "attach_waiter", None)
         if attach is None or batch.policy.timeout is not None or self._pending:
             return False
+        if batch.first_index:
+            # A map's later batch (one submitted alone, as large arguments are):
+            # its pool is busy with the earlier ones, and a wait for the lock
+            # here would hold up the caller's pickling of the next.
+            return False
         saved = _signals.defer()  # engine code on the caller's thread: see _signals
         try:
             return self._send_direct_locked(batch, attach)
