@@ -200,3 +200,9 @@ def fork_holder_then_exit(pid_file: str) -> None:
     with open(pid_file, "w") as f:
         f.write(str(child))
     os._exit(5)
+
+
+def fail_at_3_mod_7(x: int) -> int:
+    if x % 7 == 3:
+        raise ValueError(f"bad input {x}")
+    return x

@@ -10,7 +10,7 @@ import pytest
 
 from procpool import ProcessPoolExecutor, WorkerCrashedError
 from procpool import testing as crash
-from tests.helpers import add, fail_on, sleep_return, square
+from tests.helpers import add, fail_at_3_mod_7, fail_on, identity, sleep_return, square
 
 
 def test_submit_and_map(start_method: str) -> None:
@@ -53,6 +53,20 @@ def test_map_raises_at_the_failing_item() -> None:
         it = ex.map(fail_on, range(6))
         assert [next(it), next(it), next(it)] == [0, 1, 2]
         with pytest.raises(ValueError):
+            next(it)
+
+
+def test_map_over_one_iterable_passes_each_item_whole() -> None:
+    # One iterable goes without zip's 1-tuples; a tuple item must still reach
+    # fn as one argument, and several iterables still zip.
+    with ProcessPoolExecutor(2) as ex:
+        pairs = [(i, i + 1) for i in range(50)]
+        assert list(ex.map(identity, pairs)) == pairs
+        assert list(ex.map(add, range(50), range(50))) == [2 * i for i in range(50)]
+        assert list(ex.map(square, iter(range(3000)))) == [i * i for i in range(3000)]
+        it = ex.map(fail_at_3_mod_7, range(30))
+        assert [next(it) for _ in range(3)] == [0, 1, 2]
+        with pytest.raises(ValueError, match="bad input 3"):
             next(it)
 
 

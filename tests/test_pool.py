@@ -16,6 +16,7 @@ from procpool import Pool, RemoteTraceback, SerializationError
 from procpool.testing import Unpicklable, return_unpicklable
 from tests.helpers import (
     add,
+    fail_at_3_mod_7,
     fail_on,
     get_env,
     pid,
@@ -118,6 +119,32 @@ def test_imap_raises_at_the_failing_item_and_goes_on() -> None:
         with pytest.raises(ValueError):
             next(it)
         assert list(it) == [4, 5]
+
+
+@pytest.mark.parametrize("chunksize", [1, 4, 9, None])
+def test_imap_results_and_errors_come_in_order_however_they_are_pulled(
+    chunksize: int | None,
+) -> None:
+    # Chunks with and without errors, pulled by for-loops, next() and
+    # next(timeout) in turn: every result once, each error at its place.
+    expected: list[object] = [ValueError if x % 7 == 3 else x for x in range(60)]
+    with Pool(2) as pool:
+        got: list[object] = list(
+            type(r) if isinstance(r, Exception) else r
+            for r in pool.imap(fail_at_3_mod_7, range(60), chunksize, return_exceptions=True)
+        )
+        assert got == expected
+        it = pool.imap(fail_at_3_mod_7, range(60), chunksize)
+        pulled: list[object] = []
+        pullers = [lambda: next(it), lambda: it.next(timeout=10)]
+        while True:
+            try:
+                pulled.append(pullers[len(pulled) % 2]())
+            except StopIteration:
+                break
+            except ValueError:
+                pulled.append(ValueError)
+        assert pulled == expected
 
 
 def test_an_ordered_imap_yields_large_results_while_their_batch_runs() -> None:

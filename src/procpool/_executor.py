@@ -246,9 +246,14 @@ class ProcessPoolExecutor(cf.Executor):
         end = None if timeout is None else time.monotonic() + timeout
         if chunksize is None and self._runner.policy.timeout is not None:
             chunksize = 1  # a timed-out task must not take finished ones with it
+        # One iterable (the usual case) goes as is: no 1-tuple to build, pickle
+        # and unpack per item, and workers run it as map(fn, items).
+        star, items = (
+            (P.CALL_ONE, iterables[0]) if len(iterables) == 1 else (P.CALL_STAR, zip(*iterables))
+        )
         it: IMapIterator[T] = IMapIterator(
-            self._runner.chunk_submitter(fn, P.CALL_STAR, self._runner.policy),
-            zip(*iterables),
+            self._runner.chunk_submitter(fn, star, self._runner.policy),
+            items,
             chunksize,
             buffersize,
             workers=self._max_workers,
@@ -308,14 +313,9 @@ class ProcessPoolExecutor(cf.Executor):
 
 def _map_results(it: IMapIterator[T], end: float | None) -> Iterator[T]:
     try:
-        while True:
-            remaining = None if end is None else max(0.0, end - time.monotonic())
-            try:
-                yield it.next(remaining)
-            except StopIteration:
-                return
-            except MPTimeoutError:
-                raise cf.TimeoutError from None
+        yield from it._results_until(end)
+    except MPTimeoutError:
+        raise cf.TimeoutError from None
     finally:
         it.close()
 

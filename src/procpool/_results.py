@@ -274,12 +274,14 @@ class IMapIterator(Iterator[T]):
         self._cond = threading.Condition(threading.Lock())
         self._chunks: dict[int, tuple[list[Any], dict[int, BaseException] | None]] = {}
         self._arrived: deque[tuple[list[Any], dict[int, BaseException] | None]] = deque()
-        self._current: list[Any] = []
-        self._current_errors: dict[int, BaseException] | None = None
-        self._pos = 0
+        # The chunk being handed out: its values not yet returned, last one next
+        # (pop() hands each over without keeping it), and its errors by position.
+        self._ready: list[Any] = []
+        self._errors: dict[int, BaseException] | None = None
+        self._chunk_len = 0
+        self._taken = 0  # tasks in the chunks taken so far, the current one included
         self._next_index = 0  # ordered: index of the first task of the next chunk
         self._submitted = 0
-        self._yielded = 0
         self._length: int | None = None  # known once the input is exhausted
         self._closed = False
         self.progress: Progress | None = None  # updated on the consumer's thread
@@ -289,6 +291,11 @@ class IMapIterator(Iterator[T]):
         return self
 
     def __next__(self) -> T:
+        # The per-result fast path: most chunks have no errors, and this is all
+        # a result costs (a plain loop over 1M results: ~3x faster than next()).
+        ready = self._ready
+        if ready and self._errors is None:
+            return ready.pop()  # type: ignore[no-any-return]
         return self.next()
 
     def next(self, timeout: float | None = None) -> T:
@@ -298,20 +305,42 @@ class IMapIterator(Iterator[T]):
             multiprocessing.TimeoutError: if no result arrives in time.
             StopIteration: when every result has been returned.
         """
-        if self._pos >= len(self._current) and not self._advance(timeout):
+        if not self._ready and not self._advance(timeout):
             raise StopIteration
-        pos = self._pos
-        self._pos = pos + 1
-        self._yielded += 1
-        errors = self._current_errors
-        if errors is not None and pos in errors:
-            exc = errors.pop(pos)
-            if self._return_exceptions:
-                return exc  # type: ignore[return-value]
-            raise exc
-        # Hand the value over without keeping it: the caller decides how long it lives.
-        value, self._current[pos] = self._current[pos], None
+        value = self._ready.pop()
+        errors = self._errors
+        if errors is not None:
+            pos = self._chunk_len - len(self._ready) - 1
+            exc = errors.pop(pos, None)
+            if not errors:
+                self._errors = None
+            if exc is not None:
+                if self._return_exceptions:
+                    return exc  # type: ignore[return-value]
+                raise exc
         return value  # type: ignore[no-any-return]
+
+    def _results_until(self, end: float | None) -> Iterator[T]:
+        """Every result in turn, each wait ending by ``end`` (``time.monotonic()``).
+
+        For ``Executor.map``: the results of a chunk without errors go out
+        without a method call each.
+        """
+        while True:
+            ready = self._ready
+            if not ready:
+                remaining = None if end is None else max(0.0, end - time.monotonic())
+                if not self._advance(remaining):
+                    return
+            elif self._errors is None:
+                while ready:
+                    yield ready.pop()  # no local keeps a result the consumer let go
+            else:
+                yield self.next()  # this chunk has results left: never StopIteration
+
+    @property
+    def _yielded(self) -> int:
+        return self._taken - len(self._ready)
 
     def close(self) -> None:
         """Stop reading the input; tasks not yet started are dropped."""
@@ -335,8 +364,11 @@ class IMapIterator(Iterator[T]):
                 if remaining is not None and remaining <= 0:
                     raise MPTimeoutError
                 self._cond.wait(remaining)
-        self._current, self._current_errors = chunk
-        self._pos = 0
+        values, errors = chunk
+        self._ready = values[::-1]
+        self._errors = errors or None
+        self._chunk_len = len(values)
+        self._taken += len(values)
         if self.progress is not None:
             self.progress.update(len(chunk[0]), len(chunk[1] or ()))
         return True
