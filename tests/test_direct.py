@@ -9,6 +9,7 @@ by falling back to the dispatcher thread.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import gc
 import multiprocessing
 import os
 import signal
@@ -307,6 +308,53 @@ def test_signals_that_raise_at_any_moment_never_tear_a_message_or_lose_a_result(
     assert interrupted > 10
     # And every handler held back during a section is back in place.
     assert signal.getsignal(signal.SIGINT) is ctrl_c
+
+
+def test_signals_that_raise_during_queued_bursts_never_leave_the_dispatcher_asleep() -> None:
+    # Calls with a callback go through the queue (not the direct path), and a
+    # burst wakes the dispatcher with one byte (Dispatcher._queue). A handler
+    # that raises anywhere in submit() may cost a spare byte, never the wake:
+    # every call that returned a result object gets its result.
+    interrupted = 0
+    results = []
+    # Earlier tests' garbage must not be finalized during the storm: a handler
+    # that raises inside a __del__ is an unraisable exception, not this test's.
+    gc.collect()
+    gc.disable()
+    previous = signal.signal(signal.SIGALRM, _interrupt)
+    try:
+        with Pool(2) as pool:
+            deadline = time.monotonic() + 3
+            i = 0
+            while True:
+                try:  # the handler may run at any bytecode up to the end of this block
+                    if time.monotonic() > deadline:
+                        break
+                    i += 1
+                    signal.setitimer(signal.ITIMER_REAL, 15e-6 * (1 + i % 11))
+                    try:
+                        burst = [
+                            pool.apply_async(square, (i * 100 + k,), callback=_ignore)
+                            for k in range(1 + i % 5)
+                        ]
+                    finally:
+                        signal.setitimer(signal.ITIMER_REAL, 0)
+                    results.extend(burst)
+                    burst[-1].get(10)  # the dispatcher goes back to sleep
+                except _Interrupted:
+                    interrupted += 1
+            assert all(r.get(10) is not None for r in results)
+            # A queued call after the storm still wakes the dispatcher.
+            assert pool.apply_async(square, (7,), callback=_ignore).get(10) == 49
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        gc.enable()
+    assert interrupted > 10 and len(results) > 100
+
+
+def _ignore(_: object) -> None:
+    pass
 
 
 def test_ctrl_c_interrupts_a_long_direct_wait_and_the_pool_goes_on() -> None:

@@ -198,6 +198,10 @@ class Dispatcher(DirectPath):
         self._init_direct_path()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
+        # Whether submit() must write a byte to wake the dispatcher; both under
+        # self._lock (see _run and _queue).
+        self._asleep = False  # it may be in select(), with no byte on its way
+        self._news = False  # batches came since it last looked at _pending
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._closing = False  # no new work; finish what is there, then stop workers
         self._terminating = False  # drop everything now
@@ -248,8 +252,7 @@ class Dispatcher(DirectPath):
             if not self.accepting or self._stopped:
                 raise PoolClosedError("Pool not running")
             if self._broken is None:
-                self._pending.extend(batches)
-                self._wake()
+                self._queue(batches)
                 return
         for batch in batches:
             batch.fail(0, len(batch.items), self._broken)
@@ -285,6 +288,24 @@ class Dispatcher(DirectPath):
             return False
         self._reap_everything()
         return True
+
+    def _queue(self, batches: list[Batch]) -> None:
+        """Queue batches for the dispatcher, waking it only if it may be asleep.
+
+        Called with self._lock held. A burst of calls costs one byte, not one
+        each (a write that wakes a sleeping thread: ~5 us of every apply_async
+        in a burst). Only the dispatcher sets _asleep, under the lock, after
+        seeing no news; only a byte written, or the dispatcher awake, clears
+        it. A signal handler that raises between the write and the clear costs
+        one spare byte; one that raises before the write leaves _asleep set,
+        so the next call writes: the dispatcher is never left asleep with
+        nobody to wake it (see _wake for the bug a flag once caused).
+        """
+        self._pending.extend(batches)
+        self._news = True
+        if self._asleep:
+            self._wake()
+            self._asleep = False
 
     def _wake(self) -> None:
         # A byte each time, with no flag to skip the write while one is unread:
@@ -336,12 +357,20 @@ class Dispatcher(DirectPath):
         try:
             while True:
                 with engine:
+                    with self._lock:
+                        self._news = False
                     self._schedule()
                     if self._finished():
                         break
                     timeout = self._poll_timeout()
                     lendings = self._lendings
+                    with self._lock:
+                        if self._news:
+                            timeout = 0.0  # batches came while it scheduled: look again
+                        else:
+                            self._asleep = True  # the next submit() wakes it (_queue)
                 events = self._sel.select(timeout)  # the only wait without the lock
+                self._asleep = False
                 with engine:
                     stale = self._lendings != lendings
                     for key, _ in events:
