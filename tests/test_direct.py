@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -274,38 +275,54 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise _Interrupted
 
 
-def test_signals_that_raise_at_any_moment_never_tear_a_message_or_lose_a_result() -> None:
-    # A handler that raises (as Ctrl-C's does) runs between any two bytecodes
-    # of the main thread: on the direct path, also between the reads of one
-    # message and in the middle of handling it. The pool must stay whole.
+def _storm(step: Callable[[int], None], quantum: float, seconds: float = 3.0) -> int:
+    """Call ``step(1)``, ``step(2)``, ... for ``seconds``, a SIGALRM handler
+    raising (as Ctrl-C's does) 1 to 7 ``quantum`` into each; return how many
+    were cut short. The handler may run at any bytecode of a step.
+
+    Earlier tests' garbage is collected first and gc stays off meanwhile: a
+    handler that raises inside a __del__ is an unraisable exception, not ours.
+    """
     interrupted = 0
-    ctrl_c = signal.getsignal(signal.SIGINT)
+    gc.collect()
+    gc.disable()
     previous = signal.signal(signal.SIGALRM, _interrupt)
     try:
-        with Pool(2) as pool:
-            _warm(pool)
-            deadline = time.monotonic() + 3
-            i = 0
-            while True:
-                try:  # the handler may run at any bytecode up to the end of this block
-                    if time.monotonic() > deadline:
-                        break
-                    i += 1
-                    signal.setitimer(signal.ITIMER_REAL, 20e-6 * (1 + i % 7))
-                    try:
-                        value = pool.apply(square, (i,))
-                    finally:
-                        signal.setitimer(signal.ITIMER_REAL, 0)
-                    assert value == i * i
-                except _Interrupted:
-                    interrupted += 1
-            # Whatever was cut short, the pool still answers every call.
-            assert [pool.apply(square, (k,)) for k in range(50)] == [k * k for k in range(50)]
-            assert pool.map(square, range(100)) == [k * k for k in range(100)]
+        deadline = time.monotonic() + seconds
+        i = 0
+        while True:
+            try:
+                if time.monotonic() > deadline:
+                    break
+                i += 1
+                signal.setitimer(signal.ITIMER_REAL, quantum * (1 + i % 7))
+                try:
+                    step(i)
+                finally:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+            except _Interrupted:
+                interrupted += 1
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-    assert interrupted > 10
+        gc.enable()
+    return interrupted
+
+
+def test_signals_that_raise_at_any_moment_never_tear_a_message_or_lose_a_result() -> None:
+    # On the direct path, the handler may also run between the reads of one
+    # message and in the middle of handling it. The pool must stay whole.
+    ctrl_c = signal.getsignal(signal.SIGINT)
+    with Pool(2) as pool:
+        _warm(pool)
+
+        def step(i: int) -> None:
+            assert pool.apply(square, (i,)) == i * i
+
+        assert _storm(step, 20e-6) > 10
+        # Whatever was cut short, the pool still answers every call.
+        assert [pool.apply(square, (k,)) for k in range(50)] == [k * k for k in range(50)]
+        assert pool.map(square, range(100)) == [k * k for k in range(100)]
     # And every handler held back during a section is back in place.
     assert signal.getsignal(signal.SIGINT) is ctrl_c
 
@@ -315,42 +332,21 @@ def test_signals_that_raise_during_queued_bursts_never_leave_the_dispatcher_asle
     # burst wakes the dispatcher with one byte (Dispatcher._queue). A handler
     # that raises anywhere in submit() may cost a spare byte, never the wake:
     # every call that returned a result object gets its result.
-    interrupted = 0
-    results = []
-    # Earlier tests' garbage must not be finalized during the storm: a handler
-    # that raises inside a __del__ is an unraisable exception, not this test's.
-    gc.collect()
-    gc.disable()
-    previous = signal.signal(signal.SIGALRM, _interrupt)
-    try:
-        with Pool(2) as pool:
-            deadline = time.monotonic() + 3
-            i = 0
-            while True:
-                try:  # the handler may run at any bytecode up to the end of this block
-                    if time.monotonic() > deadline:
-                        break
-                    i += 1
-                    signal.setitimer(signal.ITIMER_REAL, 15e-6 * (1 + i % 11))
-                    try:
-                        burst = [
-                            pool.apply_async(square, (i * 100 + k,), callback=_ignore)
-                            for k in range(1 + i % 5)
-                        ]
-                    finally:
-                        signal.setitimer(signal.ITIMER_REAL, 0)
-                    results.extend(burst)
-                    burst[-1].get(10)  # the dispatcher goes back to sleep
-                except _Interrupted:
-                    interrupted += 1
-            assert all(r.get(10) is not None for r in results)
-            # A queued call after the storm still wakes the dispatcher.
-            assert pool.apply_async(square, (7,), callback=_ignore).get(10) == 49
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-        gc.enable()
-    assert interrupted > 10 and len(results) > 100
+    results: list[Any] = []
+    with Pool(2) as pool:
+
+        def step(i: int) -> None:
+            burst = [
+                pool.apply_async(square, (i * 100 + k,), callback=_ignore) for k in range(1 + i % 5)
+            ]
+            results.extend(burst)
+            burst[-1].get(10)  # the dispatcher goes back to sleep
+
+        assert _storm(step, 25e-6) > 10
+        assert len(results) > 100
+        assert all(r.get(10) is not None for r in results)
+        # A queued call after the storm still wakes the dispatcher.
+        assert pool.apply_async(square, (7,), callback=_ignore).get(10) == 49
 
 
 def _ignore(_: object) -> None:
