@@ -3,9 +3,10 @@
 Each is the tutorial's program with only its import line changed. They run as
 real scripts (``python examples/x.py``) through a small wrapper that, once the
 program is done, also reports the main pid and procpool's fork server, so the
-parent pid the children print can be checked exactly: under ``forkserver``
-(procpool's default on Linux) a child's parent is the fork server, itself a
-child of the main process; under ``spawn`` it is the main process.
+parent pid the children print can be checked exactly: under ``forkserver`` a
+child's parent is the fork server, itself a child of the main process; under
+``fork`` (procpool's default on Linux for a program that runs no other thread,
+as these do) and ``spawn`` it is the main process.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ parent = psutil.Process(server).ppid() if server else None
 sys.stderr.write(json.dumps({"main": os.getpid(), "server": server, "server_parent": parent}))
 """
 
-# procpool's default start method, which process_example and locking_example use.
-DEFAULT = "forkserver" if sys.platform.startswith("linux") else "spawn"
+# The start method process_example and locking_example get by default:
+# single-threaded programs, so fork on Linux (see _core/_startmethod.py).
+DEFAULT = "fork" if sys.platform.startswith("linux") else "spawn"
 LINE = re.compile(r"module=(\S+) : parent=(\d+) : process=(\d+) : result=(\d+)")
 SQUARES = {k * k for k in range(101)}
 

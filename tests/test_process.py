@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -16,6 +17,7 @@ import pytest
 
 import procpool
 from procpool import testing
+from procpool._core import _startmethod
 from tests.helpers import square
 
 BIG = 50_000_000
@@ -96,11 +98,43 @@ def test_default_start_method_and_drop_in_types() -> None:
     assert type(proc).__module__ == "procpool"
     assert re.fullmatch(r"Process-\d+(:\d+)*", proc.name)
     assert proc.pid is None and proc.exitcode is None and not proc.is_alive()
+    single = _startmethod.single_threaded()
     proc.start()
     assert proc.result() == 49
     proc.join()
-    expected = "forkserver" if sys.platform.startswith("linux") else "spawn"
-    assert proc._start_method == expected
+    # fork where nothing else runs (on Linux), else forkserver; spawn elsewhere.
+    if not sys.platform.startswith("linux"):
+        assert proc._start_method == "spawn"
+    else:
+        assert proc._start_method == ("fork" if single else "forkserver")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork is Linux's default only")
+def test_the_default_forks_only_while_no_other_thread_runs() -> None:
+    script = (
+        "import threading, procpool\n"
+        "from tests.helpers import square\n"
+        "def method():\n"
+        "    p = procpool.Process(target=square, args=(3,)); p.start()\n"
+        "    assert p.result() == 9; p.join(); return p._start_method\n"
+        "if __name__ == '__main__':\n"
+        "    alone = method()\n"
+        "    stop = threading.Event(); t = threading.Thread(target=stop.wait); t.start()\n"
+        "    try:\n"
+        "        beside_a_thread = method()\n"
+        "    finally:\n"
+        "        stop.set(); t.join()\n"
+        "    print(alone, beside_a_thread, method())\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert out.stdout.split() == ["fork", "forkserver", "fork"]
 
 
 # -- errors ----------------------------------------------------------------

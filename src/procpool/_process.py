@@ -44,12 +44,9 @@ from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
-import cloudpickle
-
-from ._core._startmethod import resolve_context, starting_a_process
+from ._core._startmethod import process_start_method, resolve_context, starting_a_process
 from ._core._stdio import install_line_writers
 from ._exceptions import RemoteTraceback, SerializationError, describe_exitcode
-from ._exceptions_stdlib import WorkerCrashedError
 
 __all__ = ["ForkProcess", "ForkServerProcess", "Process", "SpawnProcess", "process_class"]
 
@@ -67,28 +64,42 @@ _VALUE = b"R"
 _ERROR = b"E"
 
 
-_CLOUDPICKLE_CODE_REDUCE = cloudpickle.Pickler.dispatch_table[types.CodeType]
+# Plain values a child returns go through the C pickler; everything else
+# through cloudpickle (see _pickler), imported only then: a forked child that
+# returns None, as most do, never pays for its import (~10 ms).
+_PLAIN = frozenset({type(None), bool, int, float, complex, str, bytes})
 
 
-def _reduce_code(code: types.CodeType) -> tuple[Any, ...]:
-    # cloudpickle renames the file of code sent by value to "<dynamic-code>";
-    # keep the real one so the child's traceback shows file, line and source.
-    ctor, args = _CLOUDPICKLE_CODE_REDUCE(code)
-    return ctor, tuple(code.co_filename if arg == "<dynamic-code>" else arg for arg in args)
+@functools.cache
+def _pickler() -> type[pickle.Pickler]:
+    """cloudpickle's pickler, with multiprocessing's reducers first (a
+    Connection must become a DupFd handed to the child, not an integer), then
+    ours for code objects, then cloudpickle's own."""
+    import cloudpickle
 
+    code_reduce = cloudpickle.Pickler.dispatch_table[types.CodeType]
 
-class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
-    # multiprocessing's reducers first (a Connection must become a DupFd
-    # handed to the child, not an integer), then cloudpickle's, then copyreg's.
-    dispatch_table = ChainMap(
-        ForkingPickler._extra_reducers,  # type: ignore[attr-defined]
-        {types.CodeType: _reduce_code},
-        cloudpickle.Pickler.dispatch_table,
-    )
+    def reduce_code(code: types.CodeType) -> tuple[Any, ...]:
+        # cloudpickle renames the file of code sent by value to "<dynamic-code>";
+        # keep the real one so the child's traceback shows file, line and source.
+        ctor, args = code_reduce(code)
+        return ctor, tuple(code.co_filename if arg == "<dynamic-code>" else arg for arg in args)
+
+    class Pickler(cloudpickle.Pickler):  # type: ignore[misc]
+        dispatch_table = ChainMap(
+            ForkingPickler._extra_reducers,  # type: ignore[attr-defined]
+            {types.CodeType: reduce_code},
+            cloudpickle.Pickler.dispatch_table,
+        )
+
+    return Pickler
 
 
 def _dump(obj: object, file: io.BytesIO) -> None:
-    _Pickler(file, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    if type(obj) in _PLAIN:
+        pickle.dump(obj, file, protocol=pickle.HIGHEST_PROTOCOL)
+    else:
+        _pickler()(file, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
 
 
 def _dumps(obj: object) -> bytes:
@@ -118,9 +129,10 @@ class Process(multiprocessing.context.Process):
     - the child's stdout and stderr are written whole lines at a time, so
       lines of processes printing at once never mix.
 
-    ``procpool.Process`` uses procpool's default start method (``forkserver``
-    on Linux, ``spawn`` elsewhere); ``procpool.get_context(method).Process``
-    picks another.
+    ``procpool.Process`` forks, on Linux, when ``start()`` finds no other
+    thread running (fork is then safe, and fastest); otherwise it uses
+    procpool's default start method (``forkserver`` on Linux, ``spawn``
+    elsewhere). ``procpool.get_context(method).Process`` pins a method.
 
     Args:
         group: Always None; kept for compatibility with ``threading.Thread``.
@@ -131,7 +143,8 @@ class Process(multiprocessing.context.Process):
         daemon: Whether the process is a daemon (terminated when the parent exits).
     """
 
-    # None: the default start method, fixed at start(); subclasses pin one.
+    # None: chosen at start() (fork where it is safe, else procpool's default);
+    # subclasses pin one.
     _start_method: str | None = None
 
     # The stdlib's private state that we build on; its stubs leave it out.
@@ -180,7 +193,9 @@ class Process(multiprocessing.context.Process):
             SerializationError: if the target or its arguments cannot be pickled
                 (spawn and forkserver only).
         """
-        ctx = resolve_context(type(self)._start_method)
+        # No method pinned: fork where that is safe now, as the stdlib's default
+        # does (but only then); else procpool's default. See _core/_startmethod.py.
+        ctx = resolve_context(type(self)._start_method or process_start_method())
         # An instance attribute: the stdlib's bootstrap reads it in the child
         # to make the same method the child's own default.
         self._start_method = ctx.get_start_method()
@@ -364,6 +379,9 @@ class Process(multiprocessing.context.Process):
     def _decode(self) -> tuple[bool, Any]:
         blob = self._outcome_blob
         if blob is None:
+            # Imported only now: see _exceptions_stdlib.py for what it costs.
+            from ._exceptions_stdlib import WorkerCrashedError
+
             code = self._final_exitcode
             return False, WorkerCrashedError(
                 f"process {self.name!r} (pid {self.pid}) ended without returning a result: "

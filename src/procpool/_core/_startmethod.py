@@ -1,17 +1,22 @@
 """Which start method procpool uses, and why.
 
-The default is ``forkserver`` on Linux and ``spawn`` elsewhere (macOS, Windows).
-``fork`` is never the default: forking a process that already runs threads (a
-web server, a notebook kernel, procpool's own dispatcher thread) can deadlock
-the child on a lock some other thread held, and Python 3.12+ warns about it.
-``forkserver`` is safe because it forks from a small single-threaded server
-process; it costs one server start (about 50-100 ms, once per interpreter) and
-a few milliseconds per worker. ``fork`` stays available for those who want it.
+``fork`` is the fastest way to start a process, and the only unsafe one: forking
+a process that runs other threads (a web server, a notebook kernel, procpool's
+own dispatcher thread) can deadlock the child on a lock one of them held, and
+Python 3.12+ warns about it. So procpool forks only when nothing else runs
+(:func:`fork_is_safe`), and otherwise uses ``forkserver`` on Linux (safe: it
+forks from a small single-threaded server; one server start, about 50-100 ms
+once per interpreter, then a few milliseconds per process) and ``spawn``
+elsewhere (macOS, Windows), which is :func:`default_start_method`.
 
-Pools go one step further (``_zygote.py``): made in a process that runs no
-other Python thread, a pool with the default method forks a single-threaded
-copy of the process, which then forks the workers: fork's speed, without ever
-forking a threaded process.
+* ``procpool.Process`` with no start method (:func:`process_start_method`):
+  ``fork`` where it is safe at ``start()``, else the default.
+* Pools go one step further (``_zygote.py``): made in a process where fork is
+  safe, a pool with the default method forks a single-threaded copy of the
+  process, which then forks the workers, so that they are still forked safely
+  once the pool's own thread runs.
+
+Any method named explicitly is used as it is.
 """
 
 from __future__ import annotations
@@ -24,7 +29,15 @@ import sys
 import threading
 from collections.abc import Iterator
 
-__all__ = ["ContextLike", "default_start_method", "resolve_context", "starting_a_process"]
+__all__ = [
+    "ContextLike",
+    "default_start_method",
+    "fork_is_safe",
+    "process_start_method",
+    "resolve_context",
+    "single_threaded",
+    "starting_a_process",
+]
 
 # A start method name, a multiprocessing context, a procpool Context, or None.
 ContextLike = object
@@ -79,10 +92,63 @@ def starting_a_process() -> Iterator[None]:
 
 
 def default_start_method() -> str:
-    """Return the start method procpool uses when none is given."""
+    """Return the start method procpool uses when none is given and fork is not safe."""
     if sys.platform.startswith("linux"):
         return "forkserver"
     return "spawn"
+
+
+def process_start_method() -> str:
+    """The start method of a ``procpool.Process`` started now without one."""
+    return "fork" if fork_is_safe() else default_start_method()
+
+
+# Native runtimes whose threads (or state) do not survive fork: GNU OpenMP's
+# pool hangs a child that uses it, CUDA cannot be used in a forked child, and
+# XLA, TensorFlow and gRPC say so themselves. Loaded *and* with native threads
+# running, they rule fork out.
+_FORK_UNSAFE_LIBRARIES = (b"libgomp", b"libcuda.so", b"xla_extension", b"libtensorflow", b"cygrpc")
+
+
+def fork_is_safe() -> bool:
+    """Whether forking this process now is safe: Linux, no other Python thread,
+    and no fork-unsafe native runtime running (macOS's system libraries are not
+    fork-safe, which is why CPython spawns there)."""
+    return (
+        sys.platform.startswith("linux")
+        and single_threaded()
+        and not _fork_unsafe_runtime_running()
+    )
+
+
+def single_threaded() -> bool:
+    """Whether this process runs no Python thread but the current one.
+
+    The rule CPython's own fork warning (3.12+) applies: native threads alone
+    do not count (NumPy's OpenBLAS starts some at import, and makes itself
+    safe across fork with ``pthread_atfork``). See also fork_is_safe().
+    Threads started with ``_thread`` count too, as they do for that warning,
+    though ``threading`` does not list them: a worker's parent watchdog (known
+    from the moment it is started), and any other that is running Python code.
+    """
+    worker = sys.modules.get("procpool._core._worker")  # not imported: no watchdog
+    return (
+        threading.active_count() == 1
+        and not getattr(worker, "watchdog_started", False)
+        and len(sys._current_frames()) == 1
+    )
+
+
+def _fork_unsafe_runtime_running() -> bool:
+    """Native threads run and a runtime known not to survive fork is loaded."""
+    try:
+        if len(os.listdir("/proc/self/task")) == 1:
+            return False  # nothing runs beside us: nothing can be held
+        with open("/proc/self/maps", "rb") as maps:
+            mapped = maps.read()
+    except OSError:
+        return False
+    return any(name in mapped for name in _FORK_UNSAFE_LIBRARIES)
 
 
 def resolve_context(context: ContextLike = None) -> multiprocessing.context.BaseContext:

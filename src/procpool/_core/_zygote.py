@@ -45,10 +45,11 @@ from multiprocessing import context, popen_fork, process, reduction, util
 from multiprocessing.connection import wait
 from typing import Any
 
-from . import _worker
-from ._startmethod import starting_a_process
+# Loaded before the zygote forks, so that the workers it forks have it already.
+from . import _worker  # noqa: F401
+from ._startmethod import fork_is_safe, single_threaded, starting_a_process
 
-__all__ = ["ZygoteContext", "single_threaded"]
+__all__ = ["ZygoteContext", "available", "single_threaded"]
 
 _SIGNED = struct.Struct("q")
 _FORK, _STOP = b"F", b"Q"  # the requests a zygote takes
@@ -61,47 +62,9 @@ _CHILD_FAILED = 1
 _inherited_fds: list[int] = []
 
 
-# Native runtimes whose threads (or state) do not survive fork: GNU OpenMP's
-# pool hangs a child that uses it, CUDA cannot be used in a forked child, and
-# XLA, TensorFlow and gRPC say so themselves. Loaded *and* with native threads
-# running, they send pools to forkserver.
-_FORK_UNSAFE_LIBRARIES = (b"libgomp", b"libcuda.so", b"xla_extension", b"libtensorflow", b"cygrpc")
-
-
-def single_threaded() -> bool:
-    """Whether this process runs no Python thread but the current one.
-
-    The rule CPython's own fork warning (3.12+) applies: native threads alone
-    do not count (NumPy's OpenBLAS starts some at import, and makes itself
-    safe across fork with ``pthread_atfork``). See also available().
-    Threads started with ``_thread`` count too, as they do for that warning,
-    though ``threading`` does not list them: a worker's parent watchdog (known
-    from the moment it is started), and any other that is running Python code.
-    """
-    return (
-        threading.active_count() == 1
-        and not _worker.watchdog_started
-        and len(sys._current_frames()) == 1
-    )
-
-
 def available() -> bool:
     """Whether a pool made now may fork a zygote."""
-    if not (sys.platform.startswith("linux") and hasattr(socket, "send_fds")):
-        return False
-    return single_threaded() and not _fork_unsafe_runtime_running()
-
-
-def _fork_unsafe_runtime_running() -> bool:
-    """Native threads run and a runtime known not to survive fork is loaded."""
-    try:
-        if len(os.listdir("/proc/self/task")) == 1:
-            return False  # nothing runs beside us: nothing can be held
-        with open("/proc/self/maps", "rb") as maps:
-            mapped = maps.read()
-    except OSError:
-        return False
-    return any(name in mapped for name in _FORK_UNSAFE_LIBRARIES)
+    return hasattr(socket, "send_fds") and fork_is_safe()
 
 
 class Zygote:
