@@ -308,11 +308,11 @@ class Dispatcher(DirectPath):
             self._asleep = False
 
     def _wake(self) -> None:
-        # A byte each time, with no flag to skip the write while one is unread:
-        # setting such a flag and writing cannot be one step, and a signal
-        # handler that raised (Ctrl-C) between the two left the flag set with no
-        # byte to read, and no caller could wake the dispatcher again. A full
-        # pipe means it will wake anyway.
+        # Always a byte. A "byte pending" flag that callers set before writing
+        # once let a signal handler that raised (Ctrl-C) between the two leave it
+        # set with no byte to read: no caller could wake the dispatcher again.
+        # submit() skips the write only while the dispatcher itself says it is
+        # awake (see _queue). A full pipe means it will wake anyway.
         try:
             os.write(self._wake_w, b"\0")
         except (BlockingIOError, OSError):

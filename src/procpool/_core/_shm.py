@@ -97,7 +97,7 @@ def _write_segment(name: str, buffers: list[memoryview]) -> list[tuple[int, int]
     # Written with pwrite, not through a mapping: the kernel copies straight into
     # fresh tmpfs pages, where a mapping first zeroes each page, then takes a fault
     # (or MAP_POPULATE's walk) for it, then tears the page tables down at munmap.
-    # 8 MB: 3.2 ms against 6.6 here (docs/performance.md, "Shared memory").
+    # 8 MB: 3.2 ms against 6.6 here (docs/performance.md, fourth session).
     layout = []
     offset = 0
     for buf in buffers:
