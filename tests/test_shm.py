@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -135,3 +138,36 @@ def test_a_maps_later_batches_do_not_try_the_direct_path() -> None:
         out = pool.map(double, arrays)
         assert [float(a[0]) for a in out] == [2.0 * i for i in range(8)]
     assert tried in ([], [0])
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE and /dev/shm")
+def test_arrays_travel_through_the_pipe_when_no_segment_can_be_written() -> None:
+    # A file size limit of 1 MB makes every 2 MB segment write fail (EFBIG), as
+    # a full /dev/shm would (ENOSPC): both directions fall back to the pipe.
+    script = textwrap.dedent(
+        """
+        import os, resource, signal
+        import numpy as np
+        import procpool
+        from tests.helpers import double
+
+        if __name__ == "__main__":
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the write kills us
+            resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+            arrays = [np.full(1 << 18, float(i)) for i in range(4)]  # 2 MB each
+            with procpool.Pool(2) as pool:
+                out = pool.map(double, arrays, chunksize=1)
+            assert [float(a[-1]) for a in out] == [0.0, 2.0, 4.0, 6.0]
+            left = [n for n in os.listdir("/dev/shm") if n.startswith(f"procpool-{os.getpid()}-")]
+            print("ok", left)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["ok", "[]"]

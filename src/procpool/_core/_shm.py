@@ -65,7 +65,8 @@ Packed = bytes | tuple[bytes, str, list[tuple[int, int]]]
 def pack(obj: Any, namer: Namer | None) -> Packed:
     """Pickle ``obj``; large buffers go to a new shared-memory segment named by ``namer()``.
 
-    Returns the pickle alone when nothing was large (or ``namer`` is None).
+    Returns the pickle alone when nothing was large (or ``namer`` is None), or
+    when the segment could not be written (then everything is in the pickle).
     """
     if namer is None:
         return pickle.dumps(obj, _PROTOCOL)
@@ -81,7 +82,12 @@ def pack(obj: Any, namer: Namer | None) -> Packed:
     if not large:
         return data
     name = namer()
-    return data, name, _write_segment(name, [b.raw() for b in large])
+    try:
+        return data, name, _write_segment(name, [b.raw() for b in large])
+    except OSError:
+        # /dev/shm full (ENOSPC), a file size limit (EFBIG), out of descriptors:
+        # the pipe still carries it, one copy slower.
+        return pickle.dumps(obj, _PROTOCOL)
 
 
 def unpack(message: Packed) -> Any:
