@@ -147,6 +147,22 @@ def test_imap_results_and_errors_come_in_order_however_they_are_pulled(
         assert pulled == expected
 
 
+def test_a_loop_over_imap_can_stop_and_the_rest_comes_by_next_or_another_loop() -> None:
+    # for-loops get a generator over the iterator's state (IMapIterator.__iter__):
+    # leaving one, then next(), next(timeout) or a second loop, loses nothing.
+    with Pool(2) as pool:
+        it = pool.imap(square, range(5000), chunksize=64)
+        head = []
+        for x in it:
+            head.append(x)
+            if len(head) == 100:
+                break
+        middle = [next(it), it.next(timeout=10)]
+        rest = list(it)
+        assert head + middle + rest == [x * x for x in range(5000)]
+        assert list(it) == [] and list(iter(it)) == []
+
+
 def test_an_ordered_imap_yields_large_results_while_their_batch_runs() -> None:
     # Twelve 50 ms tasks in one batch, 600 KB of result each: their results go
     # ahead in pieces of two, so the first is here long before the last starts.

@@ -287,8 +287,11 @@ class IMapIterator(Iterator[T]):
         self.progress: Progress | None = None  # updated on the consumer's thread
         self._top_up()
 
-    def __iter__(self) -> IMapIterator[T]:
-        return self
+    def __iter__(self) -> Iterator[T]:
+        # A for-loop (or list(), sum(), ...) gets a generator over the same state:
+        # resuming it costs less than a call of __next__ per result. It keeps
+        # nothing of its own, so next(it) and later loops carry on where it stopped.
+        return self._results_until(None)
 
     def __next__(self) -> T:
         # The per-result fast path: most chunks have no errors, and this is all
