@@ -17,7 +17,7 @@ import pytest
 
 import procpool
 from procpool import Pool, WorkerCrashedError
-from procpool._core import _zygote
+from procpool._core import _startmethod
 from tests import helpers
 
 pytestmark = pytest.mark.skipif(
@@ -31,7 +31,7 @@ def _context(pool: Any) -> Any:
 
 @pytest.fixture
 def single_threaded() -> None:
-    if not _zygote.single_threaded():
+    if not _startmethod.single_threaded():
         pytest.skip(f"the test process runs other threads: {threading.enumerate()}")
 
 
@@ -250,8 +250,9 @@ def test_a_pool_terminated_while_its_workers_start_prints_nothing() -> None:
 
 
 def test_procpool_process_is_not_affected(single_threaded: None) -> None:
-    # procpool.Process keeps the platform's default (a zygote per process would be a
-    # second fork for nothing).
+    # The default context stays forkserver: a zygote is for pools only (one per
+    # process would be a second fork for nothing; procpool.Process forks directly
+    # where it may, see test_process.py).
     assert procpool.get_context().get_start_method() == "forkserver"
 
 

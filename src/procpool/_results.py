@@ -294,8 +294,8 @@ class IMapIterator(Iterator[T]):
         return self._results_until(None)
 
     def __next__(self) -> T:
-        # The per-result fast path: most chunks have no errors, and this is all
-        # a result costs (a plain loop over 1M results: ~3x faster than next()).
+        # next(it) on a chunk without errors (most are): a pop, nothing more.
+        # Loops do not come here: __iter__ gives them _results_until.
         ready = self._ready
         if ready and self._errors is None:
             return ready.pop()  # type: ignore[no-any-return]
@@ -326,8 +326,8 @@ class IMapIterator(Iterator[T]):
     def _results_until(self, end: float | None) -> Iterator[T]:
         """Every result in turn, each wait ending by ``end`` (``time.monotonic()``).
 
-        For ``Executor.map``: the results of a chunk without errors go out
-        without a method call each.
+        What loops over this iterator (``__iter__``) and ``Executor.map`` use:
+        the results of a chunk without errors go out without a method call each.
         """
         while True:
             ready = self._ready

@@ -47,9 +47,9 @@ from typing import Any
 
 # Loaded before the zygote forks, so that the workers it forks have it already.
 from . import _worker  # noqa: F401
-from ._startmethod import fork_is_safe, single_threaded, starting_a_process
+from ._startmethod import fork_is_safe, starting_a_process
 
-__all__ = ["ZygoteContext", "available", "single_threaded"]
+__all__ = ["ZygoteContext", "available"]
 
 _SIGNED = struct.Struct("q")
 _FORK, _STOP = b"F", b"Q"  # the requests a zygote takes
