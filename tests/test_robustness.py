@@ -133,25 +133,42 @@ def test_exiting_without_close_neither_hangs_nor_leaves_workers(kind: str) -> No
 def test_a_worker_that_crashes_while_the_interpreter_exits_is_reported_quietly() -> None:
     # An executor finishes its queued work at exit; here that work kills its
     # worker after threading's shutdown, when concurrent.futures.process can no
-    # longer be imported (it registers a threading exit hook). The error class
-    # must already be loaded, or the dispatcher thread dies with a traceback.
+    # longer be imported (it registers a threading exit hook). Nothing loaded it
+    # before (a pool loads it only for these errors): the error is still a
+    # WorkerCrashedError, a BrokenExecutor, and the dispatcher thread does not
+    # die with a traceback.
     script = textwrap.dedent(
         """
-        import os, time, procpool
+        import concurrent.futures, os, sys, time, procpool
 
         def crash_later():
             time.sleep(0.3)
             os._exit(3)
 
+        def report(future):
+            error = future.exception()
+            print(type(error).__name__, isinstance(error, procpool.WorkerCrashedError),
+                  isinstance(error, concurrent.futures.BrokenExecutor), "exit code 3" in str(error))
+
         if __name__ == "__main__":
             ex = procpool.ProcessPoolExecutor(1)
             future = ex.submit(crash_later)
+            future.add_done_callback(report)
+            print("concurrent.futures.process" in sys.modules)
         """
     )
     out = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=30, check=True
     )
     assert out.stderr == ""
+    assert out.stdout == "False\nWorkerCrashedError True True True\n"
+
+
+def test_a_worker_crash_is_a_broken_process_pool_for_the_standard_librarys_except_clauses() -> None:
+    from concurrent.futures.process import BrokenProcessPool
+
+    with ProcessPoolExecutor(1) as ex, pytest.raises(BrokenProcessPool):
+        ex.submit(os._exit, 3).result()
 
 
 def test_executor_map_stops_reading_input_when_abandoned() -> None:

@@ -7,17 +7,37 @@
 written for the standard library keep working. They are a module of their own,
 imported where they are raised (``procpool`` exports them lazily), because
 importing ``concurrent.futures`` (with the ``logging`` it imports) and
-``multiprocessing.pool`` costs about 4 ms here: every worker's start would pay
-it, and every first pool, for errors most runs never raise. The exception tree
-is drawn in ``_exceptions.py``.
+``multiprocessing.pool`` costs 2.5-4 ms here: every worker's start would pay
+it, and every program's first pool (on its first result's path: the parent
+imported it while its first worker started, and on 2 cores that import took
+5-8 ms against the worker's start), for errors most runs never raise. The
+exception tree is drawn in ``_exceptions.py``.
 """
 
 from __future__ import annotations
 
-from concurrent.futures.process import BrokenProcessPool
+import threading
 from multiprocessing.pool import MaybeEncodingError  # type: ignore[attr-defined]
+from typing import TYPE_CHECKING
 
 from ._exceptions import ProcpoolError, SerializationError
+
+if TYPE_CHECKING:
+    from concurrent.futures.process import BrokenProcessPool
+else:
+    try:
+        from concurrent.futures.process import BrokenProcessPool
+    except RuntimeError:
+        # concurrent.futures.process registers a threading exit hook as it is
+        # imported, which fails once the interpreter has begun to exit. A pool
+        # whose worker crashes then (an executor finishing its work at exit)
+        # still needs the class, and no code can catch BrokenProcessPool by
+        # then if that module was never imported: its nearest importable base
+        # keeps every except clause that could run working. This is what lets
+        # a pool import this module lazily, off its first call's path.
+        if not getattr(threading, "_SHUTTING_DOWN", False):
+            raise
+        from concurrent.futures import BrokenExecutor as BrokenProcessPool
 
 __all__ = ["InitializerError", "ResultSerializationError", "WorkerCrashedError"]
 

@@ -221,12 +221,6 @@ class Dispatcher(DirectPath):
             self._terminating = True
             self._stop_workers()
             raise
-        # The errors that subclass the standard library's (~3 ms to import) are
-        # imported now, while the first workers start, rather than before they
-        # start; and never later: a crash settled while the interpreter exits
-        # could not import concurrent.futures.process any more.
-        from .. import _exceptions_stdlib  # noqa: F401
-
         self._thread.start()
 
     # ----------------------------------------------------------- caller side
