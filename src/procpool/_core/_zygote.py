@@ -321,10 +321,6 @@ def _write_signed(fd: int, value: int) -> None:
 
 def _serve(sock: socket.socket) -> int:
     """The zygote's loop: fork on request, report pids and exit codes."""
-    # Every worker installs whole-line stdio first: import it once, here, while
-    # the parent is still busy making the pool, rather than in each worker.
-    from . import _stdio  # noqa: F401
-
     # Everything inherited from the parent goes to the collector's permanent
     # generation: a worker's full collections then skip it, instead of writing
     # to every inherited object's header and so copying every page of them.
@@ -378,6 +374,10 @@ def _serve(sock: socket.socket) -> int:
                 _close_fds(data_r, *inherited)
                 _write_signed(status_w, pid)
                 children[pid] = status_w
+                # Every worker installs whole-line stdio first: import it once, for
+                # the workers that follow. Not before the first fork: the pool's
+                # first request then finds this process waiting for it, not busy.
+                from . import _stdio  # noqa: F401
             else:
                 with contextlib.suppress(OSError):
                     os.read(sig_r, 4096)
