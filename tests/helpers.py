@@ -167,6 +167,12 @@ def pid_after_barrier(_: object = None) -> int:
     return os.getpid()
 
 
+def family_after_barrier(_: object = None) -> tuple[int, int | None]:
+    """family(), once as many tasks as the barrier's parties run at once."""
+    _BARRIER.wait(timeout=30)  # type: ignore[attr-defined]
+    return family()
+
+
 def note_start_and_sleep(path: str, seconds: float) -> None:
     """An initializer: append this worker's start and end times to a file."""
     start = time.monotonic()

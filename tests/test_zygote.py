@@ -36,21 +36,46 @@ def single_threaded() -> None:
 
 
 def test_a_default_pool_forks_its_workers_from_a_zygote(single_threaded: None) -> None:
-    with Pool(2) as pool:
+    with Pool(3, initializer=helpers.keep_barrier, initargs=(procpool.Barrier(3),)) as pool:
         ctx = _context(pool)
         assert ctx.get_start_method() == "zygote"
-        families = set(pool.map(helpers.family, range(20), chunksize=1))
+        families = pool.map(helpers.family_after_barrier, range(3), chunksize=1)
         zygote = psutil.Process(ctx.zygote.pid)
         assert zygote.ppid() == os.getpid()
-        # Grandchildren by the kernel's count, children of the pool by multiprocessing's.
-        assert families == {(ctx.zygote.pid, os.getpid())}
-        workers = {c.pid for c in zygote.children()}
-        assert 1 <= len(workers) <= 2  # started on demand: see the tests below
-        assert set(pool.map(helpers.pid, range(20), chunksize=1)) <= workers
+        # The first worker, forked as the pool was made, is a child of this
+        # process (see _DirectPopen); the others are grandchildren by the
+        # kernel's count, children of the pool by multiprocessing's.
+        me = os.getpid()
+        assert sorted(families) == sorted([(me, me), (zygote.pid, me), (zygote.pid, me)])
+        assert len(zygote.children()) == 2
     assert not psutil.pid_exists(ctx.zygote.pid) or (
         psutil.Process(ctx.zygote.pid).status() != psutil.STATUS_ZOMBIE
         and psutil.Process(ctx.zygote.pid).ppid() != os.getpid()
     )
+
+
+def test_the_first_worker_holds_no_copy_of_the_zygotes_socket(single_threaded: None) -> None:
+    # Else the zygote would not see end of file until that worker exited too.
+    with Pool(1) as pool:
+        pid = pool.apply(helpers.pid)
+        assert psutil.Process(pid).ppid() == os.getpid()  # forked from here
+        sock = _context(pool).zygote._sock
+        ours = os.readlink(f"/proc/self/fd/{sock.fileno()}")
+        assert ours.startswith("socket:")
+        theirs = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+        assert ours not in theirs
+
+
+def test_initargs_that_do_not_pickle_fail_the_pool_as_it_is_made(single_threaded: None) -> None:
+    # The first worker, forked from here, needs no pickle; the zygote's later
+    # ones do, so the pool checks as it is made rather than at its second worker.
+    before = {c.pid for c in psutil.Process().children()}
+    with pytest.raises(TypeError, match="lock"):
+        Pool(2, initializer=id, initargs=(threading.Lock(),))
+    deadline = time.monotonic() + 5
+    while {c.pid for c in psutil.Process().children()} - before:
+        assert time.monotonic() < deadline, "the zygote was left behind"
+        time.sleep(0.01)
 
 
 def test_a_short_map_starts_one_worker_and_a_long_one_starts_them_all(
@@ -164,14 +189,19 @@ def test_a_killed_zygote_breaks_the_pool_with_a_clear_error_and_no_hang(
         workers = set(pool.map(helpers.pid, range(20), chunksize=1))
         zygote = _context(pool).zygote.pid
         os.kill(zygote, signal.SIGKILL)
+        # The first worker, forked from this process, would serve on alone (and
+        # fail the pool only when it needs another): it goes too.
+        for child in psutil.Process().children():
+            if child.pid in workers:
+                child.kill()
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
                 pool.map(helpers.square, range(4))
             except (WorkerCrashedError, ValueError) as exc:
-                if "exit code 255" in str(exc):
-                    # A map that reached a worker before the zygote's death was
-                    # seen: its orphaned worker is killed and the tasks it held
+                if "exit code 255" in str(exc) or "SIGKILL" in str(exc):
+                    # A map that reached a worker before its death was seen:
+                    # an orphan of the zygote is killed, and the tasks it held
                     # fail so (docs/faults.md). The next map must say why.
                     continue
                 assert "cannot start a worker" in str(exc) or "not running" in str(exc)
@@ -236,8 +266,11 @@ def test_a_pool_terminated_while_its_workers_start_prints_nothing() -> None:
         if __name__ == "__main__":
             with procpool.Pool(1):
                 pass  # the first pool installs the SIGTERM handler that later zygotes inherit
-            with procpool.Pool(2, initializer=print, initargs=(SlowToUnpickle(),)) as pool:
-                time.sleep(0.2)  # the workers are being unpickled now
+            with procpool.Pool(3, initializer=id, initargs=(SlowToUnpickle(),)) as pool:
+                # Long tasks: the pool asks the zygote for its other two workers
+                # (its first is forked from here, with nothing to unpickle).
+                pool.map_async(time.sleep, [1.0] * 3, chunksize=1)
+                time.sleep(0.2)  # those two are being unpickled now
                 pool.terminate()
             print("done", pool._runner.engine._ctx.get_start_method())
         """
