@@ -254,11 +254,15 @@ class _DirectPopen(popen_fork.Popen):
         if pid == 0:
             code = _CHILD_FAILED
             try:
+                # First: until then the parent's handlers are this child's, and
+                # its SIGTERM handler raises SystemExit (a pool terminated now).
+                _restore_signals({})
                 _close_fds(parent_w)
                 self._zygote.forget()
                 gc.freeze()
-                _restore_signals({})
                 code = process_obj._bootstrap(parent_sentinel=child_r)
+            except SystemExit as exc:  # that handler, in the instant before
+                code = exc.code if isinstance(exc.code, int) else _CHILD_FAILED
             except BaseException:
                 import traceback
 
