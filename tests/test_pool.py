@@ -9,6 +9,7 @@ import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -251,6 +252,58 @@ def test_terminate_fails_unfinished_work_instead_of_hanging() -> None:
     pool.join()
     with pytest.raises(ValueError):
         result.get(5)
+
+
+def test_a_global_set_by_an_initializer_in_main_is_seen_by_tasks_under_every_method(
+    tmp_path: Path,
+) -> None:
+    # The standard library pickles __main__'s functions by name, so a worker
+    # runs its own copy with the module's globals. procpool sends them by value
+    # where a worker may lack them, and a function rebuilt from a pickle had
+    # globals of its own: STATE stayed None under fork, forkserver and spawn
+    # (and under the default, in a program that runs threads). A function
+    # defined after the pool started still goes by value and still runs.
+    script = tmp_path / "main_globals.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import threading, procpool
+
+            STATE = None
+
+            def init(value):
+                global STATE
+                STATE = value
+
+            def read(_):
+                return STATE
+
+            def run(method, label):
+                with procpool.Pool(1, initializer=init, initargs=(label,), context=method) as pool:
+                    def later(_):
+                        return "later"
+                    return pool.apply(read, (0,)), pool.apply(later, (0,))
+
+            if __name__ == "__main__":
+                out = [run(m, m) for m in ("fork", "forkserver", "spawn")]
+                out.append(run(None, "default"))
+                stop = threading.Event()
+                busy = threading.Thread(target=stop.wait)  # the default is forkserver now
+                busy.start()
+                try:
+                    out.append(run(None, "threads"))
+                finally:
+                    stop.set()
+                    busy.join()
+                print(out)
+            """
+        )
+    )
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=True
+    )
+    labels = ("fork", "forkserver", "spawn", "default", "threads")
+    assert out.stdout.strip() == repr([(label, "later") for label in labels]), out.stderr
 
 
 def test_initializer_runs_in_each_worker() -> None:
