@@ -167,6 +167,20 @@ def pid_after_barrier(_: object = None) -> int:
     return os.getpid()
 
 
+def fill_kept_queue(n: int) -> int:
+    """Put ``n`` items of 1 KB on the Queue that keep_barrier() kept; more than a pipe holds."""
+    for _ in range(n):
+        _BARRIER.put(b"x" * 1024)  # type: ignore[attr-defined]
+    return n
+
+
+def count_onto_kept_queue(n: int) -> int:
+    """Put 0 .. n-1 on the Queue that keep_barrier() kept."""
+    for i in range(n):
+        _BARRIER.put(i)  # type: ignore[attr-defined]
+    return n
+
+
 def family_after_barrier(_: object = None) -> tuple[int, int | None]:
     """family(), once as many tasks as the barrier's parties run at once."""
     _BARRIER.wait(timeout=30)  # type: ignore[attr-defined]

@@ -79,6 +79,7 @@ import selectors
 import signal
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -116,6 +117,9 @@ MAX_STARTUP_DEATHS = 3
 GONE_KEPT = 256
 # How long terminate() lets workers exit on SIGTERM before SIGKILL.
 TERMINATE_GRACE = 0.5
+# How long a closed pool lets a worker exit after its last task before SIGKILL
+# (a worker blocked in its exit: a Queue it filled that nobody reads, a thread).
+CLOSE_GRACE_S = 5.0
 # How long terminate() waits for the dispatcher thread before it kills the
 # workers itself (which unblocks a dispatcher stuck writing to a worker that
 # stopped reading: SIGSTOP, a deadlocked fork child).
@@ -211,6 +215,7 @@ class Dispatcher(DirectPath):
         self._stats_lock = threading.Lock()  # keeps statistics() snapshots whole
         self._stopped = False
         self._shm_used = False  # whether any worker made a shared-memory segment
+        self._killed_at_close: list[tuple[int, int]] = []  # (id, pid): see join()
         self.crashes = 0
         self._thread = threading.Thread(target=self._run, name="procpool-dispatcher", daemon=True)
         try:
@@ -281,7 +286,23 @@ class Dispatcher(DirectPath):
         if self._thread.is_alive():
             return False
         self._reap_everything()
+        self._warn_killed_at_close()
         return True
+
+    def _warn_killed_at_close(self) -> None:
+        """Say which workers a graceful close had to kill: what they held is lost."""
+        with self._stats_lock:
+            killed, self._killed_at_close = self._killed_at_close, []
+        for wid, pid in killed:
+            warnings.warn(
+                f"procpool: worker {wid} (pid {pid}) did not exit within "
+                f"{CLOSE_GRACE_S:g} s of its last task after close() and was killed; "
+                "what it had not sent yet is lost, such as items it put on a "
+                "multiprocessing Queue that nobody had read (read such a queue "
+                "before joining the pool, as with the standard library's)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     def _queue(self, batches: list[Batch]) -> None:
         """Queue batches for the dispatcher, waking it only if it may be asleep.
@@ -1075,10 +1096,12 @@ class Dispatcher(DirectPath):
                     worker.conn.send_bytes(P.dumps((P.STOP,)))
                 except OSError:
                     pass
-        deadline = time.monotonic() + (TERMINATE_GRACE if self._terminating else 5.0)
+        deadline = time.monotonic() + (TERMINATE_GRACE if self._terminating else CLOSE_GRACE_S)
         for worker in list(self._workers.values()):
             worker.process.join(max(0.0, deadline - time.monotonic()))
             if worker.process.exitcode is None:
+                if not self._terminating:
+                    self._killed_at_close.append((worker.id, worker.pid))
                 kill(worker.pid, signal.SIGKILL)
                 worker.process.join(5.0)
             if not self._terminating:

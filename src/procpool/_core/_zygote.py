@@ -260,7 +260,7 @@ class _DirectPopen(popen_fork.Popen):
                 _close_fds(parent_w)
                 self._zygote.forget()
                 gc.freeze()
-                code = process_obj._bootstrap(parent_sentinel=child_r)
+                code = _bootstrap(process_obj, child_r)
             except SystemExit as exc:  # that handler, in the instant before
                 code = exc.code if isinstance(exc.code, int) else _CHILD_FAILED
             except BaseException:
@@ -567,5 +567,18 @@ def _run_child(data_r: int, inherited: list[int]) -> int:
             proc = pickle.load(source)
         finally:
             del me._inheriting  # type: ignore[attr-defined]
+    return _bootstrap(proc, parent_sentinel)
+
+
+def _bootstrap(proc: Any, parent_sentinel: int) -> int:
+    """Run a child's Process, then multiprocessing's exit steps, as its own fork does.
+
+    Python 3.13 moved those steps (run the finalizers, which flush every Queue
+    this process put items on; join its own children) out of
+    ``Process._bootstrap`` and into its fork and forkserver children's exit. A
+    child that skipped them lost the items its Queues still buffered. Running
+    them twice is harmless: they run once per process.
+    """
     code: int = proc._bootstrap(parent_sentinel=parent_sentinel)
+    util._exit_function()  # type: ignore[attr-defined]
     return code
