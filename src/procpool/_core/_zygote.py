@@ -278,9 +278,7 @@ class _DirectPopen(popen_fork.Popen):
         try:
             self.sentinel = os.pidfd_open(pid)
         except OSError:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
+            _kill_and_reap(pid)
             _close_fds(parent_w)
             raise
         self.finalizer = util.Finalize(self, _close_fds, (self.sentinel, parent_w))
@@ -288,9 +286,7 @@ class _DirectPopen(popen_fork.Popen):
             # While the child starts, not before: ~0.3 ms of this process's time.
             _pickle_for_zygote(process_obj, _FdCounter())
         except BaseException:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
+            _kill_and_reap(pid)
             self.finalizer()
             raise
 
@@ -305,9 +301,19 @@ class _DupFd:
         return _inherited_fds[self.index]
 
 
-class _Popen(popen_fork.Popen):
-    method = "zygote"
+class _FdNumbering:
+    """Numbers the descriptors a pickled Process sends, as its child finds them (_DupFd)."""
+
     DupFd = _DupFd
+    _fds: list[int]
+
+    def duplicate_for_child(self, fd: int) -> int:
+        self._fds.append(fd)
+        return len(self._fds) - 1
+
+
+class _Popen(_FdNumbering, popen_fork.Popen):
+    method = "zygote"
 
     def __init__(self, process_obj: Any, zygote: Zygote) -> None:
         self._zygote = zygote
@@ -340,10 +346,6 @@ class _Popen(popen_fork.Popen):
                     "(out of processes or memory?) or it died"
                 ) from None
         return self._pid
-
-    def duplicate_for_child(self, fd: int) -> int:
-        self._fds.append(fd)
-        return len(self._fds) - 1
 
     def _launch(self, process_obj: Any) -> None:
         buf = _pickle_for_zygote(process_obj, self)
@@ -387,17 +389,11 @@ class _Popen(popen_fork.Popen):
             self.returncode = 255
 
 
-class _FdCounter:
-    """Numbers descriptors as a zygote's Popen does, for a Process pickled only as a check."""
-
-    DupFd = _DupFd
+class _FdCounter(_FdNumbering):
+    """Stands in for a zygote's Popen while a Process is pickled only as a check."""
 
     def __init__(self) -> None:
-        self._fds: list[int] = []
-
-    def duplicate_for_child(self, fd: int) -> int:
-        self._fds.append(fd)
-        return len(self._fds) - 1
+        self._fds = []
 
 
 @functools.cache
@@ -419,6 +415,12 @@ def _pickle_for_zygote(process_obj: Any, popen: Any) -> io.BytesIO:
     finally:
         context.set_spawning_popen(None)
     return buf
+
+
+def _kill_and_reap(pid: int) -> None:
+    with contextlib.suppress(OSError):
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
 
 
 def _close_fds(*fds: int) -> None:
