@@ -84,8 +84,8 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-# WorkerCrashedError and InitializerError are imported where they are raised,
-# from a module Dispatcher.__init__ loads once its workers are starting.
+# WorkerCrashedError and InitializerError are imported where they are raised:
+# their module loads concurrent.futures (see _exceptions_stdlib).
 from .._exceptions import (
     ProcpoolError,
     SerializationError,
@@ -94,11 +94,11 @@ from .._exceptions import (
 )
 from . import _protocol as P
 from . import _shm as shm
+from . import run_worker
 from ._batch import Batch, dumps_callable
 from ._direct import DirectPath
 from ._slot import Slot
 from ._startmethod import starting_a_process
-from ._worker import FN_CACHE_SIZE, worker_main
 from ._workers import Worker, WorkerRecord, fold, kill, record, worker_statistics
 
 if TYPE_CHECKING:
@@ -533,7 +533,7 @@ class Dispatcher(DirectPath):
             else:
                 worker.conn.send_bytes(P.dumps((P.FN, fn.id, fn.data)))
                 worker.fns[fn.id] = None
-                if len(worker.fns) > FN_CACHE_SIZE:
+                if len(worker.fns) > P.FN_CACHE_SIZE:
                     worker.fns.popitem(last=False)
             first = batch.first_index if batch.named else -1
             timed = batch.policy.timeout is not None
@@ -910,7 +910,7 @@ class Dispatcher(DirectPath):
             parent_end, child_end = self._ctx.Pipe(duplex=True)
             slot = Slot(P.SLOT_SIZE)
             process = self._ctx.Process(  # type: ignore[attr-defined]
-                target=worker_main,
+                target=run_worker,
                 args=(
                     child_end,
                     slot,

@@ -48,6 +48,10 @@ PARTIAL = "P"  # the results of a batch's first tasks, ahead of the rest (see _w
 # with the next task.
 PIECE_BYTES = 1 << 20
 
+# How many callables a worker keeps unpickled; the dispatcher mirrors this
+# cache exactly, so it knows which callables it must send again.
+FN_CACHE_SIZE = 64
+
 # How a batch's items become call arguments.
 CALL_ONE = 0  # fn(item)
 CALL_STAR = 1  # fn(*item)

@@ -35,10 +35,6 @@ from .._exceptions import SerializationError
 from . import _protocol as P
 from . import _shm as shm
 
-# How many callables a worker keeps unpickled; the dispatcher mirrors this
-# cache exactly, so it knows which callables it must send again.
-FN_CACHE_SIZE = 64
-
 # Exit code of a worker whose parent died: it had nobody to report to.
 _ORPHAN_EXIT = 70
 
@@ -136,7 +132,7 @@ def _serve(conn: Connection, slot: Any, max_rss: int | None, namer: shm.Namer | 
             P.send(conn, (P.RESULTS, msg[1], running, transfer, recycle, reply))
         elif tag == P.FN:
             fns[msg[1]] = msg[2]  # unpickled at first use, so a crash is blamed on a batch
-            if len(fns) > FN_CACHE_SIZE:
+            if len(fns) > P.FN_CACHE_SIZE:
                 fns.popitem(last=False)
         elif tag == P.STOP:
             return

@@ -48,8 +48,6 @@ from multiprocessing import context, popen_fork, process, reduction, util
 from multiprocessing.connection import wait
 from typing import Any
 
-# Loaded before the zygote forks, so that the workers it forks have it already.
-from . import _worker  # noqa: F401
 from ._startmethod import fork_is_safe, single_threaded, starting_a_process
 
 __all__ = ["ZygoteContext", "available"]
@@ -503,10 +501,6 @@ def _serve(sock: socket.socket) -> int:
                 _close_fds(data_r, *inherited)
                 _write_signed(status_w, pid)
                 children[pid] = status_w
-                # Every worker installs whole-line stdio first: import it once, for
-                # the workers that follow. Not before the first fork: the pool's
-                # first request then finds this process waiting for it, not busy.
-                from . import _stdio  # noqa: F401
             else:
                 with contextlib.suppress(OSError):
                     os.read(sig_r, 4096)

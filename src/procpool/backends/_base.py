@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     from .._core._batch import Batch
@@ -13,19 +13,55 @@ if TYPE_CHECKING:
 __all__ = ["Backend", "BackendOptions"]
 
 
-class BackendOptions(NamedTuple):
+class BackendOptions:
     """What a pool asks of its backend; a backend rejects what it cannot honour.
 
-    Immutable. A named tuple rather than a dataclass: ``dataclasses`` (and the
-    ``inspect`` it imports) would cost every pool's start-up a few milliseconds.
+    Read-only. A plain class rather than a dataclass or a ``NamedTuple``:
+    defining either costs every cold pool's start-up time (a ``NamedTuple``
+    ~0.2 ms; ``dataclasses``, with the ``inspect`` it imports, milliseconds).
     """
 
-    context: Any = None  # start method / multiprocessing context (processes only)
-    initializer: Callable[..., object] | None = None
-    initargs: tuple[Any, ...] = ()
-    max_tasks_per_worker: int | None = None
-    max_memory_per_worker: int | None = None
-    tag_output: bool = False
+    __slots__ = (
+        "context",
+        "initargs",
+        "initializer",
+        "max_memory_per_worker",
+        "max_tasks_per_worker",
+        "tag_output",
+    )
+    context: Any  # start method / multiprocessing context (processes only)
+    initializer: Callable[..., object] | None
+    initargs: tuple[Any, ...]
+    max_tasks_per_worker: int | None
+    max_memory_per_worker: int | None
+    tag_output: bool
+
+    def __init__(
+        self,
+        context: Any = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: tuple[Any, ...] = (),
+        max_tasks_per_worker: int | None = None,
+        max_memory_per_worker: int | None = None,
+        tag_output: bool = False,
+    ) -> None:
+        values = (
+            context,
+            initargs,
+            initializer,
+            max_memory_per_worker,
+            max_tasks_per_worker,
+            tag_output,
+        )
+        for name, value in zip(self.__slots__, values, strict=True):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"BackendOptions is read-only: cannot set {name!r}")
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"BackendOptions({fields})"
 
 
 class Backend(abc.ABC):
