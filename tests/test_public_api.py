@@ -85,9 +85,6 @@ def test_a_pool_of_importable_functions_loads_no_more_than_it_needs() -> None:
     # concurrent.futures, logging and multiprocessing.pool (~2.5-4 ms) for the
     # errors that subclass theirs, until one is raised or asked for (see
     # _exceptions_stdlib.py). A lambda still goes by value.
-    import subprocess
-    import sys
-
     script = (
         "import sys, procpool, operator\n"
         "costly = ('cloudpickle', 'dataclasses', 'concurrent.futures', 'logging',\n"
@@ -103,10 +100,7 @@ def test_a_pool_of_importable_functions_loads_no_more_than_it_needs() -> None:
         "        assert pool.apply(lambda: 7) == 7\n"
         "        print('cloudpickle' in sys.modules)\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
-    )
-    assert out.stdout.split("\n")[:3] == ["[]", "[]", "True"], (out.stdout, out.stderr)
+    assert _run_script(script)[:3] == ["[]", "[]", "True"]
 
 
 def test_only_a_process_that_forks_workers_loads_what_they_run() -> None:
@@ -114,9 +108,6 @@ def test_only_a_process_that_forks_workers_loads_what_they_run() -> None:
     # loop nor whole-line stdio. A pool that forks its workers (by default,
     # through the zygote) loads both before it forks, so that no worker
     # imports them on its way to its first task (~1.7 ms of a cold start).
-    import subprocess
-    import sys
-
     script = (
         "import sys, procpool\n"
         "mods = ('procpool._core._worker', 'procpool._core._stdio')\n"
@@ -127,8 +118,15 @@ def test_only_a_process_that_forks_workers_loads_what_they_run() -> None:
         "    with procpool.Pool(1) as pool:\n"
         "        print([m for m in mods if m in sys.modules])\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
-    )
     loaded = ["procpool._core._worker", "procpool._core._stdio"]
-    assert out.stdout.split("\n")[:2] == ["[]", str(loaded)], (out.stdout, out.stderr)
+    assert _run_script(script)[:2] == ["[]", str(loaded)]
+
+
+def _run_script(script: str) -> list[str]:
+    """Run ``script`` in a fresh interpreter; return its output's lines."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split("\n")
