@@ -100,6 +100,23 @@ def crash_after_making_array(n: int) -> object:
     return [numpy.arange(n, dtype="float64"), return_crashes_on_pickle()]
 
 
+def total(a: object) -> float:
+    return float(a.sum())  # type: ignore[attr-defined]
+
+
+_KEPT_ARRAYS: list[object] = []
+
+
+def keep_array(a: object) -> float:
+    """Keep the argument (a view of its shared-memory segment) beyond the task."""
+    _KEPT_ARRAYS.append(a)
+    return total(a)
+
+
+def kept_totals(_: object = None) -> list[float]:
+    return [total(a) for a in _KEPT_ARRAYS]
+
+
 def echo_bytes(data: bytes) -> bytes:
     return data[::-1]
 

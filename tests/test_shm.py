@@ -6,12 +6,21 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
 from procpool import Pool, WorkerCrashedError
-from tests.helpers import crash_after_making_array, double, make_array
+from procpool._core import _shm as shm
+from tests.helpers import (
+    crash_after_making_array,
+    double,
+    keep_array,
+    kept_totals,
+    make_array,
+    total,
+)
 
 np = pytest.importorskip("numpy")
 pytestmark = pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs /dev/shm")
@@ -162,12 +171,110 @@ def test_arrays_travel_through_the_pipe_when_no_segment_can_be_written() -> None
             print("ok", left)
         """
     )
-    out = subprocess.run(
+    out = _run_script(script)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["ok", "[]"]
+
+
+def test_argument_segments_are_written_again_once_the_worker_let_go() -> None:
+    recycler = shm.process_recycler()
+    assert recycler is not None
+    arrays = [np.full(200_000, float(i)) for i in range(6)]  # 1.6 MB each
+    with Pool(1) as pool:
+        made = recycler.made
+        # One call at a time: each batch's segment is given back before the
+        # next is packed, so all six are written into the first one.
+        assert [pool.apply(total, (a,)) for a in arrays] == [200_000.0 * i for i in range(6)]
+        assert recycler.made - made == 1
+        # Batches in flight at once each have their own; every value is right.
+        for got, a in zip(pool.map(double, arrays * 4, chunksize=1), arrays * 4):
+            np.testing.assert_array_equal(got, a * 2)
+    assert not _segments()
+
+
+def test_an_argument_a_task_keeps_is_never_written_over() -> None:
+    # The worker cannot let go of a segment while a task's argument still
+    # lives on it: the parent must then never write that segment again.
+    recycler = shm.process_recycler()
+    assert recycler is not None
+    with Pool(1) as pool:
+        made = recycler.made
+        sums = [pool.apply(keep_array, (np.full(200_000, float(i)),)) for i in range(5)]
+        for i in range(5):  # arguments the worker lets go of, written where they may
+            assert pool.apply(total, (np.full(200_000, 100.0 + i),)) == 200_000 * (100.0 + i)
+        assert pool.apply(kept_totals) == sums == [200_000.0 * i for i in range(5)]
+        assert recycler.made - made >= 5  # one fresh segment per kept argument at least
+    assert not _segments()
+
+
+def test_a_recycler_keeps_only_segments_that_fit_and_few_of_them() -> None:
+    prefix = f"procpool-{os.getpid()}-t"
+    try:
+        _check_recycler(shm.Recycler(prefix))
+    finally:
+        shm.remove_matching(prefix)
+
+
+def _check_recycler(recycler: shm.Recycler) -> None:
+    small = [memoryview(bytearray(300_000))]
+    names = [recycler.write(small, [(0, 300_000)]) for _ in range(shm.Recycler.MAX_KEPT + 2)]
+    for name in names:
+        recycler.give_back(name)
+    assert len(_segments()) == shm.Recycler.MAX_KEPT  # the others were unlinked
+    made = recycler.made
+    again = recycler.write(small, [(0, 300_000)])
+    assert again in names  # written again
+    big = recycler.write([memoryview(bytearray(700_000))], [(0, 700_000)])
+    assert big not in names  # none kept was large enough
+    assert recycler.made == made + 1
+    recycler.discard(again)  # still mapped somewhere: gone, and never written again
+    recycler.clear()  # the kept ones
+    assert _segments() == {big}  # in use: its batch would give it back or discard it
+    recycler.discard(big)
+    assert not _segments()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="/dev/shm")
+def test_a_killed_parent_leaves_no_argument_segment_behind() -> None:
+    # Segments kept for reuse outlive their batches; if the pool's process is
+    # SIGKILLed, its workers remove them as they exit.
+    script = textwrap.dedent(
+        """
+        import os, signal
+        import numpy as np
+        import procpool
+        from tests.helpers import total, pid
+
+        if __name__ == "__main__":
+            pool = procpool.Pool(2)
+            arrays = [np.ones(200_000) for _ in range(8)]
+            assert pool.map(total, arrays, chunksize=1) == [200_000.0] * 8
+            print(os.getpid(), *sorted(set(pool.map(pid, range(50), chunksize=1))), flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    parent, *workers = (int(p) for p in _run_script(script).stdout.split())
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(p) for p in workers)
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"procpool-{parent}-")]
+
+
+def _run_script(script: str) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` in a fresh interpreter, from the repository's root."""
+    return subprocess.run(
         [sys.executable, "-c", script],
         capture_output=True,
         text=True,
         timeout=120,
         cwd=Path(__file__).parent.parent,
     )
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["ok", "[]"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

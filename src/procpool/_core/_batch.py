@@ -50,10 +50,12 @@ class Batch:
         "fn",
         "id",
         "items",
+        "let_go",
         "named",
         "on_start",
         "payload",
         "policy",
+        "released",
         "seed_base",
         "sink",
         "star",
@@ -87,6 +89,10 @@ class Batch:
         self.on_start = on_start
         # Tasks whose results came ahead of the batch's reply (P.PARTIAL): 0 .. done-1.
         self.done = 0
+        # Whether the worker that ran it closed its mapping of the argument
+        # segment (see shm.let_go), and whether release() has run.
+        self.let_go = False
+        self.released = False
         # Index of the first task for per-task random seeds (a map's own index,
         # or a single call's sequence number in its pool).
         self.seed_base = first_index if seed_base is None else seed_base
@@ -97,9 +103,24 @@ class Batch:
         return len(payload) if isinstance(payload, bytes) else len(payload[0])
 
     def release(self) -> None:
-        """Remove this batch's shared-memory segment, if it has one and it is still there."""
-        if not isinstance(self.payload, bytes):
-            shm.unlink(self.payload[1])
+        """Let go of this batch's argument segment, if it has one, once it is settled.
+
+        The segment is written again for a later batch if the worker that ran
+        this one let go of it; else its name goes (the memory lives on with
+        whatever still maps it). Only the first call acts: a segment given back
+        may already carry another batch's arguments.
+        """
+        if isinstance(self.payload, bytes) or self.released:
+            return
+        self.released = True
+        name = self.payload[1]
+        recycler = shm.process_recycler()
+        if recycler is None:
+            shm.unlink(name)
+        elif self.let_go:
+            recycler.give_back(name)
+        else:
+            recycler.discard(name)
 
     def task_name(self, offset: int = 0) -> str:
         return f"task {self.first_index + offset}" if self.named else "the task"
@@ -114,7 +135,7 @@ class Batch:
             self.fn,
             self.star,
             items,
-            shm.pack(items, shm.process_namer()),
+            shm.pack(items, shm.process_recycler()),
             self.first_index + start,
             self.sink,
             self.policy,
@@ -311,7 +332,7 @@ def make_batches(
     if not serialize:
         return [Batch(fn, star, items, b"", first_index, sink, policy, named=named)]
     try:
-        payload = shm.pack(items, shm.process_namer())
+        payload = shm.pack(items, shm.process_recycler())
     except Exception:
         return _make_batches_item_by_item(fn, star, items, first_index, sink, policy, named)
     return [Batch(fn, star, items, payload, first_index, sink, policy, named=named)]
@@ -329,7 +350,7 @@ def _make_batches_item_by_item(
     batches = []
     for i, item in enumerate(items):
         try:
-            payload = shm.pack([item], shm.process_namer())
+            payload = shm.pack([item], shm.process_recycler())
         except Exception as exc:
             where = f"task {first_index + i}" if named else "the task"
             err = SerializationError(

@@ -177,6 +177,7 @@ class Dispatcher(DirectPath):
             "stdio": line_stdio,
             "tag_output": tag_output,
             "max_rss": max_memory_per_worker,
+            "arguments_prefix": shm.arguments_prefix(os.getpid()),
         }
         self.recycled = 0
         self.timeouts = 0
@@ -573,7 +574,7 @@ class Dispatcher(DirectPath):
             self._on_init_failed(msg[1], msg[2])
 
     def _on_results(self, worker: Worker, msg: tuple[Any, ...]) -> None:
-        _, batch_id, busy, transfer, recycle, payload = msg
+        _, batch_id, busy, transfer, recycle, let_go, payload = msg
         if self._broken is not None and (not worker.inflight or worker.inflight[0].id != batch_id):
             return  # the pool broke while this batch ran, and failed it then
         batch = worker.inflight.popleft()
@@ -603,6 +604,7 @@ class Dispatcher(DirectPath):
         observe = getattr(batch.sink, "observe", None)
         if observe is not None:
             observe(len(batch.items), busy)
+        batch.let_go = let_go
         batch.release()
         self._unpack(batch, payload, batch.done, len(batch.items))
         if worker.retiring and not worker.inflight:
@@ -1109,6 +1111,9 @@ class Dispatcher(DirectPath):
             self._bury(worker)
         if self._shm_used:
             shm.remove_matching(f"{self._shm_prefix}.")
+        recycler = shm.process_recycler()
+        if recycler is not None:
+            recycler.clear()  # what it kept for this pool's batches (and others')
         self._close_context()
         self._sel.close()
         for fd in (self._wake_r, self._wake_w):

@@ -17,10 +17,14 @@ Worker to parent::
 
     (READY, pid)                           initializer done, serving
     (INIT_FAILED, name, error)             initializer raised; worker exits
-    (RESULTS, batch_id, payload, running, transfer, recycle)
-                                           payload = pickle((values, errors)); seconds spent
-                                           running tasks and (un)pickling; recycle = the
-                                           worker is over its memory limit
+    (RESULTS, batch_id, running, transfer, recycle, let_go, payload)
+                                           seconds spent running tasks and (un)pickling;
+                                           recycle = the worker is over its memory limit;
+                                           let_go = it closed its mapping of the batch's
+                                           argument segment (see _shm.Recycler);
+                                           payload = pickle((values, errors))
+    (PARTIAL, batch_id, count, payload)    the results of the batch's next count tasks,
+                                           sent ahead of its RESULTS
 """
 
 from __future__ import annotations

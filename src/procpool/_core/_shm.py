@@ -8,12 +8,22 @@ then carries only the pickle stream and the segment's name. ``unpack`` maps the
 segment and rebuilds the objects *on top of the mapping*: no copy on the
 receiving side, and the memory lives as long as the arrays that use it.
 
+A batch's arguments go into segments this process keeps and writes again
+(``Recycler``): writing into a fresh tmpfs file allocates and zeroes every page
+first, ~4x the cost of writing into one whose pages exist (8 MB: 3.9 ms against
+0.95 here). A worker keeps its mapping of an argument segment while the batch
+runs, then closes it; only when that succeeds (nothing the tasks left behind
+still uses the memory) does its reply say so, and the segment is written again
+for a later batch. Otherwise the name goes, and the memory lives on with what
+uses it. Results travel in fresh segments: the caller keeps them.
+
 Lifetimes, so that nothing leaks even when a process dies:
 
-* the receiver unlinks a segment as soon as it has mapped it (the mapping stays
-  valid; the name is gone);
-* the parent unlinks the segments of a batch it created once the batch is
-  settled (a no-op when the worker already did);
+* the receiver of a result unlinks its segment as soon as it has mapped it
+  (the mapping stays valid; the name is gone);
+* the parent unlinks, or keeps for reuse, an argument segment once its batch is
+  settled; it unlinks the ones it keeps when a pool shuts down and at exit, and
+  a worker whose parent dies unlinks every argument segment the parent named;
 * a worker names the segments it creates ``<pool prefix>-w<worker id>-<n>``; when
   a worker dies, the dispatcher removes every segment left under its name, and
   a pool that shuts down removes everything under its prefix.
@@ -23,23 +33,29 @@ Only where ``/dev/shm`` exists (Linux); elsewhere everything goes in-band.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import mmap
 import os
 import pickle
+import threading
 from collections.abc import Callable
 from typing import Any
 
 __all__ = [
     "THRESHOLD",
     "Packed",
+    "Recycler",
+    "arguments_prefix",
     "available",
+    "let_go",
     "namer",
     "pack",
-    "process_namer",
+    "process_recycler",
     "remove_matching",
     "unlink",
     "unpack",
+    "unpack_arguments",
 ]
 
 # Buffers at least this large go through shared memory.
@@ -62,11 +78,13 @@ Namer = Callable[[], str]
 Packed = bytes | tuple[bytes, str, list[tuple[int, int]]]
 
 
-def pack(obj: Any, namer: Namer | None) -> Packed:
-    """Pickle ``obj``; large buffers go to a new shared-memory segment named by ``namer()``.
+def pack(obj: Any, namer: Namer | Recycler | None) -> Packed:
+    """Pickle ``obj``; large buffers go to a shared-memory segment.
 
-    Returns the pickle alone when nothing was large (or ``namer`` is None), or
-    when the segment could not be written (then everything is in the pickle).
+    The segment is a new one named by ``namer()``, or one a ``Recycler`` gives
+    (see ``Recycler.take``). Returns the pickle alone when nothing was large (or
+    ``namer`` is None), or when the segment could not be written (then
+    everything is in the pickle).
     """
     if namer is None:
         return pickle.dumps(obj, _PROTOCOL)
@@ -81,9 +99,15 @@ def pack(obj: Any, namer: Namer | None) -> Packed:
     data = pickle.dumps(obj, _PROTOCOL, buffer_callback=keep_small)
     if not large:
         return data
-    name = namer()
+    buffers = [b.raw() for b in large]
+    layout = _layout(buffers)
     try:
-        return data, name, _write_segment(name, [b.raw() for b in large])
+        if isinstance(namer, Recycler):
+            name = namer.write(buffers, layout)
+        else:
+            name = namer()
+            _write_segment(name, buffers, layout, os.O_CREAT | os.O_EXCL)
+        return data, name, layout
     except OSError:
         # /dev/shm full (ENOSPC), a file size limit (EFBIG), out of descriptors:
         # the pipe still carries it, one copy slower.
@@ -95,21 +119,53 @@ def unpack(message: Packed) -> Any:
     if isinstance(message, bytes):
         return pickle.loads(message)
     data, name, layout = message
-    views = _map_segment(name, layout)
-    return pickle.loads(data, buffers=views)
+    mm = _map_segment(name, layout)
+    unlink(name)
+    return pickle.loads(data, buffers=_views(mm, layout))
 
 
-def _write_segment(name: str, buffers: list[memoryview]) -> list[tuple[int, int]]:
-    # Written with pwrite, not through a mapping: the kernel copies straight into
-    # fresh tmpfs pages, where a mapping first zeroes each page, then takes a fault
-    # (or MAP_POPULATE's walk) for it, then tears the page tables down at munmap.
-    # 8 MB: 3.2 ms against 6.6 here (docs/performance.md, fourth session).
+def unpack_arguments(message: Packed) -> tuple[Any, mmap.mmap | None]:
+    """Rebuild a batch's arguments, and return the mapping of their segment, if any.
+
+    The name stays: the parent may write the segment again once :func:`let_go`
+    has closed the mapping.
+    """
+    if isinstance(message, bytes):
+        return pickle.loads(message), None
+    data, name, layout = message
+    mm = _map_segment(name, layout)
+    return pickle.loads(data, buffers=_views(mm, layout)), mm
+
+
+def let_go(mm: mmap.mmap | None) -> bool:
+    """Close an argument segment's mapping; False if something still uses it."""
+    if mm is None:
+        return False
+    try:
+        mm.close()
+    except BufferError:  # a task kept (a view of) an argument: it stays mapped
+        return False
+    return True
+
+
+def _layout(buffers: list[memoryview]) -> list[tuple[int, int]]:
     layout = []
     offset = 0
     for buf in buffers:
         layout.append((offset, buf.nbytes))
         offset += (buf.nbytes + 63) // 64 * 64  # keep every buffer 64-byte aligned
-    fd = os.open(os.path.join(_DIR, name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    return layout
+
+
+def _write_segment(
+    name: str, buffers: list[memoryview], layout: list[tuple[int, int]], flags: int
+) -> None:
+    # Written with pwrite, not through a mapping: the kernel copies straight into
+    # the file's pages, where a mapping of a fresh file first zeroes each page,
+    # then takes a fault (or MAP_POPULATE's walk) for it, then tears the page
+    # tables down at munmap. 8 MB: 3.2 ms against 6.6 here (docs/performance.md,
+    # fourth session).
+    fd = os.open(os.path.join(_DIR, name), flags | os.O_RDWR, 0o600)
     try:
         for (start, _), buf in zip(layout, buffers):
             _pwrite_all(fd, buf.cast("B"), start)
@@ -118,7 +174,6 @@ def _write_segment(name: str, buffers: list[memoryview]) -> list[tuple[int, int]
         raise
     finally:
         os.close(fd)
-    return layout
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -127,15 +182,17 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         done += os.pwrite(fd, data[done:], offset + done)
 
 
-def _map_segment(name: str, layout: list[tuple[int, int]]) -> list[memoryview]:
-    path = os.path.join(_DIR, name)
-    fd = os.open(path, os.O_RDWR)
+def _map_segment(name: str, layout: list[tuple[int, int]]) -> mmap.mmap:
+    fd = os.open(os.path.join(_DIR, name), os.O_RDWR)
     try:
-        size = os.fstat(fd).st_size
-        mm = mmap.mmap(fd, size, flags=_MAP_FLAGS)
+        # What the layout covers: a segment written again may be larger.
+        size = layout[-1][0] + layout[-1][1] if layout else 0
+        return mmap.mmap(fd, size or os.fstat(fd).st_size, flags=_MAP_FLAGS)
     finally:
         os.close(fd)
-        unlink(name)
+
+
+def _views(mm: mmap.mmap, layout: list[tuple[int, int]]) -> list[memoryview]:
     whole = memoryview(mm)
     return [whole[start : start + length] for start, length in layout]
 
@@ -162,18 +219,122 @@ def remove_matching(prefix: str) -> int:
     return removed
 
 
-_process_namer: tuple[int, Namer] | None = None
+class Recycler:
+    """This process's argument segments, written again once a worker has let go of them.
+
+    Thread-safe: callers' threads pack batches, the dispatcher settles them.
+    What it keeps is bounded (``MAX_KEPT`` segments, ``MAX_KEPT_BYTES`` in all,
+    none over ``MAX_SEGMENT_BYTES``); a segment that does not fit the next
+    batch's buffers (or has since been removed) is simply not used.
+    """
+
+    MAX_KEPT = 8
+    MAX_KEPT_BYTES = 256 << 20
+    MAX_SEGMENT_BYTES = 64 << 20
+
+    def __init__(self, prefix: str) -> None:
+        self._namer = namer(prefix)
+        self._lock = threading.Lock()
+        self._kept: dict[str, int] = {}  # name -> size, ready to be written again
+        self._sizes: dict[str, int] = {}  # every segment made, in use or kept
+        self.made = 0  # segments created, for tests and statistics
+
+    def write(self, buffers: list[memoryview], layout: list[tuple[int, int]]) -> str:
+        """Write ``buffers`` at ``layout`` into a kept segment that fits, or a new one."""
+        need = layout[-1][0] + layout[-1][1]
+        name = self._take(need)
+        if name is not None:
+            try:
+                _write_segment(name, buffers, layout, 0)
+                return name
+            except FileNotFoundError:
+                self._forget(name)  # removed under us (a pool's shutdown): make another
+        name = self._namer()
+        _write_segment(name, buffers, layout, os.O_CREAT | os.O_EXCL)
+        with self._lock:
+            self._sizes[name] = need
+            self.made += 1
+        return name
+
+    def give_back(self, name: str) -> None:
+        """A worker let go of the segment: keep it for a later batch, or unlink it."""
+        with self._lock:
+            size = self._sizes.get(name)
+            keep = (
+                size is not None
+                and size <= self.MAX_SEGMENT_BYTES
+                and len(self._kept) < self.MAX_KEPT
+                and sum(self._kept.values()) + size <= self.MAX_KEPT_BYTES
+            )
+            if keep:
+                self._kept[name] = size  # type: ignore[assignment]
+            else:
+                self._sizes.pop(name, None)
+        if not keep:
+            unlink(name)
+
+    def discard(self, name: str) -> None:
+        """The segment may still be mapped somewhere: never write it again."""
+        self._forget(name)
+        unlink(name)
+
+    def clear(self) -> None:
+        """Unlink every kept segment (those in use go as their batches settle)."""
+        with self._lock:
+            kept = list(self._kept)
+            for name in kept:
+                del self._kept[name]
+                del self._sizes[name]
+        for name in kept:
+            unlink(name)
+
+    def _take(self, need: int) -> str | None:
+        # The smallest kept segment that holds ``need`` bytes without wasting
+        # more than it holds (a 64 MB segment for 1 MB of arguments would keep
+        # 63 MB mapped in the worker for nothing).
+        with self._lock:
+            fits = [(size, name) for name, size in self._kept.items() if need <= size <= 2 * need]
+            if not fits:
+                return None
+            _, name = min(fits)
+            del self._kept[name]
+            return name
+
+    def _forget(self, name: str) -> None:
+        with self._lock:
+            self._kept.pop(name, None)
+            self._sizes.pop(name, None)
 
 
-def process_namer() -> Namer | None:
-    """This process's namer (``procpool-<pid>-a-<n>``), or None where shared memory is missing."""
-    global _process_namer
+_process_recycler: tuple[int, Recycler] | None = None
+_recycler_lock = threading.Lock()
+
+
+def process_recycler() -> Recycler | None:
+    """This process's recycler (segments ``procpool-<pid>-a-<n>``), or None without /dev/shm."""
+    global _process_recycler
     if not _AVAILABLE:
         return None
     pid = os.getpid()
-    if _process_namer is None or _process_namer[0] != pid:  # a forked child gets its own
-        _process_namer = (pid, namer(f"procpool-{pid}-a"))
-    return _process_namer[1]
+    current = _process_recycler
+    if current is not None and current[0] == pid:
+        return current[1]
+    with _recycler_lock:
+        if _process_recycler is None or _process_recycler[0] != pid:  # a forked child: its own
+            _process_recycler = (pid, Recycler(f"procpool-{pid}-a"))
+            atexit.register(_clear_at_exit, pid)
+        return _process_recycler[1]
+
+
+def arguments_prefix(pid: int) -> str:
+    """The prefix of every argument segment the process ``pid`` names (see remove_matching)."""
+    return f"procpool-{pid}-a-"
+
+
+def _clear_at_exit(pid: int) -> None:
+    current = _process_recycler
+    if current is not None and current[0] == pid == os.getpid():  # not in a forked child
+        current[1].clear()
 
 
 def namer(prefix: str) -> Namer:

@@ -26,6 +26,7 @@ import time
 import types
 from collections import OrderedDict
 from itertools import islice, starmap
+from mmap import mmap
 from multiprocessing import parent_process
 from multiprocessing.connection import Connection, wait
 from sys import getsizeof
@@ -48,7 +49,9 @@ def worker_main(
     """Entry point of a worker process (the ``target`` of its Process).
 
     Options: ``stdio`` (install whole-line stdout/stderr), ``max_rss`` (bytes of
-    resident memory after which the worker asks to be replaced, or None).
+    resident memory after which the worker asks to be replaced, or None),
+    ``arguments_prefix`` (the pool's process's argument segments, removed if it
+    dies first).
     """
     if options.get("stdio", True):
         from . import _stdio  # here: the parent, which imports this module, never needs it
@@ -62,7 +65,7 @@ def worker_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # A forked worker inherits the parent's SIGTERM handler; terminate() means die.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _watch_parent()
+    _watch_parent(options.get("arguments_prefix"))
     _fresh_numpy_state()
     slot[P.SLOT_ALIVE] = time.monotonic()  # started; the initializer may take its time
     initargs = options.get("initargs", ())
@@ -84,7 +87,7 @@ def _marking_namer(namer: shm.Namer, slot: Any) -> shm.Namer:
     return name
 
 
-def _watch_parent() -> None:
+def _watch_parent(arguments_prefix: str | None = None) -> None:
     parent = parent_process()
     if parent is None:
         return
@@ -92,6 +95,10 @@ def _watch_parent() -> None:
 
     def watch() -> None:
         wait([sentinel])
+        if arguments_prefix:
+            # The pool's process died: nobody else will remove the argument
+            # segments it kept for reuse (see _shm.Recycler).
+            shm.remove_matching(arguments_prefix)
         os._exit(_ORPHAN_EXIT)
 
     # A bare thread: threading.Thread.start() waits until the new thread runs,
@@ -126,10 +133,14 @@ def _serve(conn: Connection, slot: Any, max_rss: int | None, namer: shm.Namer | 
         tag = msg[0]
         if tag == P.BATCH:
             started = time.perf_counter()
-            reply, running = _run_batch(msg, fns, slot, namer, conn)
+            reply, running, mapping = _run_batch(msg, fns, slot, namer, conn)
+            # The batch's arguments are gone with _run_batch's frame, unless a
+            # task kept one: then the parent must not write their segment again.
+            let_go = shm.let_go(mapping)
+            del mapping
             transfer = time.perf_counter() - started - running
             recycle = max_rss is not None and over_memory(max_rss)
-            P.send(conn, (P.RESULTS, msg[1], running, transfer, recycle, reply))
+            P.send(conn, (P.RESULTS, msg[1], running, transfer, recycle, let_go, reply))
         elif tag == P.FN:
             fns[msg[1]] = msg[2]  # unpickled at first use, so a crash is blamed on a batch
             if len(fns) > P.FN_CACHE_SIZE:
@@ -144,8 +155,9 @@ def _run_batch(
     slot: Any,
     namer: shm.Namer | None,
     conn: Connection,
-) -> tuple[shm.Packed, float]:
-    """Run one batch; return its reply payload and the seconds spent in the tasks.
+) -> tuple[shm.Packed, float, mmap | None]:
+    """Run one batch; return its reply payload, the seconds spent in the tasks,
+    and the mapping of its argument segment (see shm.let_go).
 
     Large results go ahead in pieces while the batch runs (see _Stream); the
     payload then holds the results of the tasks after the last piece.
@@ -160,13 +172,13 @@ def _run_batch(
     except BaseException as exc:
         err = SerializationError(f"cannot unpickle the callable in the worker: {exc!r}")
         err.__cause__ = exc
-        return P.dumps((None, P.portable_error(err, "unpickling the callable"))), 0.0
+        return P.dumps((None, P.portable_error(err, "unpickling the callable"))), 0.0, None
     try:
-        items = shm.unpack(payload)
+        items, mapping = shm.unpack_arguments(payload)
     except BaseException as exc:
         err = SerializationError(f"cannot unpickle the task's arguments in the worker: {exc!r}")
         err.__cause__ = exc
-        return P.dumps((None, P.portable_error(err, "unpickling the arguments"))), 0.0
+        return P.dumps((None, P.portable_error(err, "unpickling the arguments"))), 0.0, None
     stream = (
         _Stream(conn, slot, batch_id, namer, first_index, len(items)) if len(items) > 1 else None
     )
@@ -180,9 +192,9 @@ def _run_batch(
         sent = stream.sent
         values, errors = values[sent:], _shift(errors, sent, len(values))
     try:
-        return shm.pack((values, errors), namer), running
+        return shm.pack((values, errors), namer), running, mapping
     except BaseException:
-        return _dumps_item_by_item(values, errors, first_index + sent), running
+        return _dumps_item_by_item(values, errors, first_index + sent), running, mapping
 
 
 class _Stream:
