@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from procpool import Pool, WorkerCrashedError
+from procpool._core import _dispatcher
 from procpool._core import _shm as shm
 from tests.helpers import (
     crash_after_making_array,
@@ -205,6 +206,19 @@ def test_an_argument_a_task_keeps_is_never_written_over() -> None:
         assert pool.apply(kept_totals) == sums == [200_000.0 * i for i in range(5)]
         assert recycler.made - made >= 5  # one fresh segment per kept argument at least
     assert not _segments()
+
+
+def test_an_idle_pool_keeps_no_argument_segment() -> None:
+    # A name in /dev/shm outlives a pool killed with its workers at once
+    # (SIGKILL to the process group): segments are kept only while in use.
+    with Pool(1) as pool:
+        assert pool.apply(total, (np.ones(200_000),)) == 200_000.0
+        assert len(_segments()) == 1  # kept to write again
+        deadline = time.monotonic() + 10 * _dispatcher.KEEP_SEGMENTS_IDLE_S
+        while _segments() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _segments()  # unlinked while the pool is still open
+        assert pool.apply(total, (np.ones(200_000),)) == 200_000.0
 
 
 def test_a_recycler_keeps_only_segments_that_fit_and_few_of_them() -> None:

@@ -134,6 +134,23 @@ def _kill_group(process: subprocess.Popen[bytes]) -> None:
     except (ProcessLookupError, PermissionError):
         pass
     process.wait()
+    _remove_procpool_segments(process.pid)
+
+
+def _remove_procpool_segments(pid: int) -> None:
+    # A process group killed at once can leave procpool's shared-memory segments
+    # in /dev/shm: those in flight, and those kept for reuse within a second of
+    # their last use (docs/pools.md, Large arrays). Nothing else removes them.
+    prefix = f"procpool-{pid}-"
+    try:
+        names = [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
+    except OSError:
+        return
+    for name in names:
+        try:
+            os.unlink(os.path.join("/dev/shm", name))
+        except OSError:
+            pass
 
 
 def _read(spec: Spec, result_path: Path, ending: str, peak: int, log_path: Path) -> Record:

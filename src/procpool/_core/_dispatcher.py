@@ -120,6 +120,10 @@ TERMINATE_GRACE = 0.5
 # How long a closed pool lets a worker exit after its last task before SIGKILL
 # (a worker blocked in its exit: a Queue it filled that nobody reads, a thread).
 CLOSE_GRACE_S = 5.0
+# Argument segments kept to write again are unlinked once none was used this
+# long (see shm.Recycler.expire): a pool between two maps keeps them, an idle
+# one does not.
+KEEP_SEGMENTS_IDLE_S = 1.0
 # How long terminate() waits for the dispatcher thread before it kills the
 # workers itself (which unblocks a dispatcher stuck writing to a worker that
 # stopped reading: SIGSTOP, a deadlocked fork child).
@@ -471,6 +475,10 @@ class Dispatcher(DirectPath):
         held = self._next_release(now)
         if held is not None:
             nearest = held if nearest is None else min(nearest, held)
+        recycler = shm.current_recycler()
+        kept = None if recycler is None else recycler.expire(KEEP_SEGMENTS_IDLE_S)
+        if kept is not None:
+            nearest = kept if nearest is None else min(nearest, kept)
         return nearest
 
     # ------------------------------------------------------------ sending
@@ -606,6 +614,10 @@ class Dispatcher(DirectPath):
             observe(len(batch.items), busy)
         batch.let_go = let_go
         batch.release()
+        if let_go and threading.get_ident() != self._thread.ident:
+            # On a caller's thread (the direct path): the dispatcher, maybe asleep
+            # without a timeout, must time the expiry of the segment kept now.
+            self._wake()
         self._unpack(batch, payload, batch.done, len(batch.items))
         if worker.retiring and not worker.inflight:
             self._retire(worker)

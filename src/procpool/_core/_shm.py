@@ -22,8 +22,9 @@ Lifetimes, so that nothing leaks even when a process dies:
 * the receiver of a result unlinks its segment as soon as it has mapped it
   (the mapping stays valid; the name is gone);
 * the parent unlinks, or keeps for reuse, an argument segment once its batch is
-  settled; it unlinks the ones it keeps when a pool shuts down and at exit, and
-  a worker whose parent dies unlinks every argument segment the parent named;
+  settled; it unlinks the ones it keeps once none was used for a second
+  (``Recycler.expire``), when a pool shuts down and at exit, and a worker whose
+  parent dies unlinks every argument segment the parent named;
 * a worker names the segments it creates ``<pool prefix>-w<worker id>-<n>``; when
   a worker dies, the dispatcher removes every segment left under its name, and
   a pool that shuts down removes everything under its prefix.
@@ -39,6 +40,7 @@ import mmap
 import os
 import pickle
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -48,6 +50,7 @@ __all__ = [
     "Recycler",
     "arguments_prefix",
     "available",
+    "current_recycler",
     "let_go",
     "namer",
     "pack",
@@ -229,7 +232,7 @@ class Recycler:
     """
 
     MAX_KEPT = 8
-    MAX_KEPT_BYTES = 256 << 20
+    MAX_KEPT_BYTES = 128 << 20
     MAX_SEGMENT_BYTES = 64 << 20
 
     def __init__(self, prefix: str) -> None:
@@ -237,12 +240,32 @@ class Recycler:
         self._lock = threading.Lock()
         self._kept: dict[str, int] = {}  # name -> size, ready to be written again
         self._sizes: dict[str, int] = {}  # every segment made, in use or kept
+        self._used = time.monotonic()  # when a segment was last written or given back
         self.made = 0  # segments created, for tests and statistics
+
+    def expire(self, idle_s: float) -> float | None:
+        """Unlink the kept segments once none was written or given back for ``idle_s``.
+
+        Returns the seconds left until they would be, or None if none is kept.
+        A name in ``/dev/shm`` outlives a process killed with all its workers at
+        once (SIGKILL to the process group): keeping segments only while they
+        are in use bounds what such a kill can leave behind to what a busy pool
+        has in flight anyway.
+        """
+        with self._lock:
+            if not self._kept:
+                return None
+            left = self._used + idle_s - time.monotonic()
+            if left > 0:
+                return left
+        self.clear()
+        return None
 
     def write(self, buffers: list[memoryview], layout: list[tuple[int, int]]) -> str:
         """Write ``buffers`` at ``layout`` into a kept segment that fits, or a new one."""
         need = layout[-1][0] + layout[-1][1]
         name = self._take(need)
+        self._used = time.monotonic()
         if name is not None:
             try:
                 _write_segment(name, buffers, layout, 0)
@@ -259,6 +282,7 @@ class Recycler:
     def give_back(self, name: str) -> None:
         """A worker let go of the segment: keep it for a later batch, or unlink it."""
         with self._lock:
+            self._used = time.monotonic()
             size = self._sizes.get(name)
             keep = (
                 size is not None
@@ -324,6 +348,12 @@ def process_recycler() -> Recycler | None:
             _process_recycler = (pid, Recycler(f"procpool-{pid}-a"))
             atexit.register(_clear_at_exit, pid)
         return _process_recycler[1]
+
+
+def current_recycler() -> Recycler | None:
+    """This process's recycler if it has made one (see process_recycler), else None."""
+    current = _process_recycler
+    return current[1] if current is not None and current[0] == os.getpid() else None
 
 
 def arguments_prefix(pid: int) -> str:

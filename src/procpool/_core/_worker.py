@@ -51,7 +51,7 @@ def worker_main(
     Options: ``stdio`` (install whole-line stdout/stderr), ``max_rss`` (bytes of
     resident memory after which the worker asks to be replaced, or None),
     ``arguments_prefix`` (the pool's process's argument segments, removed if it
-    dies first).
+    dies first), ``shm_prefix`` (this worker's segments' names).
     """
     if options.get("stdio", True):
         from . import _stdio  # here: the parent, which imports this module, never needs it
@@ -65,16 +65,22 @@ def worker_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # A forked worker inherits the parent's SIGTERM handler; terminate() means die.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _watch_parent(options.get("arguments_prefix"))
+    shm_prefix = options.get("shm_prefix")
+    orphaned = (options.get("arguments_prefix"), shm_prefix and f"{shm_prefix}-")
+    _watch_parent(orphaned)
     _fresh_numpy_state()
     slot[P.SLOT_ALIVE] = time.monotonic()  # started; the initializer may take its time
     initargs = options.get("initargs", ())
     if init_bytes is not None and not _run_initializer(conn, init_bytes, initargs):
         return
     conn.send_bytes(P.dumps((P.READY, os.getpid())))
-    prefix = options.get("shm_prefix")
-    namer = _marking_namer(shm.namer(prefix), slot) if prefix and shm.available() else None
-    _serve(conn, slot.view, options.get("max_rss"), namer)
+    namer = None
+    if shm_prefix and shm.available():
+        namer = _marking_namer(shm.namer(shm_prefix), slot)
+    stopped = _serve(conn, slot.view, options.get("max_rss"), namer)
+    if not stopped and _parent_gone():
+        # As the watchdog would, had this thread not ended the process first.
+        _remove_segments(orphaned)
 
 
 def _marking_namer(namer: shm.Namer, slot: Any) -> shm.Namer:
@@ -87,7 +93,8 @@ def _marking_namer(namer: shm.Namer, slot: Any) -> shm.Namer:
     return name
 
 
-def _watch_parent(arguments_prefix: str | None = None) -> None:
+def _watch_parent(orphaned: tuple[str | None, ...]) -> None:
+    """Exit as soon as the parent is gone, removing the ``orphaned`` segments."""
     parent = parent_process()
     if parent is None:
         return
@@ -95,10 +102,7 @@ def _watch_parent(arguments_prefix: str | None = None) -> None:
 
     def watch() -> None:
         wait([sentinel])
-        if arguments_prefix:
-            # The pool's process died: nobody else will remove the argument
-            # segments it kept for reuse (see _shm.Recycler).
-            shm.remove_matching(arguments_prefix)
+        _remove_segments(orphaned)
         os._exit(_ORPHAN_EXIT)
 
     # A bare thread: threading.Thread.start() waits until the new thread runs,
@@ -108,6 +112,21 @@ def _watch_parent(arguments_prefix: str | None = None) -> None:
     global watchdog_started
     watchdog_started = True
     _thread.start_new_thread(watch, ())
+
+
+def _parent_gone(timeout: float = 0.1) -> bool:
+    """Whether the parent died. Asked when the pipe reports end of file, which
+    the parent's death causes: its sentinel may close a moment after."""
+    parent = parent_process()
+    return parent is not None and bool(wait([parent.sentinel], timeout))
+
+
+def _remove_segments(prefixes: tuple[str | None, ...]) -> None:
+    # The pool's process died: nobody else will remove the argument segments
+    # it kept to write again (see _shm.Recycler), nor those in flight.
+    for prefix in prefixes:
+        if prefix:
+            shm.remove_matching(prefix)
 
 
 def _run_initializer(conn: Connection, init_bytes: bytes, initargs: tuple[Any, ...]) -> bool:
@@ -123,13 +142,14 @@ def _run_initializer(conn: Connection, init_bytes: bytes, initargs: tuple[Any, .
     return True
 
 
-def _serve(conn: Connection, slot: Any, max_rss: int | None, namer: shm.Namer | None) -> None:
+def _serve(conn: Connection, slot: Any, max_rss: int | None, namer: shm.Namer | None) -> bool:
+    """Serve the parent's messages; return True once told to stop, False at end of file."""
     fns: OrderedDict[int, Any] = OrderedDict()
     while True:
         try:
             msg = P.recv(conn)
         except (EOFError, OSError):
-            return  # the parent closed the pipe: nothing more will come
+            return False  # the parent closed the pipe: nothing more will come
         tag = msg[0]
         if tag == P.BATCH:
             started = time.perf_counter()
@@ -146,7 +166,7 @@ def _serve(conn: Connection, slot: Any, max_rss: int | None, namer: shm.Namer | 
             if len(fns) > P.FN_CACHE_SIZE:
                 fns.popitem(last=False)
         elif tag == P.STOP:
-            return
+            return True
 
 
 def _run_batch(
