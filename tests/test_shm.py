@@ -28,7 +28,26 @@ pytestmark = pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs /de
 
 
 def _segments() -> set[str]:
-    return {n for n in os.listdir("/dev/shm") if n.startswith(f"procpool-{os.getpid()}-")}
+    """This process's segments: those named in /dev/shm, and the anonymous ones it holds."""
+    named = {n for n in os.listdir("/dev/shm") if n.startswith(f"procpool-{os.getpid()}-")}
+    return named | _memfds(os.getpid())
+
+
+def _memfds(pid: int) -> set[str]:
+    """The descriptors of procpool's anonymous segments that process ``pid`` holds,
+    but for those of its mappings (an mmap object keeps a copy of its descriptor)."""
+    with open(f"/proc/{pid}/maps") as maps:
+        mapped = {line.split()[4] for line in maps if "/memfd:procpool" in line}
+    held = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:procpool"):
+                continue
+            if str(os.stat(f"/proc/{pid}/fd/{fd}").st_ino) not in mapped:
+                held.add(fd)
+        except OSError:
+            pass  # closed meanwhile
+    return held
 
 
 def test_arrays_round_trip_through_shared_memory(start_method: str) -> None:
@@ -208,61 +227,94 @@ def test_an_argument_a_task_keeps_is_never_written_over() -> None:
     assert not _segments()
 
 
-def test_an_idle_pool_keeps_no_argument_segment() -> None:
-    # A name in /dev/shm outlives a pool killed with its workers at once
-    # (SIGKILL to the process group): segments are kept only while in use.
+def test_an_idle_pool_keeps_no_segment() -> None:
+    # Kept segments are memory: only while they are used.
     with Pool(1) as pool:
         assert pool.apply(total, (np.ones(200_000),)) == 200_000.0
-        assert len(_segments()) == 1  # kept to write again
+        worker = pool.apply(os.getpid)
+        assert pool.apply(make_array, (200_000,))[-1] == 199_999.0
+        assert len(_segments()) == 1  # the argument's, kept to write again
+        assert pool.apply(len, ([],)) == 0  # the result's, given back: kept too
+        assert len(_memfds(worker)) == 1
         deadline = time.monotonic() + 10 * _dispatcher.KEEP_SEGMENTS_IDLE_S
-        while _segments() and time.monotonic() < deadline:
+        while (_segments() or _memfds(worker)) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not _segments()  # unlinked while the pool is still open
+        assert not _segments()  # closed while the pool is still open
+        assert not _memfds(worker)
         assert pool.apply(total, (np.ones(200_000),)) == 200_000.0
 
 
-def test_a_recycler_keeps_only_segments_that_fit_and_few_of_them() -> None:
-    prefix = f"procpool-{os.getpid()}-t"
-    try:
-        _check_recycler(shm.Recycler(prefix))
-    finally:
-        shm.remove_matching(prefix)
-
-
-def _check_recycler(recycler: shm.Recycler) -> None:
-    small = [memoryview(bytearray(300_000))]
-    names = [recycler.write(small, [(0, 300_000)]) for _ in range(shm.Recycler.MAX_KEPT + 2)]
-    for name in names:
-        recycler.give_back(name)
-    assert len(_segments()) == shm.Recycler.MAX_KEPT  # the others were unlinked
-    made = recycler.made
-    again = recycler.write(small, [(0, 300_000)])
-    assert again in names  # written again
-    big = recycler.write([memoryview(bytearray(700_000))], [(0, 700_000)])
-    assert big not in names  # none kept was large enough
-    assert recycler.made == made + 1
-    recycler.discard(again)  # still mapped somewhere: gone, and never written again
-    recycler.clear()  # the kept ones
-    assert _segments() == {big}  # in use: its batch would give it back or discard it
-    recycler.discard(big)
+def test_result_segments_are_written_again_once_the_caller_dropped_the_results() -> None:
+    with Pool(1) as pool:
+        worker = pool.apply(os.getpid)
+        for i in range(5):
+            result = pool.apply(make_array, (200_000 + i,))  # 1.6 MB
+            assert result[-1] == 199_999.0 + i
+            del result  # nothing maps its segment here now: the worker may write it again
+        assert len(_memfds(worker)) == 1  # all five went into one
+        kept = [pool.apply(make_array, (200_000 + i,)) for i in range(4)]
+        assert len(_memfds(worker)) == 4  # mapped here: one each
+        again = pool.apply(make_array, (300_000,))  # written while the others are kept
+        assert [a[-1] for a in kept] == [199_999.0 + i for i in range(4)]
+        assert again[-1] == 299_999.0
+    assert [a[-1] for a in kept] == [199_999.0 + i for i in range(4)]  # still mapped
     assert not _segments()
 
 
+def test_segments_go_by_name_where_anonymous_ones_cannot(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Without memfd_create (or descriptor passing): named files in /dev/shm, each
+    # unlinked by its receiver as it maps it, never written again.
+    monkeypatch.setattr(shm, "_MEMFD", False)  # before the pool's processes fork
+    arrays = [np.full(200_000, float(i)) for i in range(4)]
+    with Pool(2, context="fork") as pool:
+        for got, a in zip(pool.map(double, arrays, chunksize=1), arrays):
+            np.testing.assert_array_equal(got, a * 2)
+        assert pool.apply(total, (arrays[1],)) == 200_000.0
+        assert not _segments()
+    assert not _segments()
+
+
+def test_a_recycler_keeps_only_segments_that_fit_and_few_of_them() -> None:
+    recycler = shm.Recycler()
+    small = [memoryview(bytearray(300_000))]
+    ids = [recycler.write(small, [(0, 300_000)]) for _ in range(shm.Recycler.MAX_KEPT + 2)]
+    assert len(_memfds(os.getpid())) == len(ids)
+    for segment in ids:
+        recycler.give_back(segment)
+    assert recycler.kept() == shm.Recycler.MAX_KEPT  # the others were closed
+    assert len(_memfds(os.getpid())) == shm.Recycler.MAX_KEPT
+    made = recycler.made
+    again = recycler.write(small, [(0, 300_000)])
+    assert again in ids  # written again
+    big = recycler.write([memoryview(bytearray(700_000))], [(0, 700_000)])
+    assert big not in ids  # none kept was large enough
+    assert recycler.made == made + 1
+    recycler.discard(again)  # still mapped somewhere: never written again
+    recycler.give_back(again)  # a late word about it changes nothing
+    recycler.clear()  # the kept ones
+    assert len(_memfds(os.getpid())) == 1  # lent: its receiver gives it back, or not
+    recycler.discard(big)
+    assert not _memfds(os.getpid())
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="/dev/shm")
-def test_a_killed_parent_leaves_no_argument_segment_behind() -> None:
-    # Segments kept for reuse outlive their batches; if the pool's process is
-    # SIGKILLed, its workers remove them as they exit.
+def test_a_killed_parent_leaves_no_segment_behind() -> None:
+    # Segments outlive their batches, kept to write again: nothing of them may
+    # outlive a pool's process killed with SIGKILL.
     script = textwrap.dedent(
         """
         import os, signal
         import numpy as np
         import procpool
-        from tests.helpers import total, pid
+        from tests.helpers import make_array, total, pid
 
         if __name__ == "__main__":
             pool = procpool.Pool(2)
             arrays = [np.ones(200_000) for _ in range(8)]
             assert pool.map(total, arrays, chunksize=1) == [200_000.0] * 8
+            assert [a[-1] for a in pool.map(make_array, [200_000] * 8)] == [199_999.0] * 8
             print(os.getpid(), *sorted(set(pool.map(pid, range(50), chunksize=1))), flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
         """

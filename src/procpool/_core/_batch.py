@@ -106,21 +106,21 @@ class Batch:
         """Let go of this batch's argument segment, if it has one, once it is settled.
 
         The segment is written again for a later batch if the worker that ran
-        this one let go of it; else its name goes (the memory lives on with
-        whatever still maps it). Only the first call acts: a segment given back
-        may already carry another batch's arguments.
+        this one let go of it; else this process lets go of it (the memory
+        lives on with whatever still maps it). Only the first call acts: a
+        segment given back may already carry another batch's arguments.
         """
         if isinstance(self.payload, bytes) or self.released:
             return
         self.released = True
-        name = self.payload[1]
-        recycler = shm.process_recycler()
-        if recycler is None:
-            shm.unlink(name)
+        segment = self.payload[1]
+        recycler = shm.current_recycler()
+        if shm.descriptor_of(self.payload) is None or recycler is None:
+            shm.unlink(segment)  # a named one (which the worker unlinked as it mapped it)
         elif self.let_go:
-            recycler.give_back(name)
+            recycler.give_back(segment)
         else:
-            recycler.discard(name)
+            recycler.discard(segment)
 
     def task_name(self, offset: int = 0) -> str:
         return f"task {self.first_index + offset}" if self.named else "the task"
@@ -135,7 +135,7 @@ class Batch:
             self.fn,
             self.star,
             items,
-            shm.pack(items, shm.process_recycler()),
+            shm.pack(items, shm.argument_segments()),
             self.first_index + start,
             self.sink,
             self.policy,
@@ -332,7 +332,7 @@ def make_batches(
     if not serialize:
         return [Batch(fn, star, items, b"", first_index, sink, policy, named=named)]
     try:
-        payload = shm.pack(items, shm.process_recycler())
+        payload = shm.pack(items, shm.argument_segments())
     except Exception:
         return _make_batches_item_by_item(fn, star, items, first_index, sink, policy, named)
     return [Batch(fn, star, items, payload, first_index, sink, policy, named=named)]
@@ -350,7 +350,7 @@ def _make_batches_item_by_item(
     batches = []
     for i, item in enumerate(items):
         try:
-            payload = shm.pack([item], shm.process_recycler())
+            payload = shm.pack([item], shm.argument_segments())
         except Exception as exc:
             where = f"task {first_index + i}" if named else "the task"
             err = SerializationError(

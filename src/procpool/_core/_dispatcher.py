@@ -181,7 +181,6 @@ class Dispatcher(DirectPath):
             "stdio": line_stdio,
             "tag_output": tag_output,
             "max_rss": max_memory_per_worker,
-            "arguments_prefix": shm.arguments_prefix(os.getpid()),
         }
         self.recycled = 0
         self.timeouts = 0
@@ -537,6 +536,8 @@ class Dispatcher(DirectPath):
         worker.inflight.append(batch)
         fn = batch.fn
         try:
+            if worker.freed:
+                self._send_freed(worker)
             if fn.id in worker.fns:
                 worker.fns.move_to_end(fn.id)
             else:
@@ -557,6 +558,13 @@ class Dispatcher(DirectPath):
             worker.retiring = True
         if self._max_tasks and worker.tasks_done + self._held_items(worker) >= self._max_tasks:
             worker.retiring = True
+
+    @staticmethod
+    def _send_freed(worker: Worker) -> None:
+        """Tell the worker which of its result segments it may write again."""
+        freed = worker.freed
+        segments = [freed.popleft() for _ in range(len(freed))]
+        worker.conn.send_bytes(P.dumps((P.FREED, segments)))
 
     # ----------------------------------------------------------- receiving
 
@@ -618,7 +626,7 @@ class Dispatcher(DirectPath):
             # On a caller's thread (the direct path): the dispatcher, maybe asleep
             # without a timeout, must time the expiry of the segment kept now.
             self._wake()
-        self._unpack(batch, payload, batch.done, len(batch.items))
+        self._unpack(worker, batch, payload, batch.done, len(batch.items))
         if worker.retiring and not worker.inflight:
             self._retire(worker)
 
@@ -630,12 +638,12 @@ class Dispatcher(DirectPath):
         batch = worker.inflight[0]
         start = batch.done
         batch.done += count
-        self._unpack(batch, payload, start, start + count)
+        self._unpack(worker, batch, payload, start, start + count)
 
-    def _unpack(self, batch: Batch, payload: Any, start: int, stop: int) -> None:
+    def _unpack(self, worker: Worker, batch: Batch, payload: Any, start: int, stop: int) -> None:
         """Deliver the results of tasks ``start .. stop-1`` of ``batch`` from ``payload``."""
         try:
-            values, errors = shm.unpack(payload)
+            values, errors = shm.unpack(payload, worker.freed.append)
         except BaseException as exc:
             first = batch.first_index + start
             which = (

@@ -8,6 +8,8 @@ unpickle can be blamed on its batch instead of killing the conversation.
 Parent to worker::
 
     (FN, fn_id, fn_bytes)                  cloudpickled callable, once per worker
+    (FREED, segments)                      result segments nothing maps in the parent
+                                           any more: the worker may write them again
     (BATCH, batch_id, fn_id, star, timed, first_index, seed, payload)
                                            seed: None, or (S, index of the batch's first
                                            task) from which each task's stream derives
@@ -29,11 +31,15 @@ Worker to parent::
 
 from __future__ import annotations
 
+import contextlib
 import pickle
+import socket
 import traceback
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from .._exceptions import RemoteTraceback, SerializationError
+from . import _shm as shm
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -45,6 +51,7 @@ READY = "R"
 INIT_FAILED = "I"
 RESULTS = "D"
 PARTIAL = "P"  # the results of a batch's first tasks, ahead of the rest (see _worker._Stream)
+FREED = "X"
 
 # A batch's results go ahead in pieces once they add up to this many bytes (by
 # sys.getsizeof): one 25 MB message of 25 results is several times slower to
@@ -97,21 +104,48 @@ _WITH_PAYLOAD = frozenset((BATCH, RESULTS, PARTIAL))
 
 
 def send(conn: Connection, msg: tuple[Any, ...]) -> None:
-    """Send ``msg``; a large payload (its last field) follows in a frame of its own."""
+    """Send ``msg``; a large payload (its last field) follows in a frame of its own,
+    and a shared-memory segment's descriptor in a one-byte message of its own."""
     payload = msg[-1]
     if isinstance(payload, bytes) and len(payload) >= FRAME_BYTES and msg[0] in _WITH_PAYLOAD:
         conn.send_bytes(dumps((*msg[:-1], None)))
         conn.send_bytes(payload)
-    else:
-        conn.send_bytes(dumps(msg))
+        return
+    conn.send_bytes(dumps(msg))
+    fd = shm.descriptor_of(payload) if msg[0] in _WITH_PAYLOAD else None
+    if fd is not None:
+        # Right behind the frame, which the receiver reads to its last byte
+        # and no further: the descriptor is attached to the next byte it reads.
+        with _unix_socket(conn) as sock:
+            socket.send_fds(sock, [b"S"], [fd])
 
 
 def recv(conn: Connection) -> tuple[Any, ...]:
     """Receive a message sent by :func:`send`."""
     msg: tuple[Any, ...] = pickle.loads(conn.recv_bytes())
-    if msg[-1] is None and msg[0] in _WITH_PAYLOAD:
-        msg = (*msg[:-1], conn.recv_bytes())
+    if msg[0] not in _WITH_PAYLOAD:
+        return msg
+    if msg[-1] is None:
+        return (*msg[:-1], conn.recv_bytes())
+    if shm.descriptor_of(msg[-1]) is not None:
+        with _unix_socket(conn) as sock:
+            _, fds, _, _ = socket.recv_fds(sock, 1, 1)
+        if not fds:
+            raise EOFError("the sender went away before its segment's descriptor arrived")
+        msg = (*msg[:-1], (*msg[-1], shm.Received(fds[0])))
     return msg
+
+
+@contextlib.contextmanager
+def _unix_socket(conn: Connection) -> Iterator[socket.socket]:
+    """The socket under ``conn`` (a socket pair's end), borrowed: its descriptor stays open."""
+    sock = socket.socket(fileno=conn.fileno())
+    if sock.gettimeout() is not None:  # socket.setdefaulttimeout() made it non-blocking
+        sock.settimeout(None)
+    try:
+        yield sock
+    finally:
+        sock.detach()
 
 
 def attach_traceback(exc: BaseException) -> BaseException:

@@ -50,8 +50,7 @@ def worker_main(
 
     Options: ``stdio`` (install whole-line stdout/stderr), ``max_rss`` (bytes of
     resident memory after which the worker asks to be replaced, or None),
-    ``arguments_prefix`` (the pool's process's argument segments, removed if it
-    dies first), ``shm_prefix`` (this worker's segments' names).
+    ``shm_prefix`` (this worker's segments' names, where they need names).
     """
     if options.get("stdio", True):
         from . import _stdio  # here: the parent, which imports this module, never needs it
@@ -65,36 +64,45 @@ def worker_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # A forked worker inherits the parent's SIGTERM handler; terminate() means die.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    shm_prefix = options.get("shm_prefix")
-    orphaned = (options.get("arguments_prefix"), shm_prefix and f"{shm_prefix}-")
-    _watch_parent(orphaned)
+    _watch_parent()
     _fresh_numpy_state()
     slot[P.SLOT_ALIVE] = time.monotonic()  # started; the initializer may take its time
     initargs = options.get("initargs", ())
     if init_bytes is not None and not _run_initializer(conn, init_bytes, initargs):
         return
     conn.send_bytes(P.dumps((P.READY, os.getpid())))
-    namer = None
-    if shm_prefix and shm.available():
-        namer = _marking_namer(shm.namer(shm_prefix), slot)
-    stopped = _serve(conn, slot.view, options.get("max_rss"), namer)
-    if not stopped and _parent_gone():
-        # As the watchdog would, had this thread not ended the process first.
-        _remove_segments(orphaned)
+
+    def first_named() -> None:
+        slot[P.SLOT_SHM] = 1.0  # the dispatcher looks for what it left only if so
+
+    segments = shm.worker_segments(options.get("shm_prefix"), first_named)
+    _serve(conn, slot.view, options.get("max_rss"), segments)
+    if isinstance(segments, shm.Recycler):
+        segments.clear()
 
 
-def _marking_namer(namer: shm.Namer, slot: Any) -> shm.Namer:
-    """Names segments; the first call first says so in the slot (see P.SLOT_SHM)."""
-
-    def name() -> str:
-        slot[P.SLOT_SHM] = 1.0
-        return namer()
-
-    return name
+# Result segments this worker keeps to write again are closed once none was
+# used this long: an idle pool's workers hold no memory for results that may
+# never come (as the parent does for arguments: _dispatcher.KEEP_SEGMENTS_IDLE_S).
+_KEEP_SEGMENTS_IDLE_S = 1.0
 
 
-def _watch_parent(orphaned: tuple[str | None, ...]) -> None:
-    """Exit as soon as the parent is gone, removing the ``orphaned`` segments."""
+def _expire_while_idle(conn: Connection, recycler: shm.Recycler) -> None:
+    """Wait for the next message; meanwhile close the kept segments once due."""
+    left = recycler.expire(_KEEP_SEGMENTS_IDLE_S)
+    while left is not None and not conn.poll(left):
+        left = recycler.expire(_KEEP_SEGMENTS_IDLE_S)
+
+
+def _send_results(
+    conn: Connection, msg: tuple[Any, ...], segments: shm.Namer | shm.Recycler | None
+) -> None:
+    P.send(conn, msg)
+    if isinstance(segments, shm.Recycler) and shm.descriptor_of(msg[-1]) is not None:
+        segments.sent(msg[-1][1])
+
+
+def _watch_parent() -> None:
     parent = parent_process()
     if parent is None:
         return
@@ -102,7 +110,6 @@ def _watch_parent(orphaned: tuple[str | None, ...]) -> None:
 
     def watch() -> None:
         wait([sentinel])
-        _remove_segments(orphaned)
         os._exit(_ORPHAN_EXIT)
 
     # A bare thread: threading.Thread.start() waits until the new thread runs,
@@ -112,21 +119,6 @@ def _watch_parent(orphaned: tuple[str | None, ...]) -> None:
     global watchdog_started
     watchdog_started = True
     _thread.start_new_thread(watch, ())
-
-
-def _parent_gone(timeout: float = 0.1) -> bool:
-    """Whether the parent died. Asked when the pipe reports end of file, which
-    the parent's death causes: its sentinel may close a moment after."""
-    parent = parent_process()
-    return parent is not None and bool(wait([parent.sentinel], timeout))
-
-
-def _remove_segments(prefixes: tuple[str | None, ...]) -> None:
-    # The pool's process died: nobody else will remove the argument segments
-    # it kept to write again (see _shm.Recycler), nor those in flight.
-    for prefix in prefixes:
-        if prefix:
-            shm.remove_matching(prefix)
 
 
 def _run_initializer(conn: Connection, init_bytes: bytes, initargs: tuple[Any, ...]) -> bool:
@@ -142,38 +134,48 @@ def _run_initializer(conn: Connection, init_bytes: bytes, initargs: tuple[Any, .
     return True
 
 
-def _serve(conn: Connection, slot: Any, max_rss: int | None, namer: shm.Namer | None) -> bool:
-    """Serve the parent's messages; return True once told to stop, False at end of file."""
+def _serve(
+    conn: Connection, slot: Any, max_rss: int | None, segments: shm.Namer | shm.Recycler | None
+) -> None:
     fns: OrderedDict[int, Any] = OrderedDict()
+    recycler = segments if isinstance(segments, shm.Recycler) else None
     while True:
         try:
+            if recycler is not None:
+                _expire_while_idle(conn, recycler)
             msg = P.recv(conn)
         except (EOFError, OSError):
-            return False  # the parent closed the pipe: nothing more will come
+            return  # the parent closed the pipe: nothing more will come
         tag = msg[0]
         if tag == P.BATCH:
             started = time.perf_counter()
-            reply, running, mapping = _run_batch(msg, fns, slot, namer, conn)
+            reply, running, mapping = _run_batch(msg, fns, slot, segments, conn)
             # The batch's arguments are gone with _run_batch's frame, unless a
             # task kept one: then the parent must not write their segment again.
             let_go = shm.let_go(mapping)
             del mapping
             transfer = time.perf_counter() - started - running
             recycle = max_rss is not None and over_memory(max_rss)
-            P.send(conn, (P.RESULTS, msg[1], running, transfer, recycle, let_go, reply))
+            _send_results(
+                conn, (P.RESULTS, msg[1], running, transfer, recycle, let_go, reply), segments
+            )
         elif tag == P.FN:
             fns[msg[1]] = msg[2]  # unpickled at first use, so a crash is blamed on a batch
             if len(fns) > P.FN_CACHE_SIZE:
                 fns.popitem(last=False)
+        elif tag == P.FREED:
+            if isinstance(segments, shm.Recycler):
+                for segment in msg[1]:
+                    segments.give_back(segment)
         elif tag == P.STOP:
-            return True
+            return
 
 
 def _run_batch(
     msg: tuple[Any, ...],
     fns: OrderedDict[int, Any],
     slot: Any,
-    namer: shm.Namer | None,
+    segments: shm.Namer | shm.Recycler | None,
     conn: Connection,
 ) -> tuple[shm.Packed, float, mmap | None]:
     """Run one batch; return its reply payload, the seconds spent in the tasks,
@@ -200,7 +202,7 @@ def _run_batch(
         err.__cause__ = exc
         return P.dumps((None, P.portable_error(err, "unpickling the arguments"))), 0.0, None
     stream = (
-        _Stream(conn, slot, batch_id, namer, first_index, len(items)) if len(items) > 1 else None
+        _Stream(conn, slot, batch_id, segments, first_index, len(items)) if len(items) > 1 else None
     )
     started = time.perf_counter()
     values, errors = _call_all(fn, star, timed, first_index, seed, items, slot, stream)
@@ -212,7 +214,7 @@ def _run_batch(
         sent = stream.sent
         values, errors = values[sent:], _shift(errors, sent, len(values))
     try:
-        return shm.pack((values, errors), namer), running, mapping
+        return shm.pack((values, errors), segments), running, mapping
     except BaseException:
         return _dumps_item_by_item(values, errors, first_index + sent), running, mapping
 
@@ -227,21 +229,21 @@ class _Stream:
     sends a piece more than it must.
     """
 
-    __slots__ = ("batch_id", "conn", "first_index", "n", "namer", "sent", "size", "slot")
+    __slots__ = ("batch_id", "conn", "first_index", "n", "segments", "sent", "size", "slot")
 
     def __init__(
         self,
         conn: Connection,
         slot: Any,
         batch_id: int,
-        namer: shm.Namer | None,
+        segments: shm.Namer | shm.Recycler | None,
         first_index: int,
         n: int,
     ) -> None:
         self.conn = conn
         self.slot = slot
         self.batch_id = batch_id
-        self.namer = namer
+        self.segments = segments
         self.first_index = first_index
         self.n = n
         self.sent = 0  # results sent ahead: those of tasks 0 .. sent-1
@@ -259,10 +261,10 @@ class _Stream:
         slot[P.SLOT_SPAN] = P.SPAN_SENDING
         piece, piece_errors = values[sent:upto], _shift(errors, sent, upto)
         try:
-            payload = shm.pack((piece, piece_errors), self.namer)
+            payload = shm.pack((piece, piece_errors), self.segments)
         except BaseException:
             payload = _dumps_item_by_item(piece, piece_errors, self.first_index + sent)
-        P.send(self.conn, (P.PARTIAL, self.batch_id, upto - sent, payload))
+        _send_results(self.conn, (P.PARTIAL, self.batch_id, upto - sent, payload), self.segments)
         values[sent:upto] = [None] * (upto - sent)  # sent: free them, keep the indexes
         self.sent, self.size = upto, 0
         slot[P.SLOT_SPAN] = 1  # the fast path sets its own before each span

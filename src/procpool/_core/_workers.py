@@ -34,6 +34,7 @@ class Worker:
         "eof",
         "fd",
         "fns",
+        "freed",
         "id",
         "inflight",
         "lent",
@@ -58,6 +59,9 @@ class Worker:
         self.slot = slot
         self.inflight: deque[Batch] = deque()
         self.fns: OrderedDict[int, None] = OrderedDict()  # mirror of the worker's cache
+        # Its result segments nothing maps here any more, to tell it (P.FREED);
+        # appended to from whichever thread drops a result (see shm.unpack).
+        self.freed: deque[str] = deque()
         self.tasks_done = 0
         self.ready = False
         self.retiring = False
