@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from procpool import Pool, WorkerCrashedError
-from procpool._core import _dispatcher
 from procpool._core import _shm as shm
 from tests.helpers import (
     crash_after_making_array,
@@ -236,7 +235,7 @@ def test_an_idle_pool_keeps_no_segment() -> None:
         assert len(_segments()) == 1  # the argument's, kept to write again
         assert pool.apply(len, ([],)) == 0  # the result's, given back: kept too
         assert len(_memfds(worker)) == 1
-        deadline = time.monotonic() + 10 * _dispatcher.KEEP_SEGMENTS_IDLE_S
+        deadline = time.monotonic() + 10 * shm.KEEP_IDLE_S
         while (_segments() or _memfds(worker)) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not _segments()  # closed while the pool is still open

@@ -120,10 +120,6 @@ TERMINATE_GRACE = 0.5
 # How long a closed pool lets a worker exit after its last task before SIGKILL
 # (a worker blocked in its exit: a Queue it filled that nobody reads, a thread).
 CLOSE_GRACE_S = 5.0
-# Argument segments kept to write again are unlinked once none was used this
-# long (see shm.Recycler.expire): a pool between two maps keeps them, an idle
-# one does not.
-KEEP_SEGMENTS_IDLE_S = 1.0
 # How long terminate() waits for the dispatcher thread before it kills the
 # workers itself (which unblocks a dispatcher stuck writing to a worker that
 # stopped reading: SIGSTOP, a deadlocked fork child).
@@ -475,7 +471,7 @@ class Dispatcher(DirectPath):
         if held is not None:
             nearest = held if nearest is None else min(nearest, held)
         recycler = shm.current_recycler()
-        kept = None if recycler is None else recycler.expire(KEEP_SEGMENTS_IDLE_S)
+        kept = None if recycler is None else recycler.expire(shm.KEEP_IDLE_S)
         if kept is not None:
             nearest = kept if nearest is None else min(nearest, kept)
         return nearest
@@ -1131,7 +1127,7 @@ class Dispatcher(DirectPath):
             self._bury(worker)
         if self._shm_used:
             shm.remove_matching(f"{self._shm_prefix}.")
-        recycler = shm.process_recycler()
+        recycler = shm.current_recycler()
         if recycler is not None:
             recycler.clear()  # what it kept for this pool's batches (and others')
         self._close_context()

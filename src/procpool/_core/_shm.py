@@ -52,6 +52,7 @@ from collections.abc import Callable
 from typing import Any
 
 __all__ = [
+    "KEEP_IDLE_S",
     "THRESHOLD",
     "Packed",
     "Received",
@@ -72,6 +73,11 @@ __all__ = [
 
 # Buffers at least this large go through shared memory.
 THRESHOLD = 256 * 1024
+# Segments kept to write again are closed once none was used this long: a pool
+# between two maps keeps them, an idle one holds no memory for work that may
+# never come. The dispatcher times it for the pool's process, each worker for
+# itself (Recycler.expire).
+KEEP_IDLE_S = 1.0
 _DIR = "/dev/shm"
 _PROTOCOL = 5
 

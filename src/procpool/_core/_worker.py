@@ -81,17 +81,11 @@ def worker_main(
         segments.clear()
 
 
-# Result segments this worker keeps to write again are closed once none was
-# used this long: an idle pool's workers hold no memory for results that may
-# never come (as the parent does for arguments: _dispatcher.KEEP_SEGMENTS_IDLE_S).
-_KEEP_SEGMENTS_IDLE_S = 1.0
-
-
 def _expire_while_idle(conn: Connection, recycler: shm.Recycler) -> None:
-    """Wait for the next message; meanwhile close the kept segments once due."""
-    left = recycler.expire(_KEEP_SEGMENTS_IDLE_S)
+    """Wait for the next message; meanwhile close the kept result segments once due."""
+    left = recycler.expire(shm.KEEP_IDLE_S)
     while left is not None and not conn.poll(left):
-        left = recycler.expire(_KEEP_SEGMENTS_IDLE_S)
+        left = recycler.expire(shm.KEEP_IDLE_S)
 
 
 def _send_results(
