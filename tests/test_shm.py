@@ -129,6 +129,27 @@ def test_default_map_chunks_carry_about_a_megabyte() -> None:
         assert pool.statistics().tasks_completed == 8
 
 
+def test_adaptive_chunks_carry_about_a_megabyte_too() -> None:
+    # imap and Executor.map size chunks by the work they measure; big items
+    # would then go several to a batch (four 8 MB arrays summed in ~5 ms),
+    # waiting for each other. Their chunks stop at about a megabyte, as map's.
+    from procpool import ProcessPoolExecutor
+    from procpool._results import IMapIterator
+
+    arrays = [np.full(1 << 18, float(i)) for i in range(24)]  # 2 MB each
+    with Pool(2) as pool:
+        it = pool.imap(total, arrays)
+        assert list(it) == [float(i << 18) for i in range(24)]
+        assert isinstance(it, IMapIterator)
+        assert it._chunksize == 1
+        tiny = pool.imap(abs, range(50_000))
+        assert sum(tiny) == sum(range(50_000))
+        assert isinstance(tiny, IMapIterator)
+        assert tiny._chunksize > 100  # small items: chunks grow as before
+    with ProcessPoolExecutor(2) as ex:
+        assert list(ex.map(total, arrays)) == [float(i << 18) for i in range(24)]
+
+
 def test_several_buffers_share_one_segment_each_in_its_place() -> None:
     # Sizes that are not multiples of the 64-byte alignment, so each buffer's
     # offset in the segment differs from the running sum of the sizes.

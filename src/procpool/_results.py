@@ -14,7 +14,7 @@ from itertools import islice
 from multiprocessing import TimeoutError as MPTimeoutError
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
-from ._core._batch import Batch
+from ._core._batch import CHUNK_BYTES, Batch
 
 if TYPE_CHECKING:
     from ._progress import Progress
@@ -413,14 +413,16 @@ class IMapIterator(Iterator[T]):
             return max(self._fixed_buffer, chunksize)
         return max(8 * self._workers, 4 * self._workers * chunksize)
 
-    def observe(self, count: int, busy: float) -> None:
+    def observe(self, count: int, busy: float, nbytes: int = 0) -> None:
         """Learn how long tasks take (dispatcher thread); grow or shrink the chunk size.
 
         Adaptive chunking aims at batches of about ``TARGET_BATCH_SECONDS`` of work:
         long enough that per-batch overhead (~50 us) is noise for tiny tasks,
         short enough that work still balances when durations vary. The size at
         most doubles per observation, and stays small enough to keep at least two
-        batches per worker inside the buffer.
+        batches per worker inside the buffer, and to carry about ``CHUNK_BYTES`` of
+        arguments (``nbytes`` for the ``count`` just run), as ``Pool.map`` does:
+        four 8 MB arrays in one batch waited for each other, and for one copy.
         """
         if not self._adaptive or count <= 0:
             return
@@ -431,6 +433,8 @@ class IMapIterator(Iterator[T]):
         limit = MAX_CHUNK
         if self._fixed_buffer is not None:
             limit = max(1, self._fixed_buffer // (2 * self._workers))
+        if nbytes > 0:
+            limit = min(limit, max(1, CHUNK_BYTES * count // nbytes))
         size = max(1, min(ideal, 2 * self._chunksize, limit))
         self._chunksize = size
         self._buffersize = self._buffer_for(size)

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from ._core import _protocol as P
-from ._core._batch import Batch, CallableCache, Sink, TaskPolicy, make_batches
+from ._core._batch import CHUNK_BYTES, Batch, CallableCache, Sink, TaskPolicy, make_batches
 from ._core._startmethod import ContextLike
 from .backends import Backend, BackendOptions, make_backend
 
@@ -223,12 +223,6 @@ def parse_bytes(value: int | str | None) -> int | None:
 # results and the overlap of pickling with work (1M tiny tasks: 5.3M tasks/s at
 # 125,000 per chunk, 6.2M at 4,096-8,192).
 MAX_MAP_CHUNK = 8192
-
-
-# Items whose pickles (large buffers included) are bigger than this go in
-# smaller chunks, so a chunk carries about this much: big items then spread
-# evenly over the workers, and sending one overlaps with running another.
-CHUNK_BYTES = 1 << 20
 
 
 def map_chunksize(length: int, workers: int, sample: object = None) -> int:

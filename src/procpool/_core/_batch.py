@@ -40,6 +40,12 @@ class Sink(Protocol):
 # deliver() runs no user code that expects the dispatcher's thread.
 
 
+# Items whose pickles (large buffers included) are bigger than this go in
+# smaller chunks, so a chunk carries about this much: big items then spread
+# evenly over the workers, and sending one overlaps with running another.
+CHUNK_BYTES = 1 << 20
+
+
 class Batch:
     """Tasks ``first_index ..`` of one call of ``fn``, pickled and ready to send."""
 
@@ -101,6 +107,15 @@ class Batch:
     def size(self) -> int:
         payload = self.payload
         return len(payload) if isinstance(payload, bytes) else len(payload[0])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes its arguments take pickled, those in shared memory included."""
+        payload = self.payload
+        if isinstance(payload, bytes):
+            return len(payload)
+        start, length = payload[2][-1]
+        return len(payload[0]) + start + length
 
     def release(self) -> None:
         """Let go of this batch's argument segment, if it has one, once it is settled.

@@ -615,7 +615,7 @@ class Dispatcher(DirectPath):
             self._send_pending()
         observe = getattr(batch.sink, "observe", None)
         if observe is not None:
-            observe(len(batch.items), busy)
+            observe(len(batch.items), busy, batch.nbytes)
         batch.let_go = let_go
         batch.release()
         if let_go and threading.get_ident() != self._thread.ident:
