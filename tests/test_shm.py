@@ -347,6 +347,41 @@ def test_a_killed_parent_leaves_no_segment_behind() -> None:
     assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"procpool-{parent}-")]
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_NOFILE and memfd")
+def test_a_result_whose_descriptor_cannot_be_received_fails_alone() -> None:
+    # Before 3.13 each result held here keeps a descriptor (mmap's copy): with
+    # none left, the kernel drops a segment's descriptor on arrival. Those tasks
+    # fail, naming why; the pool's conversation with the worker goes on.
+    script = textwrap.dedent(
+        """
+        import os, resource
+        import procpool
+        from tests.helpers import make_array
+
+        if __name__ == "__main__":
+            with procpool.Pool(1) as pool:
+                assert pool.apply(abs, (-1,)) == 1
+                assert pool.apply(make_array, (200_000,))[-1] == 199_999.0
+                _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+                held = len(os.listdir("/proc/self/fd"))
+                resource.setrlimit(resource.RLIMIT_NOFILE, (held + 3, hard))
+                kept, failed = [], []
+                for _ in range(12):
+                    try:
+                        kept.append(pool.apply(make_array, (200_000,)))
+                    except procpool.SerializationError as exc:
+                        failed.append("Too many open files" in str(exc)
+                                      or "no descriptor left" in str(exc))
+                resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+                assert all(a[-1] == 199_999.0 for a in kept)
+                print(len(kept) + len(failed), all(failed), pool.apply(abs, (-5,)))
+        """
+    )
+    out = _run_script(script)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["12", "True", "5"]
+
+
 def _run_script(script: str) -> subprocess.CompletedProcess[str]:
     """Run ``script`` in a fresh interpreter, from the repository's root."""
     return subprocess.run(

@@ -129,10 +129,12 @@ def recv(conn: Connection) -> tuple[Any, ...]:
         return (*msg[:-1], conn.recv_bytes())
     if shm.descriptor_of(msg[-1]) is not None:
         with _unix_socket(conn) as sock:
-            _, fds, _, _ = socket.recv_fds(sock, 1, 1)
-        if not fds:
+            carrier, fds, _, _ = socket.recv_fds(sock, 1, 1)
+        if not carrier:
             raise EOFError("the sender went away before its segment's descriptor arrived")
-        msg = (*msg[:-1], (*msg[-1], shm.Received(fds[0])))
+        # No descriptor with its byte: the kernel dropped it (this process has none
+        # left). The conversation goes on; unpacking fails, for these tasks only.
+        msg = (*msg[:-1], (*msg[-1], shm.Received(fds[0] if fds else -1)))
     return msg
 
 

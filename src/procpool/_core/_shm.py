@@ -39,6 +39,7 @@ prefix. Where neither exists, everything goes in-band.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import mmap
 import os
@@ -164,6 +165,10 @@ class Received:
 
     def map(self, layout: list[tuple[int, int]]) -> mmap.mmap:
         fd, self.fd = self.fd, -1
+        if fd < 0:
+            raise OSError(
+                errno.EMFILE, "the segment's descriptor was dropped on arrival: no descriptor left"
+            )
         try:
             return _map(fd, _extent(layout))
         finally:
