@@ -138,9 +138,9 @@ def _kill_group(process: subprocess.Popen[bytes]) -> None:
 
 
 def _remove_procpool_segments(pid: int) -> None:
-    # A process group killed at once can leave procpool's shared-memory segments
-    # in /dev/shm: those in flight, and those kept for reuse within a second of
-    # their last use (docs/pools.md, Large arrays). Nothing else removes them.
+    # A process group killed at once can leave procpool's named shared-memory
+    # segments in /dev/shm, those in flight, where it falls back to names (no
+    # memfd_create; docs/pools.md, Large arrays). Nothing else removes them.
     prefix = f"procpool-{pid}-"
     try:
         names = [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
