@@ -59,7 +59,6 @@ __all__ = [
     "Received",
     "Recycler",
     "argument_segments",
-    "available",
     "current_recycler",
     "descriptor_of",
     "let_go",
@@ -83,8 +82,8 @@ _DIR = "/dev/shm"
 _PROTOCOL = 5
 
 
-def available() -> bool:
-    """Whether segments can be named in /dev/shm (the fallback; see memfd_available)."""
+def _named_available() -> bool:
+    """Whether segments can be named in /dev/shm (the fallback for _memfd_available)."""
     return os.path.isdir(_DIR) and os.access(_DIR, os.W_OK)
 
 
@@ -98,7 +97,7 @@ def _memfd_available() -> bool:
     return True
 
 
-_AVAILABLE = available()
+_AVAILABLE = _named_available()
 _MEMFD = _memfd_available()
 # Fault every page in with one call instead of one fault per 4 KiB page.
 _MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
