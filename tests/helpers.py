@@ -29,6 +29,11 @@ def sleep_return(seconds: float, value: object = None) -> object:
     return value
 
 
+def sleep_pid(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
 def blob(nbytes: int) -> bytes:
     return b"x" * nbytes
 

@@ -22,6 +22,7 @@ from tests.helpers import (
     get_env,
     pid,
     set_env,
+    sleep_pid,
     sleep_return,
     square,
     stamped_blob,
@@ -86,6 +87,23 @@ def test_tasks_run_in_other_processes() -> None:
         pids = set(pool.map(pid, range(50), chunksize=1))
     assert os.getpid() not in pids
     assert 1 <= len(pids) <= 2
+
+
+@pytest.mark.parametrize("start_method", [None, "fork"])
+def test_no_task_waits_behind_a_long_one_while_another_worker_runs_out_of_work(
+    start_method: str | None,
+) -> None:
+    # A batch sent ahead to a busy worker (prefetched) waits behind what that
+    # worker runs. Behind a long task, the other worker would run out of work
+    # and the map would end one short task late at best, and at worst one
+    # batch late. Each map here: the other worker runs all ten short tasks
+    # (~0.1 s) while the first runs the long one (1 s). The first map's
+    # callable is not measured yet; the second's is, and found long.
+    context = multiprocessing.get_context(start_method) if start_method else None
+    with Pool(2, context=context) as pool:
+        for _ in range(2):
+            pids = pool.map(sleep_pid, [1.0] + [0.01] * 10, chunksize=1)
+            assert pids[0] not in pids[1:]
 
 
 def test_error_keeps_its_type_and_the_worker_traceback() -> None:

@@ -111,6 +111,11 @@ __all__ = ["Dispatcher", "PoolClosedError"]
 PREFETCH_BYTES = 64 * 1024
 # Batches per worker: one running, one waiting in the pipe.
 WINDOW = 2
+# A batch waits in a busy worker's pipe only behind work measured to take at
+# most this long (see Dispatcher._prefetch_pays).
+PREFETCH_AHEAD_S = 0.005
+# Functions whose seconds per task are remembered for that (the most recent).
+MEASURED_FNS = 256
 # Workers that die before they are ready, in a row, before we stop replacing them.
 MAX_STARTUP_DEATHS = 3
 # Exited workers listed one by one in statistics(); older ones are summed.
@@ -190,6 +195,7 @@ class Dispatcher(DirectPath):
         # Under a zygote, workers start on demand (see _grow).
         self._on_demand = getattr(ctx, "zygote", None) is not None
         self._item_s: float | None = None  # seconds per task, as measured so far
+        self._fn_item_s: dict[int, float] = {}  # the same, per callable (see _prefetch_pays)
         self._prefetch = True  # whether a busy worker may be sent a batch (see _may_prefetch)
         self._init_bytes = self._pickle_initializer(initializer, self.inherited_main)
         # initargs go to each worker as it starts, pickled by multiprocessing itself,
@@ -512,11 +518,50 @@ class Dispatcher(DirectPath):
                 best = worker
         if best is None or not self._fits_pipe(best, batch):
             return None  # only an idle, started worker may take a large batch
-        if not self._prefetch:
+        if not self._prefetch or not self._prefetch_pays(best):
             return None
         if self._max_tasks and best.tasks_done + self._held_items(best) >= self._max_tasks:
             return None
         return best
+
+    def _prefetch_pays(self, worker: Worker) -> bool:
+        """Whether a batch may wait in ``worker``'s pipe behind the work it holds.
+
+        A prefetched batch spares the worker one round trip to this thread
+        between batches: tens of microseconds. It can cost the map up to all
+        the work it waits behind, when another worker falls idle meanwhile (one
+        long task among short ones, a slower core): there it would have run at
+        once. So only behind work known to be short: the held batches'
+        callables have been measured at most PREFETCH_AHEAD_S for as many
+        tasks, and the task running now has not run longer than that.
+        """
+        ahead = 0.0
+        for held in worker.inflight:
+            per_item = self._fn_item_s.get(held.fn.id)
+            if per_item is None:
+                return False  # not measured yet: a first map balances first
+            ahead += per_item * len(held.items)
+        if ahead > PREFETCH_AHEAD_S:
+            return False
+        batch_id, item, started = worker.read_slot()
+        running = batch_id == worker.inflight[0].id and item >= 0
+        return not (running and time.monotonic() - started > PREFETCH_AHEAD_S)
+
+    def _measure(self, batch: Batch, seconds: float) -> None:
+        """Remember the seconds per task of ``batch``'s callable (for _prefetch_pays).
+
+        The larger of this batch's figure and the mean of it with the last:
+        a slow batch counts at once and a fast one halves the gap, so that
+        a few short calls do not make a function's long tasks look short.
+        """
+        fns = self._fn_item_s
+        per_item = seconds / len(batch.items)
+        last = fns.pop(batch.fn.id, None)
+        if last is not None:
+            per_item = max(per_item, (last + per_item) / 2)
+        fns[batch.fn.id] = per_item
+        if len(fns) > MEASURED_FNS:
+            del fns[next(iter(fns))]
 
     @staticmethod
     def _fits_pipe(worker: Worker, batch: Batch) -> bool:
@@ -605,6 +650,7 @@ class Dispatcher(DirectPath):
             self._item_s = per_item
         else:
             self._item_s = 0.7 * self._item_s + 0.3 * per_item
+        self._measure(batch, busy + transfer)
         if recycle and not worker.retiring:
             # Over its memory limit: it finishes what it holds, then is replaced.
             worker.retiring = True
