@@ -110,22 +110,32 @@ def plan(
 
 def measure_all(
     python: str, mode: str, todo: list[tuple[Workload, str, str]], params: dict[str, Any]
-) -> list[Record]:
+) -> tuple[list[Record], int | None]:
+    """Measure every case; also the exit status of a signal that stopped the run, if one did.
+
+    A run stopped by SIGTERM or SIGINT (a time limit, Ctrl-C) keeps what it measured,
+    to be written out: a 16-minute run stopped at minute 15 loses one case, not all.
+    """
     sizes = MODES[mode]
-    records = []
-    for number, (workload, name, case) in enumerate(todo, 1):
-        spec = Spec(contender=name, workload=workload.id, case=case, mode=mode, params=params)
-        limit = workload.limit_s * sizes.limit_scale
-        runs = [runner.run_case(python, spec, limit) for _ in range(workload.repeats(sizes))]
-        record = runner.combine(runs)
-        records.append(record)
-        detail = record.error[:90] if record.status != "ok" else ""
-        print(
-            f"[{number:3}/{len(todo)}] {workload.id} {case:10} {name:14} {record.status:5} "
-            f"{record.wall_s:6.1f} s {detail}",
-            flush=True,
-        )
-    return records
+    records: list[Record] = []
+    try:
+        for number, (workload, name, case) in enumerate(todo, 1):
+            spec = Spec(contender=name, workload=workload.id, case=case, mode=mode, params=params)
+            limit = workload.limit_s * sizes.limit_scale
+            runs = [runner.run_case(python, spec, limit) for _ in range(workload.repeats(sizes))]
+            record = runner.combine(runs)
+            records.append(record)
+            detail = record.error[:90] if record.status != "ok" else ""
+            print(
+                f"[{number:3}/{len(todo)}] {workload.id} {case:10} {name:14} {record.status:5} "
+                f"{record.wall_s:6.1f} s {detail}",
+                flush=True,
+            )
+    except (SystemExit, KeyboardInterrupt) as stop:
+        status = stop.code if isinstance(stop, SystemExit) else 128 + signal.SIGINT
+        print(f"[bench] stopped after {len(records)} of {len(todo)} cases", flush=True)
+        return records, status if isinstance(status, int) else 1
+    return records, None
 
 
 def write_outputs(
@@ -187,7 +197,8 @@ def main(argv: list[str]) -> int:
         "burn_iterations": int(runner.capture(python, "--calibrate", str(sizes.cpu_task_ms))),
         "workers": sizes.workers,
     }
-    records = measure_all(python, mode, plan(workloads, names, sizes), params)
+    todo = plan(workloads, names, sizes)
+    records, stopped = measure_all(python, mode, todo, params)
     header = {
         "machine": report.machine(),
         "environment": environment,
@@ -196,6 +207,7 @@ def main(argv: list[str]) -> int:
         "command": " ".join(["python benchmarks/run.py", shlex.join(argv)]).strip(),
         "wall_s": time.monotonic() - started,
         "workers": sizes.workers,
+        "stopped": None if stopped is None else f"after {len(records)} of {len(todo)} cases",
     }
     today = datetime.date.today().isoformat()
     title = f"procpool benchmarks, {today}, {header['machine']['host']}"
@@ -212,16 +224,24 @@ def main(argv: list[str]) -> int:
         Path(tempfile.mkdtemp(prefix="procpool-smoke-")) if args.smoke else RESULTS_DIR
     )
     host = re.sub(r"[^A-Za-z0-9.-]+", "-", header["machine"]["host"])
-    complete = mode == "full" and not args.only and not args.contenders and args.workers is None
+    complete = (
+        mode == "full"
+        and not args.only
+        and not args.contenders
+        and args.workers is None
+        and stopped is None
+    )
     suffix = "" if complete else f"-{mode}" if mode != "full" else "-partial"
     if args.workers is not None:
         suffix += f"-{args.workers}w"
+    if stopped is not None:
+        suffix += "-stopped"
     stem = f"{today}-{host}{suffix}"
     written = write_outputs(out, stem, results, markdown, python)
     if complete:
         publish_latest(written, stem)
     print(f"[bench] wrote {', '.join(str(p) for p in written)} in {header['wall_s']:.0f} s")
-    return _exit_code(args.smoke, records)
+    return stopped if stopped is not None else _exit_code(args.smoke, records)
 
 
 def rerender(raw: Path) -> int:

@@ -96,6 +96,7 @@ def _header_lines(header: dict[str, Any]) -> list[str]:
         f"- procpool: revision {header['revision']}; import: {env['procpool_import']}",
         f"- Mode: {header['mode']}; command: `{header['command']}`; total {header['wall_s']:.0f} s",
         f"- Workers: {header.get('workers', 2)} per pool (W1: 5)",
+        *([f"- **Stopped by a signal {header['stopped']}**"] if header.get("stopped") else []),
     ]
 
 
