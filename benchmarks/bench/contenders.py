@@ -1,9 +1,10 @@
 """The contenders: procpool and its peers behind one small interface.
 
 Each contender opens a *session* (a pool with N workers, started by one start method) that
-can ``map`` eagerly, ``imap`` lazily and ``call`` one task. Every adapter uses the library's
-own idiomatic API and its default settings unless a workload asks for a chunksize; the
-library is imported only inside the benchmark subprocess, so the parent needs none of them.
+can ``map`` eagerly, ``imap`` lazily, ``call`` one task and submit many one by one
+(``submit_each``). Every adapter uses the library's own idiomatic API and its default
+settings unless a workload asks for a chunksize; the library is imported only inside the
+benchmark subprocess, so the parent needs none of them.
 """
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ class Session(ABC):
     @abstractmethod
     def call(self, fn: Fn, arg: Any) -> Any:
         """Submit one task and wait for its result."""
+
+    @abstractmethod
+    def submit_each(self, fn: Fn, items: Sequence[Any]) -> list[Any]:
+        """Submit one task per item through the library's per-task API (``apply_async``,
+        ``submit``), all before waiting for any, then collect the results in order."""
 
 
 class Contender(ABC):
@@ -85,6 +91,10 @@ class _PoolSession(Session):
 
     def call(self, fn: Fn, arg: Any) -> Any:
         return self._pool.apply_async(fn, (arg,)).get()
+
+    def submit_each(self, fn: Fn, items: Sequence[Any]) -> list[Any]:
+        pending = [self._pool.apply_async(fn, (x,)) for x in items]
+        return [result.get() for result in pending]
 
 
 class StdlibPool(Contender):
@@ -137,6 +147,11 @@ class _ExecutorSession(Session):
 
     def call(self, fn: Fn, arg: Any) -> Any:
         return self._executor().submit(fn, arg).result()
+
+    def submit_each(self, fn: Fn, items: Sequence[Any]) -> list[Any]:
+        executor = self._executor()
+        futures = [executor.submit(fn, x) for x in items]
+        return [future.result() for future in futures]
 
 
 class StdlibExecutor(Contender):
@@ -214,6 +229,9 @@ class _JoblibSession(Session):
 
         return self._parallel([delayed(fn)(arg)])[0]
 
+    def submit_each(self, fn: Fn, items: Sequence[Any]) -> list[Any]:
+        raise Unsupported("no per-task API: Parallel runs a whole batch of calls")
+
 
 class Joblib(Contender):
     name = "joblib"
@@ -253,6 +271,10 @@ class _MpireSession(Session):
     def call(self, fn: Fn, arg: Any) -> Any:
         return self._pool.apply(fn, args=(arg,))
 
+    def submit_each(self, fn: Fn, items: Sequence[Any]) -> list[Any]:
+        pending = [self._pool.apply_async(fn, args=(x,)) for x in items]
+        return [result.get() for result in pending]
+
 
 class Mpire(Contender):
     name = "mpire"
@@ -277,6 +299,10 @@ class _PebbleSession(Session):
 
     def call(self, fn: Fn, arg: Any) -> Any:
         return self._pool.schedule(fn, args=(arg,)).result()
+
+    def submit_each(self, fn: Fn, items: Sequence[Any]) -> list[Any]:
+        futures = [self._pool.schedule(fn, args=(x,)) for x in items]
+        return [future.result() for future in futures]
 
 
 class Pebble(Contender):
@@ -312,6 +338,10 @@ class _DaskSession(Session):
 
     def call(self, fn: Fn, arg: Any) -> Any:
         return self._client.submit(fn, arg, pure=False).result()
+
+    def submit_each(self, fn: Fn, items: Sequence[Any]) -> list[Any]:
+        futures = [self._client.submit(fn, x, pure=False) for x in items]
+        return list(self._client.gather(futures))
 
 
 class Dask(Contender):

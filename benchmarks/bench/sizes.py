@@ -46,6 +46,9 @@ class Sizes:
     # W8 recovery from a worker's death
     crash_items: int = 8
     crash_wait_s: float = 20.0
+    # W9 tasks submitted one by one (a library too slow for the budget: 1/10 or 1/100)
+    submit_items: int = 10_000
+    submit_repeats: int = 3
     # Throughput against task duration (the plot)
     durations: tuple[str, ...] = tuple(DURATIONS)
     curve_target_s: float = 1.0
@@ -72,6 +75,7 @@ QUICK = replace(
     stream_items=1_000_000,
     stream_take=300,
     crash_wait_s=10.0,
+    submit_items=2_000,
     curve_target_s=0.3,
     curve_max_tasks=50_000,
     limit_scale=0.5,
@@ -95,6 +99,8 @@ SMOKE = replace(
     consumer_pause_s=0.0,
     crash_items=4,
     crash_wait_s=5.0,
+    submit_items=200,
+    submit_repeats=1,
     durations=("10us", "1ms"),
     curve_target_s=0.05,
     curve_max_tasks=2_000,

@@ -1,4 +1,4 @@
-"""The workloads W1-W8 and the throughput curve.
+"""The workloads W1-W9 and the throughput curve.
 
 A workload is a set of *cases* (a start method, a task duration, default vs tuned chunking);
 each contender x case runs in a fresh subprocess, where ``run(ctx)`` measures and ends by
@@ -374,6 +374,28 @@ def _brief(exc: Any) -> str:
     return f"{type(exc).__name__}: {text[:100]}"
 
 
+# --- W9 tasks submitted one by one ----------------------------------------------------------
+
+
+def submitted(ctx: Ctx) -> None:
+    """Not a target of the issue: how the libraries do where a caller submits tasks one
+    by one (``apply_async``, ``submit``) instead of mapping, as much code does."""
+    n = ctx.sizes.submit_items
+    inputs = _prefixes(n, lambda k: list(range(k)))
+
+    def run(k: int) -> None:
+        results = session.submit_each(tasks.square, inputs[k])
+        _check(len(results) == k and results[-1] == (k - 1) ** 2, "squares")
+
+    with ctx.session() as session:
+        _warm(session, ctx.sizes.workers)
+        budget = ctx.sizes.budget_s / ctx.sizes.submit_repeats
+        rates = [
+            measure.rate_within_budget(run, n, budget) for _ in range(ctx.sizes.submit_repeats)
+        ]
+        ctx.finish(*_rate_figures(_best(rates)))
+
+
 # --- throughput against task duration ---------------------------------------------------------
 
 
@@ -525,6 +547,16 @@ WORKLOADS: dict[str, Workload] = {
                 Column("default", "next_map", "the next map", ratio=False, fmt="{}"),
             ),
             limit_s=90,
+        ),
+        Workload(
+            "W9",
+            "10,000 tiny tasks submitted one by one (not a target)",
+            "`apply_async` / `submit` of `x*x` for each of 10,000 ints, all before waiting for "
+            "any, then every result in order, on a warm pool; tasks/s, the best of 3.",
+            submitted,
+            (Column("default", "tasks_per_s", "tasks/s", True, "{:,.0f}"),),
+            limit_s=120,
+            headline=None,
         ),
         Workload(
             "TP",
