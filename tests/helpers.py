@@ -203,6 +203,17 @@ def count_onto_kept_queue(n: int) -> int:
     return n
 
 
+def counted_square(x: int) -> int:
+    """``x * x``, appending a line ``x`` to the file whose path keep_barrier() kept: one
+    line per run, written at once (a worker that dies after it loses nothing)."""
+    fd = os.open(_BARRIER, os.O_WRONLY | os.O_APPEND | os.O_CREAT)  # type: ignore[arg-type]
+    try:
+        os.write(fd, f"{x}\n".encode())
+    finally:
+        os.close(fd)
+    return x * x
+
+
 def family_after_barrier(_: object = None) -> tuple[int, int | None]:
     """family(), once as many tasks as the barrier's parties run at once."""
     _BARRIER.wait(timeout=30)  # type: ignore[attr-defined]

@@ -106,6 +106,25 @@ def test_no_task_waits_behind_a_long_one_while_another_worker_runs_out_of_work(
             assert pids[0] not in pids[1:]
 
 
+@pytest.mark.parametrize("start_method", [None, "fork"])
+def test_calls_submitted_after_a_run_of_instant_ones_do_not_wait_behind_a_long_one(
+    start_method: str | None,
+) -> None:
+    # A worker that answers single calls quickly may be sent many at once (a
+    # burst), and a call queued behind one that turns out long waits for it.
+    # The evidence is gathered again for each backlog: after 200 instant calls,
+    # a long call and 20 short ones, submitted one by one, leave at most one
+    # short call behind the long one, while the other worker runs the rest.
+    context = multiprocessing.get_context(start_method) if start_method else None
+    with Pool(2, context=context) as pool:
+        for _ in range(2):
+            instant = [pool.apply_async(sleep_pid, (0.0,)) for _ in range(200)]
+            assert all(r.get(timeout=30) for r in instant)
+            calls = [pool.apply_async(sleep_pid, (s,)) for s in [1.0] + [0.02] * 20]
+            long_pid, *short_pids = (r.get(timeout=30) for r in calls)
+            assert short_pids.count(long_pid) <= 1
+
+
 def test_error_keeps_its_type_and_the_worker_traceback() -> None:
     with Pool(2) as pool:
         with pytest.raises(ValueError, match="bad input 3") as info:

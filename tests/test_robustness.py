@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -22,9 +24,11 @@ from procpool import (
 )
 from procpool import testing as crash
 from procpool._core import _dispatcher, _zygote
+from procpool._core import _protocol as P
 from tests.helpers import (
     SleepsWhenUnpickled,
     count_onto_kept_queue,
+    counted_square,
     echo_bytes,
     fill_kept_queue,
     keep_barrier,
@@ -132,6 +136,53 @@ def test_terminate_returns_when_the_dispatcher_is_stuck_writing_to_a_stopped_wor
     assert time.monotonic() - started < 30
     with pytest.raises(Exception):  # noqa: B017 - any error will do; it must not hang
         stuck.get(10)
+
+
+@pytest.mark.parametrize("start_method", [None, "fork"])
+def test_tasks_submitted_one_by_one_run_once_each_when_a_worker_dies_among_them(
+    start_method: str | None, tmp_path: Path
+) -> None:
+    # Short tasks submitted one by one reach a worker up to _dispatcher.BURST at a
+    # time, in one write. The worker that dies holds many it has not started:
+    # each must run elsewhere, once, and every other result must arrive.
+    runs = tmp_path / "runs"
+    context = multiprocessing.get_context(start_method) if start_method else None
+    with Pool(2, initializer=keep_barrier, initargs=(str(runs),), context=context) as pool:
+        # Measured short first: only then are batches sent ahead in bursts.
+        assert pool.map(counted_square, range(64), chunksize=1) == [i * i for i in range(64)]
+        results = [pool.apply_async(counted_square, (i,)) for i in range(300)]
+        doomed = pool.apply_async(crash.exit_abruptly, (3,))
+        results += [pool.apply_async(counted_square, (i,)) for i in range(300, 600)]
+        assert [r.get(timeout=60) for r in results] == [i * i for i in range(600)]
+        with pytest.raises(WorkerCrashedError):
+            doomed.get(timeout=60)
+        assert pool.apply(square, (7,)) == 49
+    ran = sorted(int(line) for line in runs.read_text().split())
+    assert ran == sorted([*range(64), *range(600)])
+
+
+def test_messages_written_at_once_are_read_one_by_one() -> None:
+    here, there = multiprocessing.Pipe()
+    with here, there:
+        messages = [
+            (P.FREED, []),
+            (P.FN, 1, b"callable"),
+            (P.BATCH, 7, 1, 0, False, -1, None, b"x" * 1000),
+            (P.BATCH, 8, 1, 0, True, -1, (5, 2), b"y"),
+        ]
+        buffers: list[bytes] = []
+        for message in messages:
+            frame = P.framed(message)
+            assert frame is not None
+            buffers.extend(frame)
+        P.write(here, buffers)
+        assert [P.recv(there) for _ in messages] == messages
+        # More messages than one writev() call takes.
+        many = [(P.FREED, [i]) for i in range(1000)]
+        P.write(here, [b for m in many for b in P.framed(m) or ()])
+        assert [P.recv(there) for _ in many] == many
+    # A payload large enough for a frame of its own is sent by P.send, not framed.
+    assert P.framed((P.BATCH, 9, 1, 0, False, -1, None, b"z" * P.FRAME_BYTES)) is None
 
 
 def test_many_threads_share_one_pool() -> None:

@@ -37,7 +37,9 @@ dispatcher holds whenever it is not asleep in select(). It waits on all
 pipes, all worker sentinels and the wake-up pipe at once with one persistent
 selector. It sends a batch to an idle worker first; while
 every worker is busy, it keeps one more small batch (the *prefetch*) queued in
-each worker's pipe so no worker waits for its next batch. A batch larger than
+each worker's pipe so no worker waits for its next batch; for single calls
+(apply_async, submit) that a worker has shown it answers quickly, up to BURST,
+written at once. A batch larger than
 the prefetch limit is sent only to an idle worker: a worker blocked writing a
 large result and a dispatcher blocked writing a large batch to it would
 otherwise deadlock, and this rule is what makes plain blocking sends safe.
@@ -109,11 +111,17 @@ __all__ = ["Dispatcher", "PoolClosedError"]
 # Largest batch that may wait in a busy worker's pipe: well under the kernel's
 # socket buffer (~200 KiB on Linux), so sending it can never block.
 PREFETCH_BYTES = 64 * 1024
-# Batches per worker: one running, one waiting in the pipe.
+# Batches per worker: one running, one waiting in the pipe...
 WINDOW = 2
+# ...or up to this many single calls (apply_async, submit), sent in one go, to a
+# worker that has shown it runs them quickly: see Dispatcher._burst_limit.
+BURST = 16
 # A batch waits in a busy worker's pipe only behind work measured to take at
 # most this long (see Dispatcher._prefetch_pays).
 PREFETCH_AHEAD_S = 0.005
+# A single call that ran and travelled within this long counts as short: a burst
+# of them holds at most PREFETCH_AHEAD_S of work (see Dispatcher._burst_limit).
+SHORT_CALL_S = PREFETCH_AHEAD_S / BURST
 # Functions whose seconds per task are remembered for that (the most recent).
 MEASURED_FNS = 256
 # Workers that die before they are ready, in a row, before we stop replacing them.
@@ -197,6 +205,9 @@ class Dispatcher(DirectPath):
         self._item_s: float | None = None  # seconds per task, as measured so far
         self._fn_item_s: dict[int, float] = {}  # the same, per callable (see _prefetch_pays)
         self._prefetch = True  # whether a busy worker may be sent a batch (see _may_prefetch)
+        self._refilling: set[int] = set()  # workers that may take a burst (_send_pending)
+        # What _send_pending sends, held back to be written per worker at once (_post).
+        self._corked: dict[int, tuple[Worker, list[bytes]]] | None = None
         self._init_bytes = self._pickle_initializer(initializer, self.inherited_main)
         # initargs go to each worker as it starts, pickled by multiprocessing itself,
         # which allows what only process start-up may carry (a Queue, a Lock).
@@ -492,19 +503,36 @@ class Dispatcher(DirectPath):
             self._send_pending()  # a small batch may wait in the new worker's pipe
 
     def _send_pending(self) -> None:
+        """Send what waits in ``pending`` to the workers that may take it now.
+
+        What goes to one worker here goes in one write (see _post). A worker
+        that holds fewer than WINDOW batches as this begins may take a burst
+        of single calls (see _burst_limit).
+        """
         pending = self._pending
-        while pending and not self._terminating:
-            batch = pending[0]
-            worker = self._pick_worker(batch)
-            if worker is None:
-                return
-            pending.popleft()
-            if batch.on_start is not None:
-                on_start, batch.on_start = batch.on_start, None  # once, even if re-queued
-                if not on_start():
-                    batch.release()
-                    continue  # cancelled before it started
-            self._send(worker, batch)
+        self._refilling = {w.id for w in self._workers.values() if len(w.inflight) < WINDOW}
+        corked = self._corked
+        outer = corked is not None
+        if corked is None:
+            corked = self._corked = {}
+        try:
+            while pending and not self._terminating:
+                batch = pending[0]
+                worker = self._pick_worker(batch)
+                if worker is None:
+                    return
+                pending.popleft()
+                if batch.on_start is not None:
+                    on_start, batch.on_start = batch.on_start, None  # once, even if re-queued
+                    if not on_start():
+                        batch.release()
+                        continue  # cancelled before it started
+                self._send(worker, batch)
+        finally:
+            if not outer:
+                self._corked = None
+                for worker, _ in list(corked.values()):
+                    self._uncork(worker, corked)
 
     def _pick_worker(self, batch: Batch) -> Worker | None:
         best: Worker | None = None
@@ -514,10 +542,13 @@ class Dispatcher(DirectPath):
             held = len(worker.inflight)
             if held == 0 and (worker.ready or self._fits_pipe(worker, batch)):
                 return worker
-            if held < WINDOW and (best is None or held < len(best.inflight)):
+            limit = self._burst_limit(worker, batch)
+            if held < limit and (best is None or held < len(best.inflight)):
                 best = worker
         if best is None or not self._fits_pipe(best, batch):
             return None  # only an idle, started worker may take a large batch
+        if len(best.inflight) >= WINDOW and not self._fits_burst(best, batch):
+            return None
         if not self._prefetch or not self._prefetch_pays(best):
             return None
         if self._max_tasks and best.tasks_done + self._held_items(best) >= self._max_tasks:
@@ -563,6 +594,44 @@ class Dispatcher(DirectPath):
         if len(fns) > MEASURED_FNS:
             del fns[next(iter(fns))]
 
+    def _burst_limit(self, worker: Worker, batch: Batch) -> int:
+        """How many batches ``worker`` may hold, ``batch`` included.
+
+        WINDOW, but for single calls (``apply_async``, ``submit``: batches of one
+        task, not a map's chunks) to a worker that held fewer than WINDOW as
+        this round of sending began: one more for each reply in a row that came
+        back short, up to BURST. Sent one per reply, such calls found the
+        worker's pipe empty each time, and the worker slept and woke once per
+        task (1.2-1.7 context switches a task on 2 cores, against 0.01 for the
+        standard library's pool, whose task thread keeps the shared pipe full);
+        in a burst it wakes once. Only on evidence, gathered afresh for each
+        backlog (see _note_reply): calls queued behind one that turns out long
+        wait for it, however short they were measured.
+        """
+        if batch.named or len(batch.items) != 1 or worker.id not in self._refilling:
+            return WINDOW
+        return min(BURST, WINDOW + worker.short_replies)
+
+    def _note_reply(self, worker: Worker, batch: Batch, seconds: float) -> None:
+        """Count ``worker``'s short replies to single calls in a row (see _burst_limit).
+
+        The count starts again once the worker has run out of work with none
+        waiting: the calls that come next may be another matter (a function
+        that ran instantly in one loop, and takes its time in the next).
+        """
+        short = not batch.named and len(batch.items) == 1 and seconds <= SHORT_CALL_S
+        if short and (worker.inflight or self._pending):
+            worker.short_replies += 1
+        else:
+            worker.short_replies = 0
+
+    @staticmethod
+    def _fits_burst(worker: Worker, batch: Batch) -> bool:
+        """Whether ``batch`` and every batch ``worker`` holds fit in its pipe at once."""
+        extra = 0 if batch.fn.id in worker.fns else len(batch.fn.data)
+        held = sum(b.size for b in worker.inflight)
+        return held + batch.size + extra <= PREFETCH_BYTES
+
     @staticmethod
     def _fits_pipe(worker: Worker, batch: Batch) -> bool:
         """Whether sending the batch (and its callable) to the worker can never block."""
@@ -578,20 +647,20 @@ class Dispatcher(DirectPath):
         fn = batch.fn
         try:
             if worker.freed:
-                self._send_freed(worker)
+                freed = worker.freed
+                self._post(worker, (P.FREED, [freed.popleft() for _ in range(len(freed))]))
             if fn.id in worker.fns:
                 worker.fns.move_to_end(fn.id)
             else:
-                worker.conn.send_bytes(P.dumps((P.FN, fn.id, fn.data)))
+                self._post(worker, (P.FN, fn.id, fn.data))
                 worker.fns[fn.id] = None
                 if len(worker.fns) > P.FN_CACHE_SIZE:
                     worker.fns.popitem(last=False)
             first = batch.first_index if batch.named else -1
             timed = batch.policy.timeout is not None
             seed = None if batch.policy.seed is None else (batch.policy.seed, batch.seed_base)
-            P.send(
-                worker.conn,
-                (P.BATCH, batch.id, fn.id, batch.star, timed, first, seed, batch.payload),
+            self._post(
+                worker, (P.BATCH, batch.id, fn.id, batch.star, timed, first, seed, batch.payload)
             )
         except OSError:
             # The worker is gone; its sentinel will fire and this batch,
@@ -600,12 +669,32 @@ class Dispatcher(DirectPath):
         if self._max_tasks and worker.tasks_done + self._held_items(worker) >= self._max_tasks:
             worker.retiring = True
 
-    @staticmethod
-    def _send_freed(worker: Worker) -> None:
-        """Tell the worker which of its result segments it may write again."""
-        freed = worker.freed
-        segments = [freed.popleft() for _ in range(len(freed))]
-        worker.conn.send_bytes(P.dumps((P.FREED, segments)))
+    def _post(self, worker: Worker, msg: tuple[Any, ...]) -> None:
+        """Send ``msg`` to ``worker``; within _send_pending, with the others sent to it
+        there, in one write (see _uncork)."""
+        corked = self._corked
+        if corked is not None:
+            frame = P.framed(msg)
+            if frame is not None:
+                corked.setdefault(worker.id, (worker, []))[1].extend(frame)
+                return
+            self._uncork(worker, corked)  # what came before goes first
+        P.send(worker.conn, msg)
+
+    def _uncork(self, worker: Worker, corked: dict[int, tuple[Worker, list[bytes]]]) -> None:
+        """Write what _post held back for ``worker``, all at once.
+
+        A burst of one-task batches written one by one wakes the worker at
+        the first, and each write after may find it asleep again; at once,
+        it reads them all without sleeping.
+        """
+        entry = corked.pop(worker.id, None)
+        if entry is None:
+            return
+        try:
+            P.write(worker.conn, entry[1])
+        except OSError:
+            worker.retiring = True  # gone: its sentinel settles what it holds (_send)
 
     # ----------------------------------------------------------- receiving
 
@@ -651,6 +740,7 @@ class Dispatcher(DirectPath):
         else:
             self._item_s = 0.7 * self._item_s + 0.3 * per_item
         self._measure(batch, busy + transfer)
+        self._note_reply(worker, batch, busy + transfer)
         if recycle and not worker.retiring:
             # Over its memory limit: it finishes what it holds, then is replaced.
             worker.retiring = True

@@ -42,6 +42,7 @@ class Worker:
         "process",
         "ready",
         "retiring",
+        "short_replies",
         "slot",
         "start_timed_out",
         "started",
@@ -66,6 +67,9 @@ class Worker:
         self.ready = False
         self.retiring = False
         self.timed_out: tuple[int, int] | None = None  # (batch id, item) we killed it for
+        # Replies in a row, to single calls, that came back short: how many more
+        # calls it may hold beyond the usual window (see Dispatcher._burst_limit).
+        self.short_replies = 0
         self.busy = 0.0  # seconds spent running tasks, as the worker measured
         self.transfer = 0.0  # seconds spent (un)pickling arguments and results
         self.started = time.monotonic()
