@@ -148,7 +148,7 @@ def test_tasks_submitted_one_by_one_run_once_each_when_a_worker_dies_among_them(
     runs = tmp_path / "runs"
     context = multiprocessing.get_context(start_method) if start_method else None
     with Pool(2, initializer=keep_barrier, initargs=(str(runs),), context=context) as pool:
-        # Measured short first: only then are batches sent ahead in bursts.
+        # Measured first: nothing is sent ahead of a callable never measured.
         assert pool.map(counted_square, range(64), chunksize=1) == [i * i for i in range(64)]
         results = [pool.apply_async(counted_square, (i,)) for i in range(300)]
         doomed = pool.apply_async(crash.exit_abruptly, (3,))
