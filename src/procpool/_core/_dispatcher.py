@@ -158,6 +158,11 @@ GROW_ALL_AFTER_S = 0.020
 _pool_ids = itertools.count()
 
 
+def _single_call(batch: Batch) -> bool:
+    """Whether ``batch`` is one call (``apply_async``, ``submit``), not a map's chunk."""
+    return not batch.named and len(batch.items) == 1
+
+
 class PoolClosedError(ProcpoolError, ValueError):
     """A task was submitted to a pool that is closed or terminated."""
 
@@ -547,7 +552,7 @@ class Dispatcher(DirectPath):
                 best = worker
         if best is None or not self._fits_pipe(best, batch):
             return None  # only an idle, started worker may take a large batch
-        if len(best.inflight) >= WINDOW and not self._fits_burst(best, batch):
+        if len(best.inflight) >= WINDOW and not self._fits_pipe(best, batch, with_held=True):
             return None
         if not self._prefetch or not self._prefetch_pays(best):
             return None
@@ -608,7 +613,7 @@ class Dispatcher(DirectPath):
         backlog (see _note_reply): calls queued behind one that turns out long
         wait for it, however short they were measured.
         """
-        if batch.named or len(batch.items) != 1 or worker.id not in self._refilling:
+        if not _single_call(batch) or worker.id not in self._refilling:
             return WINDOW
         return min(BURST, WINDOW + worker.short_replies)
 
@@ -619,23 +624,19 @@ class Dispatcher(DirectPath):
         waiting: the calls that come next may be another matter (a function
         that ran instantly in one loop, and takes its time in the next).
         """
-        short = not batch.named and len(batch.items) == 1 and seconds <= SHORT_CALL_S
+        short = _single_call(batch) and seconds <= SHORT_CALL_S
         if short and (worker.inflight or self._pending):
             worker.short_replies += 1
         else:
             worker.short_replies = 0
 
     @staticmethod
-    def _fits_burst(worker: Worker, batch: Batch) -> bool:
-        """Whether ``batch`` and every batch ``worker`` holds fit in its pipe at once."""
+    def _fits_pipe(worker: Worker, batch: Batch, *, with_held: bool = False) -> bool:
+        """Whether sending the batch (and its callable) to the worker can never block;
+        ``with_held``: with every batch the worker holds still in its pipe too."""
         extra = 0 if batch.fn.id in worker.fns else len(batch.fn.data)
-        held = sum(b.size for b in worker.inflight)
-        return held + batch.size + extra <= PREFETCH_BYTES
-
-    @staticmethod
-    def _fits_pipe(worker: Worker, batch: Batch) -> bool:
-        """Whether sending the batch (and its callable) to the worker can never block."""
-        extra = 0 if batch.fn.id in worker.fns else len(batch.fn.data)
+        if with_held:
+            extra += sum(b.size for b in worker.inflight)
         return batch.size + extra <= PREFETCH_BYTES
 
     @staticmethod

@@ -105,19 +105,33 @@ FRAME_BYTES = 64 * 1024
 _WITH_PAYLOAD = frozenset((BATCH, RESULTS, PARTIAL))
 
 
+def _one_frame(msg: tuple[Any, ...]) -> bool:
+    """Whether ``msg`` travels as one frame: no payload large enough for a frame of
+    its own, and no shared-memory segment's descriptor to follow it."""
+    if msg[0] not in _WITH_PAYLOAD:
+        return True
+    payload = msg[-1]
+    if isinstance(payload, bytes):
+        return len(payload) < FRAME_BYTES
+    return shm.descriptor_of(payload) is None
+
+
 def send(conn: Connection, msg: tuple[Any, ...]) -> None:
     """Send ``msg``; a large payload (its last field) follows in a frame of its own,
     and a shared-memory segment's descriptor in a one-byte message of its own."""
+    if _one_frame(msg):
+        conn.send_bytes(dumps(msg))
+        return
     payload = msg[-1]
-    if isinstance(payload, bytes) and len(payload) >= FRAME_BYTES and msg[0] in _WITH_PAYLOAD:
+    if isinstance(payload, bytes):
         conn.send_bytes(dumps((*msg[:-1], None)))
         conn.send_bytes(payload)
         return
+    fd = shm.descriptor_of(payload)
     conn.send_bytes(dumps(msg))
-    fd = shm.descriptor_of(payload) if msg[0] in _WITH_PAYLOAD else None
     if fd is not None:
-        # Right behind the frame, which the receiver reads to its last byte
-        # and no further: the descriptor is attached to the next byte it reads.
+        # Right behind the frame, which the receiver reads to its last byte and
+        # no further: the descriptor is attached to the next byte it reads.
         with _unix_socket(conn) as sock:
             socket.send_fds(sock, [b"S"], [fd])
 
@@ -134,13 +148,8 @@ def framed(msg: tuple[Any, ...]) -> tuple[bytes, bytes] | None:
     written with others at once (:func:`write`); None for one that ``send`` writes
     otherwise (a payload large enough for a frame of its own, or with a
     shared-memory segment's descriptor)."""
-    if msg[0] in _WITH_PAYLOAD:
-        payload = msg[-1]
-        if isinstance(payload, bytes):
-            if len(payload) >= FRAME_BYTES:
-                return None
-        elif shm.descriptor_of(payload) is not None:
-            return None
+    if not _one_frame(msg):
+        return None
     data = dumps(msg)
     return _LENGTH.pack(len(data)), data
 
