@@ -49,6 +49,24 @@ def _memfds(pid: int) -> set[str]:
     return held
 
 
+def _held(pid: int) -> set[str]:
+    """procpool's anonymous segments that process ``pid`` holds in any way, by
+    descriptor or mapped (their inodes)."""
+    with open(f"/proc/{pid}/maps") as maps:
+        held = {line.split()[4] for line in maps if _is_segment(line.split()[5:])}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if _is_segment(os.readlink(f"/proc/{pid}/fd/{fd}").split()):
+                held.add(str(os.stat(f"/proc/{pid}/fd/{fd}").st_ino))
+        except OSError:
+            pass  # closed meanwhile
+    return held
+
+
+def _is_segment(path: list[str]) -> bool:
+    return path[:1] == ["/memfd:procpool"]  # not "/memfd:procpool-slot", a worker's slot
+
+
 def test_arrays_round_trip_through_shared_memory(start_method: str) -> None:
     arrays = [np.random.default_rng(i).random(200_000) for i in range(6)]  # 1.6 MB each
     with Pool(2, context=start_method) as pool:
@@ -256,11 +274,13 @@ def test_an_idle_pool_keeps_no_segment() -> None:
         assert len(_segments()) == 1  # the argument's, kept to write again
         assert pool.apply(len, ([],)) == 0  # the result's, given back: kept too
         assert len(_memfds(worker)) == 1
+        # Each side also keeps its mapping of what it received (shm.Mappings).
+        assert len(_held(os.getpid())) == len(_held(worker)) == 2
         deadline = time.monotonic() + 10 * shm.KEEP_IDLE_S
-        while (_segments() or _memfds(worker)) and time.monotonic() < deadline:
+        while (_held(os.getpid()) or _held(worker)) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not _segments()  # closed while the pool is still open
-        assert not _memfds(worker)
+        assert not _held(os.getpid())  # closed while the pool is still open
+        assert not _held(worker)
         assert pool.apply(total, (np.ones(200_000),)) == 200_000.0
 
 
@@ -271,14 +291,67 @@ def test_result_segments_are_written_again_once_the_caller_dropped_the_results()
             result = pool.apply(make_array, (200_000 + i,))  # 1.6 MB
             assert result[-1] == 199_999.0 + i
             del result  # nothing maps its segment here now: the worker may write it again
-        assert len(_memfds(worker)) == 1  # all five went into one
+        assert len(_held(worker)) == 1  # all five went into one
         kept = [pool.apply(make_array, (200_000 + i,)) for i in range(4)]
-        assert len(_memfds(worker)) == 4  # mapped here: one each
+        assert len(_held(worker)) == 4  # mapped here: one each
         again = pool.apply(make_array, (300_000,))  # written while the others are kept
         assert [a[-1] for a in kept] == [199_999.0 + i for i in range(4)]
         assert again[-1] == 299_999.0
     assert [a[-1] for a in kept] == [199_999.0 + i for i in range(4)]  # still mapped
     assert not _segments()
+
+
+def test_a_segment_received_again_is_mapped_once() -> None:
+    # Mapping 8 MB and unmapping it cost about as much as writing it: a
+    # receiver keeps its mapping of a segment that comes back (shm.Mappings).
+    with Pool(1) as pool:
+        worker = pool.apply(os.getpid)
+        for i in range(5):
+            result = pool.apply(double, (np.full(200_000, float(i)),))
+            assert result[0] == 2.0 * i  # written again into one segment: not stale
+            if i == 1:  # the result's mapping, and the argument's once written again
+                first = _mapped(os.getpid())
+                assert len(first) == 2
+            if i > 1:
+                assert _mapped(os.getpid()) == first  # the same mappings, not new ones
+            del result
+        mappings = shm.current_mappings()
+        assert mappings is not None and mappings.kept() == 1
+        # The worker, too: its mapping of the argument segment it was sent five
+        # times, and of its result segment, written again through it.
+        assert len(_mapped(worker)) == 2
+
+
+def test_a_child_forked_while_segments_are_kept_does_not_keep_them() -> None:
+    with Pool(1) as pool:
+        held = pool.apply(double, (np.ones(200_000),))
+        result = pool.apply(double, (np.ones(200_000),))
+        del result  # its mapping is kept, unused
+        assert len(_held(os.getpid())) == 3  # the two mappings, and the argument's segment
+        pid = os.fork()
+        if pid == 0:  # only the mapping that ``held`` uses
+            os._exit(len(_held(os.getpid())))
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 1
+        assert held[0] == 2.0
+
+
+def test_read_only_arrays_are_written_again_too() -> None:
+    # A read-only buffer cannot be copied by address (ctypes); it is written
+    # with pwrite into the kept segment instead.
+    arrays = [np.full(200_000, float(i)) for i in range(4)]
+    for a in arrays:
+        a.flags.writeable = False
+    with Pool(1) as pool:
+        assert [pool.apply(total, (a,)) for a in arrays] == [200_000.0 * i for i in range(4)]
+        for got, a in zip(pool.map(double, arrays * 2, chunksize=1), arrays * 2):
+            np.testing.assert_array_equal(got, a * 2)
+
+
+def _mapped(pid: int) -> list[str]:
+    """Where in process ``pid`` procpool's anonymous segments are mapped (address ranges)."""
+    with open(f"/proc/{pid}/maps") as maps:
+        return sorted(line.split()[0] for line in maps if _is_segment(line.split()[5:]))
 
 
 def test_segments_go_by_name_where_anonymous_ones_cannot(

@@ -493,9 +493,13 @@ class Dispatcher(DirectPath):
         if held is not None:
             nearest = held if nearest is None else min(nearest, held)
         recycler = shm.current_recycler()
-        kept = None if recycler is None else recycler.expire(shm.KEEP_IDLE_S)
-        if kept is not None:
-            nearest = kept if nearest is None else min(nearest, kept)
+        mappings = shm.current_mappings()
+        for kept in (
+            None if recycler is None else recycler.expire(shm.KEEP_IDLE_S),
+            None if mappings is None else mappings.expire(shm.KEEP_IDLE_S),
+        ):
+            if kept is not None:
+                nearest = kept if nearest is None else min(nearest, kept)
         return nearest
 
     # ------------------------------------------------------------ sending
@@ -1267,6 +1271,9 @@ class Dispatcher(DirectPath):
         recycler = shm.current_recycler()
         if recycler is not None:
             recycler.clear()  # what it kept for this pool's batches (and others')
+        mappings = shm.current_mappings()
+        if mappings is not None:
+            mappings.clear()  # this pool's workers' results (and others')
         self._close_context()
         self._sel.close()
         for fd in (self._wake_r, self._wake_w):

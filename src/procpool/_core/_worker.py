@@ -26,7 +26,6 @@ import time
 import types
 from collections import OrderedDict
 from itertools import islice, starmap
-from mmap import mmap
 from multiprocessing import parent_process
 from multiprocessing.connection import Connection, wait
 from sys import getsizeof
@@ -81,11 +80,25 @@ def worker_main(
         segments.clear()
 
 
-def _expire_while_idle(conn: Connection, recycler: shm.Recycler) -> None:
-    """Wait for the next message; meanwhile close the kept result segments once due."""
-    left = recycler.expire(shm.KEEP_IDLE_S)
+def _expire_while_idle(conn: Connection, recycler: shm.Recycler | None) -> None:
+    """Wait for the next message; meanwhile close the kept result segments, and
+    the kept mappings of argument segments, once due."""
+    left = _expire(recycler)
     while left is not None and not conn.poll(left):
-        left = recycler.expire(shm.KEEP_IDLE_S)
+        left = _expire(recycler)
+
+
+def _expire(recycler: shm.Recycler | None) -> float | None:
+    mappings = shm.current_mappings()
+    lefts = [
+        left
+        for left in (
+            None if recycler is None else recycler.expire(shm.KEEP_IDLE_S),
+            None if mappings is None else mappings.expire(shm.KEEP_IDLE_S),
+        )
+        if left is not None
+    ]
+    return min(lefts, default=None)
 
 
 def _send_results(
@@ -135,8 +148,7 @@ def _serve(
     recycler = segments if isinstance(segments, shm.Recycler) else None
     while True:
         try:
-            if recycler is not None:
-                _expire_while_idle(conn, recycler)
+            _expire_while_idle(conn, recycler)
             msg = P.recv(conn)
         except (EOFError, OSError):
             return  # the parent closed the pipe: nothing more will come
@@ -171,7 +183,7 @@ def _run_batch(
     slot: Any,
     segments: shm.Namer | shm.Recycler | None,
     conn: Connection,
-) -> tuple[shm.Packed, float, mmap | None]:
+) -> tuple[shm.Packed, float, Any]:
     """Run one batch; return its reply payload, the seconds spent in the tasks,
     and the mapping of its argument segment (see shm.let_go).
 
