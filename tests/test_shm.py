@@ -336,6 +336,30 @@ def test_a_child_forked_while_segments_are_kept_does_not_keep_them() -> None:
         assert held[0] == 2.0
 
 
+def test_kept_mappings_over_their_bound_close_those_unused_first() -> None:
+    mappings = shm.Mappings(max_bytes=1 << 30)
+    mappings.MAX_KEPT = 2
+    fds = [os.memfd_create("procpool", os.MFD_CLOEXEC) for _ in range(4)]
+    try:
+        for i, fd in enumerate(fds):
+            os.ftruncate(fd, 1 << 20)
+            os.pwrite(fd, bytes([i + 1]) * 16, 0)
+        held = [mappings.lend(fds[0], 16), mappings.lend(fds[1], 16)]
+        mappings.lend(fds[2], 16)  # dropped at once: unused
+        assert mappings.kept() == 3  # over the bound, but the other two are in use
+        latest = mappings.lend(fds[3], 16)
+        # The unused one went; those in use stay (a map's results, held until it returns).
+        assert mappings.kept() == 3
+        assert [bytes(x[:2]) for x in (*held, latest)] == [b"\x01\x01", b"\x02\x02", b"\x04\x04"]
+        del held, latest
+        mappings.lend(fds[0], 16)
+        assert mappings.kept() == 2  # within the bound again, the oldest unused closed
+    finally:
+        mappings.clear()
+        for fd in fds:
+            os.close(fd)
+
+
 def test_read_only_arrays_are_written_again_too() -> None:
     # A read-only buffer cannot be copied by address (ctypes); it is written
     # with pwrite into the kept segment instead.

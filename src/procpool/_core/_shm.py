@@ -468,7 +468,7 @@ class Recycler(_Kept):
                 _write(_descriptor(segment), buffers, layout)
                 return
             fd = _descriptor(segment)
-            mm = mmap.mmap(fd, os.fstat(fd).st_size, flags=mmap.MAP_SHARED, **_UNTRACKED)
+            mm = _map_kept(fd, os.fstat(fd).st_size, _extent(layout))
             with self._lock:
                 self._maps[segment] = mm
         dst = (ctypes.c_char * len(mm)).from_buffer(mm)
@@ -521,11 +521,12 @@ class Mappings(_Kept):
     with later messages: the receiver keeps its mapping, known by the file's
     inode, and lends each message an exporter over it (a ctypes array). What
     the message's objects are built on holds that exporter, so its death says
-    that nothing uses them any more, as a mapping's did. Bounded (``MAX_KEPT``
-    mappings, ``max_bytes`` in all; a segment too large to be kept by its
-    sender is mapped per message, as before) and closed once none was used for
-    ``KEEP_IDLE_S`` (``expire``). A mapping dropped while something still uses
-    it lives on with its exporters.
+    that nothing uses them any more, as a mapping's did. Bounded: beyond
+    ``MAX_KEPT`` mappings or ``max_bytes`` in all (those in use included), the
+    least recently used that nothing uses are closed; a segment too large for
+    its sender to keep is mapped per message, as before. All are let go once
+    none was used for ``KEEP_IDLE_S`` (``expire``); one that something still
+    uses lives on with its exporters.
     """
 
     MAX_KEPT = 32
@@ -559,15 +560,26 @@ class Mappings(_Kept):
             # Made while no other thread can close the mapping (expire, clear):
             # from here on, closing it fails while the exporter lives.
             exporter = (ctypes.c_char * len(mm)).from_buffer(mm)
-            while len(self._kept) > 1 and (
-                len(self._kept) > self.MAX_KEPT or self._bytes > self._max_bytes
-            ):
-                oldest = self._kept.pop(next(iter(self._kept)))
-                self._bytes -= len(oldest)
-                dropped.append(oldest)
+            self._trim()
         for old in dropped:
             _close_if_unused(old)
         return exporter
+
+    def _trim(self) -> None:
+        # Over the bounds, close the least recently used mappings that nothing
+        # uses. One in use stays: it costs nothing that its objects do not hold
+        # already, and dropped, it would be mapped again when it comes back (a
+        # map's results, all held by the caller until the map returns).
+        for key, mm in list(self._kept.items()):
+            if len(self._kept) <= self.MAX_KEPT and self._bytes <= self._max_bytes:
+                return
+            size = len(mm)
+            try:
+                mm.close()
+            except BufferError:
+                continue
+            del self._kept[key]
+            self._bytes -= size
 
     def clear(self) -> None:
         """Drop every mapping; each is closed unless something still uses it."""
