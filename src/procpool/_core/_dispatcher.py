@@ -492,14 +492,9 @@ class Dispatcher(DirectPath):
         held = self._next_release(now)
         if held is not None:
             nearest = held if nearest is None else min(nearest, held)
-        recycler = shm.current_recycler()
-        mappings = shm.current_mappings()
-        for kept in (
-            None if recycler is None else recycler.expire(shm.KEEP_IDLE_S),
-            None if mappings is None else mappings.expire(shm.KEEP_IDLE_S),
-        ):
-            if kept is not None:
-                nearest = kept if nearest is None else min(nearest, kept)
+        kept = shm.expire_kept(shm.current_recycler())
+        if kept is not None:
+            nearest = kept if nearest is None else min(nearest, kept)
         return nearest
 
     # ------------------------------------------------------------ sending

@@ -63,6 +63,7 @@ __all__ = [
     "current_mappings",
     "current_recycler",
     "descriptor_of",
+    "expire_kept",
     "let_go",
     "namer",
     "pack",
@@ -724,6 +725,18 @@ def process_recycler() -> Recycler | None:
 def current_recycler() -> Recycler | None:
     """This process's recycler if it has made one (see process_recycler), else None."""
     return _recyclers.current()
+
+
+def expire_kept(recycler: Recycler | None) -> float | None:
+    """Let go of ``recycler``'s kept segments and of this process's kept mappings
+    once each was unused for ``KEEP_IDLE_S``; the seconds until the next is due,
+    or None if nothing is kept (see _Kept.expire)."""
+    lefts = [
+        left
+        for kept in (recycler, _mappings.current())
+        if kept is not None and (left := kept.expire(KEEP_IDLE_S)) is not None
+    ]
+    return min(lefts, default=None)
 
 
 def received_mappings() -> Mappings:

@@ -83,22 +83,9 @@ def worker_main(
 def _expire_while_idle(conn: Connection, recycler: shm.Recycler | None) -> None:
     """Wait for the next message; meanwhile close the kept result segments, and
     the kept mappings of argument segments, once due."""
-    left = _expire(recycler)
+    left = shm.expire_kept(recycler)
     while left is not None and not conn.poll(left):
-        left = _expire(recycler)
-
-
-def _expire(recycler: shm.Recycler | None) -> float | None:
-    mappings = shm.current_mappings()
-    lefts = [
-        left
-        for left in (
-            None if recycler is None else recycler.expire(shm.KEEP_IDLE_S),
-            None if mappings is None else mappings.expire(shm.KEEP_IDLE_S),
-        )
-        if left is not None
-    ]
-    return min(lefts, default=None)
+        left = shm.expire_kept(recycler)
 
 
 def _send_results(
@@ -185,7 +172,7 @@ def _run_batch(
     conn: Connection,
 ) -> tuple[shm.Packed, float, Any]:
     """Run one batch; return its reply payload, the seconds spent in the tasks,
-    and the mapping of its argument segment (see shm.let_go).
+    and what its arguments' large buffers were read from (see shm.let_go).
 
     Large results go ahead in pieces while the batch runs (see _Stream); the
     payload then holds the results of the tasks after the last piece.
