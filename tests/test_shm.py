@@ -360,6 +360,20 @@ def test_kept_mappings_over_their_bound_close_those_unused_first() -> None:
             os.close(fd)
 
 
+def test_without_ctypes_each_message_maps_its_segment(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A Python built without ctypes: no kept mappings, no copies by address;
+    # segments are still written again, through pwrite, and mapped per message.
+    monkeypatch.setattr(shm, "_CTYPES", False)  # before the pool's processes fork
+    arrays = [np.full(200_000, float(i)) for i in range(4)]
+    with Pool(1) as pool:
+        kept = [pool.apply(double, (a,)) for a in arrays]  # each result held: its own segment
+        for _ in range(2):
+            for got, a in zip(pool.map(double, arrays, chunksize=1), arrays):
+                np.testing.assert_array_equal(got, a * 2)
+        assert [k[0] for k in kept] == [2.0 * i for i in range(4)]
+        assert shm.received_mappings().kept() == 0
+
+
 def test_read_only_arrays_are_written_again_too() -> None:
     # A read-only buffer cannot be copied by address (ctypes); it is written
     # with pwrite into the kept segment instead.
