@@ -344,6 +344,7 @@ class _Kept:
         return None
 
     def clear(self) -> None:
+        """Let go of all that is kept now."""
         raise NotImplementedError
 
 
@@ -472,15 +473,19 @@ class Recycler(_Kept):
             mm = _map_kept(fd, os.fstat(fd).st_size, _extent(layout))
             with self._lock:
                 self._maps[segment] = mm
-        dst = (ctypes.c_char * len(mm)).from_buffer(mm)
+        # One c_char at each buffer's start gives its address, and holds it
+        # while the copy runs; an array type per length would be a new class
+        # (~20 us) for every size of buffer sent.
+        dst = ctypes.c_char.from_buffer(mm)
         try:
             base = ctypes.addressof(dst)
             for (start, length), buf in zip(layout, buffers):
                 if buf.readonly:  # ctypes takes writable buffers only
                     _write(_descriptor(segment), [buf], [(start, length)])
                     continue
-                src = (ctypes.c_char * length).from_buffer(buf.cast("B"))
-                ctypes.memmove(base + start, src, length)  # without the GIL, as pwrite
+                src = ctypes.c_char.from_buffer(buf)
+                # Without the GIL, as pwrite.
+                ctypes.memmove(base + start, ctypes.addressof(src), length)
                 del src
         finally:
             del dst  # so that the mapping can be closed
