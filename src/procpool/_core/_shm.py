@@ -540,7 +540,7 @@ class Mappings(_Kept):
     def __init__(self, max_bytes: int) -> None:
         super().__init__()
         self._max_bytes = max_bytes
-        self._kept: dict[tuple[int, int], mmap.mmap] = {}  # least recently used first
+        self._kept: dict[tuple[int, int, int], mmap.mmap] = {}  # least recently used first
         self._bytes = 0
 
     def lend(self, fd: int, extent: int) -> Any | None:
@@ -550,15 +550,12 @@ class Mappings(_Kept):
         size = max(stat.st_size, extent)
         if ctypes is None or size > Recycler.MAX_SEGMENT_BYTES:
             return None
-        key = (stat.st_dev, stat.st_ino)
-        dropped = []
+        # With its size: a file that grew (senders size theirs once, see
+        # Recycler.write) is mapped anew, and the old mapping trimmed in time.
+        key = (stat.st_dev, stat.st_ino, size)
         with self._lock:
             self._used = time.monotonic()
             mm = self._kept.pop(key, None)
-            if mm is not None and len(mm) < extent:  # the file grew: map it again
-                self._bytes -= len(mm)
-                dropped.append(mm)
-                mm = None
             if mm is None:
                 mm = _map_kept(fd, size, extent)
                 self._bytes += size
@@ -567,8 +564,6 @@ class Mappings(_Kept):
             # from here on, closing it fails while the exporter lives.
             exporter = (ctypes.c_char * len(mm)).from_buffer(mm)
             self._trim()
-        for old in dropped:
-            _close_if_unused(old)
         return exporter
 
     def _trim(self) -> None:
