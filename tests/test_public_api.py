@@ -122,6 +122,71 @@ def test_only_a_process_that_forks_workers_loads_what_they_run() -> None:
     assert _run_script(script)[:2] == ["[]", str(loaded)]
 
 
+def test_making_a_pool_holds_the_collector_back_while_the_engine_loads() -> None:
+    # Loading the engine makes thousands of long-lived objects; collected as
+    # they come, they set off a dozen young collections and a wider one in a
+    # cold process (~2-4 ms of W6's start-up). Held back, they cost at most one
+    # young collection per block (the lazy import, then the backend's start).
+    # A context made for a pool does not load Process and its modules either.
+    # A parent that turned the collector off keeps it off, in its workers too.
+    script = (
+        "import gc, sys, procpool\n"
+        "seen = []\n"
+        "def note(phase, info):\n"
+        "    if phase == 'start':\n"
+        "        seen.append(info['generation'])\n"
+        "gc.callbacks.append(note)\n"
+        "fork_pool = lambda: procpool.get_context('fork').Pool(2)\n"
+        "for make in (fork_pool, procpool.ProcessPoolExecutor):\n"
+        "    del seen[:]\n"
+        "    with make() as pool:\n"
+        "        print(seen, gc.isenabled())\n"
+        "        if hasattr(pool, 'submit'):\n"
+        "            print([pool.submit(gc.isenabled).result() for _ in range(4)])\n"
+        "        else:\n"
+        "            print(pool.map(eval, ['__import__(\"gc\").isenabled()'] * 4, chunksize=1))\n"
+        "print('procpool._process' in sys.modules)\n"
+        "gc.disable()\n"
+        "with procpool.Pool(1) as pool:\n"
+        "    print(gc.isenabled(), pool.apply(gc.isenabled))\n"
+    )
+    lines = _run_script(script)
+    for line in lines[0:4:2]:
+        collections, enabled = line.rsplit(" ", 1)
+        assert enabled == "True", line
+        generations = eval(collections)
+        assert generations.count(0) <= 2 and max(generations, default=0) == 0, line
+    # Workers forked while the collector was held (the fork pool's, the zygote
+    # and its children) collect as the parent did before the hold.
+    assert lines[1:4:2] == ["[True, True, True, True]"] * 2
+    assert lines[4:6] == ["False", "False False"]
+
+
+def test_collector_held_is_reentrant_and_keeps_the_callers_choice() -> None:
+    import gc
+
+    from procpool._core import collector_held
+
+    assert gc.isenabled()
+    try:
+        with collector_held():
+            assert not gc.isenabled()
+            with collector_held():
+                assert not gc.isenabled()
+            assert not gc.isenabled()
+            raise KeyError("inside")
+    except KeyError:
+        pass
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with collector_held():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
 def _run_script(script: str) -> list[str]:
     """Run ``script`` in a fresh interpreter; return its output's lines."""
     import subprocess

@@ -123,7 +123,10 @@ def __getattr__(name: str) -> _typing.Any:
     module = _WHERE.get(name)
     if module is None:
         raise AttributeError(f"module 'procpool' has no attribute {name!r}")
-    obj = getattr(_importlib.import_module(f"procpool.{module}"), name)
+    from ._core import collector_held
+
+    with collector_held():
+        obj = getattr(_importlib.import_module(f"procpool.{module}"), name)
     if not isinstance(obj, str):
         try:
             obj.__module__ = __name__

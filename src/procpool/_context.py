@@ -12,8 +12,8 @@ import multiprocessing
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from ._core import collector_held
 from ._core._startmethod import default_start_method, resolve_context
-from ._process import Process, process_class
 
 if TYPE_CHECKING:
     # For annotations only: multiprocessing.managers alone costs ~10 ms to
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
     from ._executor import ProcessPoolExecutor
     from ._pool import Pool
+    from ._process import Process
 
 __all__ = ["Context", "cpu_count", "get_context"]
 
@@ -70,6 +71,10 @@ class Context:
     @property
     def Process(self) -> type[Process]:
         """The :class:`procpool.Process` class for this start method."""
+        # Imported here: a context made for a pool never loads Process (~0.9 ms
+        # with the `resource` module it needs).
+        from ._process import process_class
+
         return process_class(self._method)
 
     def get_start_method(self) -> str:
@@ -100,7 +105,8 @@ class Context:
         Raises:
             ValueError: for an invalid option (see :class:`procpool.Pool`).
         """
-        from ._pool import Pool
+        with collector_held():
+            from ._pool import Pool
 
         return Pool(processes, initializer, initargs, maxtasksperchild, context=self._mp, **options)
 
@@ -122,7 +128,8 @@ class Context:
         Raises:
             ValueError: for an invalid option (see :class:`procpool.ProcessPoolExecutor`).
         """
-        from ._executor import ProcessPoolExecutor
+        with collector_held():
+            from ._executor import ProcessPoolExecutor
 
         return ProcessPoolExecutor(max_workers, self._mp, initializer, initargs, **options)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from .._core import collector_held
 from ._base import Backend, BackendOptions
 
 __all__ = ["BUILTIN", "Backend", "BackendOptions", "make_backend"]
@@ -46,7 +47,8 @@ def make_backend(name_or_factory: Any, workers: int, options: BackendOptions) ->
                 f"or pass a factory"
             )
         module, cls = target.split(":")
-        backend = getattr(importlib.import_module(module), cls)(workers, options)
+        with collector_held():  # the engine's modules load, its first workers start
+            backend = getattr(importlib.import_module(module), cls)(workers, options)
     if not isinstance(backend, Backend):
         raise TypeError(f"a backend factory must return a procpool Backend, not {backend!r}")
     return backend
