@@ -107,6 +107,35 @@ def test_no_task_waits_behind_a_long_one_while_another_worker_runs_out_of_work(
 
 
 @pytest.mark.parametrize("start_method", [None, "fork"])
+def test_a_map_of_tasks_known_to_be_long_is_cut_into_small_chunks(start_method: str | None) -> None:
+    # The standard library's rule, four chunks per worker, puts 32 tasks in
+    # chunks of 4 on 2 workers: the three short tasks after the long first one
+    # waited in its chunk while the other worker ran out of work. Once the
+    # function is measured at 10 ms a task, a chunk holds one.
+    context = multiprocessing.get_context(start_method) if start_method else None
+    with Pool(2, context=context) as pool:
+        pool.map(sleep_pid, [0.01] * 4)
+        pids = pool.map(sleep_pid, [0.5] + [0.01] * 31)
+    assert pids[0] not in pids[1:4]
+
+
+def test_map_chunks_of_long_tasks_are_small_but_bounded_in_number() -> None:
+    from procpool._runner import map_chunksize
+
+    assert map_chunksize(64, 8) == 2  # the standard library's rule
+    assert map_chunksize(64, 8, seconds_per_task=0.025) == 1
+    assert map_chunksize(64, 2, seconds_per_task=0.025) == 1  # instead of 8
+    assert map_chunksize(64, 2, seconds_per_task=0.002) == 2  # ~5 ms of work a chunk
+    # Below a millisecond a task, a batch's own cost would weigh: the rule holds.
+    assert map_chunksize(10_000, 2, seconds_per_task=0.0005) == 1250
+    # At most 32 chunks per worker, for an estimate that no longer holds
+    # (a function that was slow on earlier inputs).
+    assert map_chunksize(10_000, 2, seconds_per_task=0.001) == 157
+    assert map_chunksize(1_000_000, 16, seconds_per_task=0.01) == 1954
+    assert map_chunksize(1_000_000, 2, seconds_per_task=0.01) == 8192  # the cap, as before
+
+
+@pytest.mark.parametrize("start_method", [None, "fork"])
 def test_calls_submitted_after_a_run_of_instant_ones_do_not_wait_behind_a_long_one(
     start_method: str | None,
 ) -> None:

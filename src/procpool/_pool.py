@@ -278,17 +278,23 @@ class Pool:
         check_chunksize(chunksize)
         items = iterable if isinstance(iterable, (list, tuple)) else list(iterable)
         policy = self._runner.policy_for(task_timeout, retries, retry_on)
+        submit = self._runner.chunk_submitter(func, star, policy)
         if chunksize is None:
             # With a task timeout, one task per batch: a timed-out task's worker is
             # killed, and tasks of its batch that had finished would die with it.
             timed = policy.timeout is not None
             sample = items[0] if items else None
-            chunksize = 1 if timed else map_chunksize(len(items), self._processes, sample)
+            chunksize = (
+                1
+                if timed
+                else map_chunksize(
+                    len(items), self._processes, sample, self._runner.seconds_per_task(func)
+                )
+            )
         result: MapResult[Any] = MapResult(
             len(items), callback, error_callback, return_exceptions=return_exceptions
         )
         result.progress = self._reporter(progress, len(items))
-        submit = self._runner.chunk_submitter(func, star, policy)
         for start in range(0, len(items), chunksize):
             submit(list(items[start : start + chunksize]), start, result)
         return result

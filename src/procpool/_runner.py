@@ -155,6 +155,11 @@ class Runner:
         if batches:
             self.engine.submit(batches)
 
+    def seconds_per_task(self, fn: Callable[..., Any]) -> float | None:
+        """What the engine measured of ``fn``'s tasks so far (None: nothing yet)."""
+        ref = self.callables.known(fn)
+        return None if ref is None else self.engine.seconds_per_task(ref.id)
+
     def chunk_submitter(
         self, fn: Callable[..., Any], star: int, policy: TaskPolicy
     ) -> Callable[[list[Any], int, Sink], list[Batch]]:
@@ -223,15 +228,35 @@ def parse_bytes(value: int | str | None) -> int | None:
 # results and the overlap of pickling with work (1M tiny tasks: 5.3M tasks/s at
 # 125,000 per chunk, 6.2M at 4,096-8,192).
 MAX_MAP_CHUNK = 8192
+# A map of a function measured at LONG_TASK_S or more a task gets chunks of about
+# CHUNK_WORK_S of work, but never more than MAX_CHUNKS_PER_WORKER chunks per worker
+# (see map_chunksize).
+LONG_TASK_S = 0.001
+CHUNK_WORK_S = 0.005
+MAX_CHUNKS_PER_WORKER = 32
 
 
-def map_chunksize(length: int, workers: int, sample: object = None) -> int:
+def map_chunksize(
+    length: int, workers: int, sample: object = None, seconds_per_task: float | None = None
+) -> int:
     """Default chunk size for a map over ``length`` items: about 4 chunks per worker.
 
     ``sample``, an item of the map, caps the chunk at about CHUNK_BYTES of data.
+
+    ``seconds_per_task``, what the pool measured of the function's earlier
+    tasks, makes chunks of long tasks smaller: four chunks per worker leave the
+    tail of a map to a few long chunks (64 tasks of 25 ms on 8 workers: chunks
+    of 2, and a worker whose cores ran slower ends 25 ms after the others).
+    Only from LONG_TASK_S a task, where a batch's fixed cost (tens of
+    microseconds) is small beside it, and never beyond MAX_CHUNKS_PER_WORKER
+    chunks per worker, so that an estimate that no longer holds (a function
+    that was slow on earlier inputs) costs at most that many batches.
     """
     chunksize, extra = divmod(length, workers * 4)
     chunksize = max(1, min(MAX_MAP_CHUNK, chunksize + (1 if extra else 0)))
+    if chunksize > 1 and seconds_per_task is not None and seconds_per_task >= LONG_TASK_S:
+        fewest = -(-length // (workers * MAX_CHUNKS_PER_WORKER))
+        chunksize = min(chunksize, max(fewest, int(CHUNK_WORK_S / seconds_per_task), 1))
     if chunksize > 1 and length:
         chunksize = max(1, min(chunksize, CHUNK_BYTES // max(1, _pickled_size(sample))))
     return chunksize

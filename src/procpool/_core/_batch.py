@@ -324,6 +324,18 @@ class CallableCache:
             del refs[next(iter(refs.keys()))]
         return ref
 
+    def known(self, fn: Callable[..., Any]) -> CallableRef | None:
+        """``fn``'s ref if one is cached; makes none, and leaves the LRU order."""
+        try:
+            weakref.ref(fn)
+            refs: Any = self._weak
+        except TypeError:
+            refs = self._strong
+        try:
+            return refs.get(fn)  # type: ignore[no-any-return]
+        except TypeError:  # unhashable
+            return None
+
 
 def make_batches(
     fn: CallableRef,

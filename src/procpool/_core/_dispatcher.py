@@ -582,6 +582,11 @@ class Dispatcher(DirectPath):
         running = batch_id == worker.inflight[0].id and item >= 0
         return not (running and time.monotonic() - started > PREFETCH_AHEAD_S)
 
+    def seconds_per_task(self, fn_id: int) -> float | None:
+        """A task's seconds, run and transfer, for the callable ``fn_id`` so far
+        (see _measure: it leans towards the slower figures)."""
+        return self._fn_item_s.get(fn_id)
+
     def _measure(self, batch: Batch, seconds: float) -> None:
         """Remember the seconds per task of ``batch``'s callable (for _prefetch_pays).
 

@@ -121,3 +121,9 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def statistics(self) -> PoolStatistics:
         """Task counts, faults and per-worker time use, as of now."""
+
+    def seconds_per_task(self, fn_id: int) -> float | None:
+        """Seconds a task of the callable ``fn_id`` (a ``CallableRef.id``) has
+        taken so far, or None where nothing was measured. ``Pool.map`` sizes
+        chunks of long tasks by it; a backend that does not measure returns None."""
+        return None
