@@ -307,12 +307,15 @@ class CallableCache:
         self._weak: weakref.WeakKeyDictionary[Any, CallableRef] = weakref.WeakKeyDictionary()
         self._strong: dict[Any, CallableRef] = {}
 
-    def get(self, fn: Callable[..., Any]) -> CallableRef:
+    def _refs_for(self, fn: Callable[..., Any]) -> Any:
         try:
             weakref.ref(fn)
-            refs: Any = self._weak
         except TypeError:
-            refs = self._strong
+            return self._strong
+        return self._weak
+
+    def get(self, fn: Callable[..., Any]) -> CallableRef:
+        refs = self._refs_for(fn)
         try:
             ref: CallableRef = refs.pop(fn)
         except KeyError:
@@ -327,12 +330,7 @@ class CallableCache:
     def known(self, fn: Callable[..., Any]) -> CallableRef | None:
         """``fn``'s ref if one is cached; makes none, and leaves the LRU order."""
         try:
-            weakref.ref(fn)
-            refs: Any = self._weak
-        except TypeError:
-            refs = self._strong
-        try:
-            return refs.get(fn)  # type: ignore[no-any-return]
+            return self._refs_for(fn).get(fn)  # type: ignore[no-any-return]
         except TypeError:  # unhashable
             return None
 
