@@ -291,7 +291,11 @@ def startup(ctx: Ctx) -> None:
     with ctx.session(method=method) as session:
         session.call(tasks.noop, 0)
         seconds = time.perf_counter() - start
-        ctx.finish({"seconds": seconds, "method": method or ctx.contender.default_method})
+    # Finished after the pool's shutdown, which is not timed: finish() ends the
+    # process at once, and a spawn or forkserver pool left running then leaves its
+    # named semaphores in /dev/shm when the harness kills the process group
+    # (concurrent.futures: 5 a measurement).
+    ctx.finish({"seconds": seconds, "method": method or ctx.contender.default_method})
 
 
 def startup_cases(contender: Contender, sizes: Sizes) -> tuple[str, ...]:
