@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -134,21 +135,27 @@ def _kill_group(process: subprocess.Popen[bytes]) -> None:
     except (ProcessLookupError, PermissionError):
         pass
     process.wait()
-    _remove_procpool_segments(process.pid)
+    _remove_leftovers(process.pid)
 
 
-def _remove_procpool_segments(pid: int) -> None:
-    # A process group killed at once can leave procpool's named shared-memory
-    # segments in /dev/shm, those in flight, where it falls back to names (no
-    # memfd_create; docs/pools.md, Large arrays). Nothing else removes them.
-    prefix = f"procpool-{pid}-"
+def _remove_leftovers(pid: int) -> None:
+    # A process group killed at once can leave in /dev/shm what its processes would
+    # have removed on their way out, named after the measuring process's pid:
+    # procpool's named segments in flight, where it falls back to names (no
+    # memfd_create; docs/pools.md, Large arrays); loky's semaphores (its resource
+    # tracker dies with the group: 8-16 a measurement); joblib's memmap folders.
+    prefixes = (f"procpool-{pid}-", f"sem.loky-{pid}-", f"joblib_memmapping_folder_{pid}_")
     try:
-        names = [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
+        names = [n for n in os.listdir("/dev/shm") if n.startswith(prefixes)]
     except OSError:
         return
     for name in names:
+        path = os.path.join("/dev/shm", name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+            continue
         try:
-            os.unlink(os.path.join("/dev/shm", name))
+            os.unlink(path)
         except OSError:
             pass
 
