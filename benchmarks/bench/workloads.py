@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import math
 import multiprocessing
 import random
@@ -292,9 +293,12 @@ def startup(ctx: Ctx) -> None:
         session.call(tasks.noop, 0)
         seconds = time.perf_counter() - start
     # Finished after the pool's shutdown, which is not timed: finish() ends the
-    # process at once, and a spawn or forkserver pool left running then leaves its
-    # named semaphores in /dev/shm when the harness kills the process group
-    # (concurrent.futures: 5 a measurement).
+    # process at once (os._exit), and a spawn or forkserver pool left running then
+    # leaves its named semaphores in /dev/shm when the harness kills the process
+    # group (concurrent.futures: 5 a measurement). multiprocess's pool unlinks them
+    # only when its locks are collected (6 a measurement).
+    del session
+    gc.collect()
     ctx.finish({"seconds": seconds, "method": method or ctx.contender.default_method})
 
 
