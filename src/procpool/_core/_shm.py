@@ -382,29 +382,29 @@ class Recycler(_Kept):
         need = _extent(layout)
         self._used = time.monotonic()
         segment = self._take(need)
-        if segment is not None:
-            try:
-                self._write_again(segment, buffers, layout)
-            except BaseException:
-                self.discard(segment)
-                raise
-            return segment
+        fresh = segment is None
         if segment is None:
-            fd = os.memfd_create("procpool", os.MFD_CLOEXEC)
-            segment = f"{_FD}{fd}:{next(self._serials)}"
-            capacity = _capacity(need)
-            with self._lock:
-                self._lent[segment] = capacity
-                self.made += 1
-            try:
-                # Its whole capacity, so that a receiver maps it once (Mappings);
-                # tmpfs allocates a page only when it is written.
-                os.ftruncate(fd, capacity)
-            except BaseException:
-                self.discard(segment)
-                raise
+            segment = self._create(_capacity(need))
         try:
-            _write(_descriptor(segment), buffers, layout)
+            if fresh:
+                _write(_descriptor(segment), buffers, layout)
+            else:
+                self._write_again(segment, buffers, layout)
+        except BaseException:
+            self.discard(segment)
+            raise
+        return segment
+
+    def _create(self, capacity: int) -> str:
+        fd = os.memfd_create("procpool", os.MFD_CLOEXEC)
+        segment = f"{_FD}{fd}:{next(self._serials)}"
+        with self._lock:
+            self._lent[segment] = capacity
+            self.made += 1
+        try:
+            # Its whole capacity, so that a receiver maps it once (Mappings);
+            # tmpfs allocates a page only when it is written.
+            os.ftruncate(fd, capacity)
         except BaseException:
             self.discard(segment)
             raise
