@@ -259,3 +259,10 @@ def fail_at_3_mod_7(x: int) -> int:
     if x % 7 == 3:
         raise ValueError(f"bad input {x}")
     return x
+
+
+def loaded(names: list[str]) -> list[str]:
+    """Which of the modules ``names`` this process has imported."""
+    import sys
+
+    return [name for name in names if name in sys.modules]

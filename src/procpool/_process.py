@@ -33,20 +33,28 @@ import multiprocessing
 import multiprocessing.context
 import os
 import pickle
+import struct
 import threading
 import time
-import traceback
 import types
 from collections import ChainMap
 from collections.abc import Callable, Iterable, Mapping
-from multiprocessing import connection
-from multiprocessing.connection import Connection
+from multiprocessing import reduction
 from multiprocessing.reduction import ForkingPickler
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._core._startmethod import process_start_method, resolve_context, starting_a_process
 from ._core._stdio import install_line_writers
 from ._exceptions import RemoteTraceback, SerializationError, describe_exitcode
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+
+# A spawned or forkserver child imports this module to rebuild its Process, and
+# it only ever writes one message: multiprocessing.connection (with tempfile,
+# shutil and the compression modules it loads) and traceback (with textwrap and
+# tokenize) are imported where the parent, or an error, needs them. They cost
+# such a child ~7 and ~5.6 ms of its start on 2 cores (docs/primitives.md).
 
 __all__ = ["ForkProcess", "ForkServerProcess", "Process", "SpawnProcess", "process_class"]
 
@@ -152,7 +160,7 @@ class Process(multiprocessing.context.Process):
     _parent_pid: int
 
     _result_reader: Connection | None = None
-    _result_writer: Connection | None = None
+    _result_writer: Connection | _ChildEnd | None = None
     _outcome_blob: bytes | None = None
     _outcome: tuple[bool, Any] | None = None
     _final_exitcode: int | None = None
@@ -200,6 +208,8 @@ class Process(multiprocessing.context.Process):
         # to make the same method the child's own default.
         self._start_method = ctx.get_start_method()
         with starting_a_process():
+            from multiprocessing import connection
+
             reader, writer = connection.Pipe(duplex=False)
             _ensure_fd_headroom(writer.fileno())
             self._result_writer = writer
@@ -220,6 +230,9 @@ class Process(multiprocessing.context.Process):
         # blob the child opens in run(), where a failure becomes a result.
         state = self.__dict__.copy()
         state.pop("_receive_lock", None)  # the child never reads; locks do not pickle
+        writer = state.get("_result_writer")
+        if writer is not None:
+            state["_result_writer"] = _ChildEnd(reduction.DupFd(writer.fileno()))
         call = (state.pop("_target", None), state.pop("_args", ()), state.pop("_kwargs", {}))
         try:
             state["_call_blob"] = _dumps(call)
@@ -316,6 +329,8 @@ class Process(multiprocessing.context.Process):
         deadline = None if timeout is None else time.monotonic() + timeout
         sentinel = self.sentinel
         waitables: list[Any]
+        from multiprocessing import connection
+
         while True:
             reader = self._result_reader
             if until_result and reader is None and self._outcome_blob is not None:
@@ -401,7 +416,10 @@ class Process(multiprocessing.context.Process):
 
     def _bootstrap(self, parent_sentinel: int | None = None) -> int:
         install_line_writers()
+        writer: Connection | _FdWriter | _ChildEnd | None
         writer, self._result_writer = self._result_writer, None
+        if isinstance(writer, _ChildEnd):
+            writer = writer.open()
         if writer is not None:
             # Wrap whatever run() is (a subclass may override it) so that its
             # return value or exception is reported, then the stdlib's
@@ -457,7 +475,46 @@ def _load_or_raise(blob: bytes | memoryview, what: str, cause: BaseException | N
         )
 
 
-def _run_and_report(run: Callable[[], Any], writer: Connection) -> None:
+class _FdWriter:
+    """The child's end of the result pipe as a bare descriptor, framed as a
+    ``Connection`` frames (the parent reads it with ``recv_bytes``)."""
+
+    __slots__ = ("_fd",)
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def send_bytes(self, data: memoryview) -> None:
+        size = data.nbytes
+        header = struct.pack("!i", size) if size <= 0x7FFFFFFF else struct.pack("!iQ", -1, size)
+        for part in (memoryview(header), data.cast("B")):
+            while part:
+                part = part[os.write(self._fd, part) :]
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+class _ChildEnd:
+    """The result pipe's writing end on its way to a spawned or forkserver child:
+    the start method's handle on the descriptor, opened there as an _FdWriter."""
+
+    __slots__ = ("_handle",)
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+
+    def __getstate__(self) -> Any:
+        return self._handle
+
+    def __setstate__(self, handle: Any) -> None:
+        self._handle = handle
+
+    def open(self) -> _FdWriter:
+        return _FdWriter(self._handle.detach())
+
+
+def _run_and_report(run: Callable[[], Any], writer: Connection | _FdWriter) -> None:
     try:
         try:
             value = run()
@@ -485,6 +542,8 @@ def _value_message(value: object) -> io.BytesIO:
 
 
 def _error_message(exc: BaseException) -> io.BytesIO:
+    import traceback
+
     tb = '\n"""\n' + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)) + '"""'
     try:
         exc_blob = _dumps(exc)
@@ -498,7 +557,7 @@ def _error_message(exc: BaseException) -> io.BytesIO:
     return buf
 
 
-def _send(writer: Connection, message: io.BytesIO) -> None:
+def _send(writer: Connection | _FdWriter, message: io.BytesIO) -> None:
     try:
         writer.send_bytes(message.getbuffer())
     except OSError:
