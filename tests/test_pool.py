@@ -20,6 +20,7 @@ from tests.helpers import (
     fail_at_3_mod_7,
     fail_on,
     get_env,
+    loaded,
     pid,
     set_env,
     sleep_pid,
@@ -163,6 +164,16 @@ def test_error_keeps_its_type_and_the_worker_traceback() -> None:
         assert "fail_on" in str(cause) and "raise ValueError" in str(cause)
         # The pool serves on after a task error.
         assert pool.apply(square, (4,)) == 16
+
+
+def test_a_spawned_worker_loads_traceback_only_for_an_error() -> None:
+    # With textwrap and tokenize it costs a spawned worker's start ~3-5 ms.
+    with Pool(1, context="spawn") as pool:
+        assert pool.apply(loaded, (["traceback"],)) == []
+        with pytest.raises(ValueError, match="bad input 3") as info:
+            pool.apply(fail_on, (3,))
+        assert "raise ValueError" in str(info.value.__cause__)
+        assert pool.apply(loaded, (["traceback"],)) == ["traceback"]
 
 
 def test_map_raises_the_lowest_indexed_error_after_all_finished() -> None:

@@ -36,7 +36,6 @@ import os
 import pickle
 import socket
 import struct
-import traceback
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -200,6 +199,10 @@ def _unix_socket(conn: Connection) -> Iterator[socket.socket]:
 
 def attach_traceback(exc: BaseException) -> BaseException:
     """Give ``exc`` its worker-side traceback text as ``__cause__``, ready to be pickled."""
+    # Imported here: with textwrap and tokenize it costs a spawned worker's
+    # start ~3-5 ms on 2 cores, and only a task that raises needs it.
+    import traceback
+
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     exc.__cause__ = RemoteTraceback(f'\n"""\n{tb}"""')
     exc.__traceback__ = None
