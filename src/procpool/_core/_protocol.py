@@ -137,9 +137,11 @@ def send(conn: Connection, msg: tuple[Any, ...]) -> None:
 
 # multiprocessing.Connection's framing: a signed 32-bit big-endian length, then the bytes.
 _LENGTH = struct.Struct("!i")
+_LONG_LENGTH = struct.Struct("!Q")
 # Buffers per writev() call: well under any system's limit (Linux: 1024).
 _IOV_MAX = 256
 _WRITEV = hasattr(os, "writev")  # POSIX
+_READV = hasattr(os, "readv")
 
 
 def framed(msg: tuple[Any, ...]) -> tuple[bytes, bytes] | None:
@@ -169,7 +171,7 @@ def write(conn: Connection, buffers: list[bytes]) -> None:
 
 def recv(conn: Connection) -> tuple[Any, ...]:
     """Receive a message sent by :func:`send`."""
-    msg: tuple[Any, ...] = pickle.loads(conn.recv_bytes())
+    msg: tuple[Any, ...] = pickle.loads(_recv_frame(conn))
     if msg[0] not in _WITH_PAYLOAD:
         return msg
     if msg[-1] is None:
@@ -183,6 +185,41 @@ def recv(conn: Connection) -> tuple[Any, ...]:
         # left). The conversation goes on; unpacking fails, for these tasks only.
         msg = (*msg[:-1], (*msg[-1], shm.Received(fds[0] if fds else -1)))
     return msg
+
+
+def _recv_frame(conn: Connection) -> bytes | bytearray:
+    """What ``conn.recv_bytes()`` returns, read straight from the descriptor.
+
+    Every message, both ways, starts with such a frame; Connection reads each
+    through an ``io.BytesIO`` and four Python calls (~1.6 us of a ~5 us read).
+    """
+    if not _READV:
+        return conn.recv_bytes()  # Windows: a pipe handle, not a descriptor
+    fd = conn.fileno()  # OSError if closed, as recv_bytes
+    (size,) = _LENGTH.unpack(_read_exactly(fd, 4))
+    if size == -1:  # Connection's frame for 2 GiB or more: the length follows
+        (size,) = _LONG_LENGTH.unpack(_read_exactly(fd, 8))
+    return _read_exactly(fd, size)
+
+
+def _read_exactly(fd: int, size: int) -> bytes | bytearray:
+    data = os.read(fd, size)
+    if len(data) == size:
+        return data
+    if not data:
+        raise EOFError
+    # Cut short: a large frame comes a socket buffer at a time; read the rest
+    # into one buffer rather than joining the pieces.
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = len(data)
+    view[:got] = data
+    while got < size:
+        n = os.readv(fd, [view[got:]])
+        if not n:
+            raise EOFError
+        got += n
+    return buf
 
 
 @contextlib.contextmanager

@@ -101,11 +101,14 @@ class Worker:
         return self.ready or self.slot[P.SLOT_ALIVE] > 0
 
     def read_slot(self) -> tuple[int, int, float]:
+        # The doubles themselves, not Slot's __getitem__: the dispatcher reads
+        # them for each batch it considers sending ahead (_prefetch_pays).
+        view = self.slot.view
         for _ in range(100):  # the worker may be writing: read until stable
-            batch = int(self.slot[P.SLOT_BATCH])
-            item = int(self.slot[P.SLOT_ITEM])
-            started = float(self.slot[P.SLOT_STARTED])
-            if int(self.slot[P.SLOT_BATCH]) == batch and int(self.slot[P.SLOT_ITEM]) == item:
+            batch = int(view[P.SLOT_BATCH])
+            item = int(view[P.SLOT_ITEM])
+            started = float(view[P.SLOT_STARTED])
+            if int(view[P.SLOT_BATCH]) == batch and int(view[P.SLOT_ITEM]) == item:
                 return batch, item, started
         return batch, item, started
 
