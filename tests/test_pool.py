@@ -166,6 +166,18 @@ def test_error_keeps_its_type_and_the_worker_traceback() -> None:
         assert pool.apply(square, (4,)) == 16
 
 
+def test_a_callable_larger_than_the_socket_buffer_arrives_whole(start_method: str) -> None:
+    # The callable travels in a message's own frame, which the worker reads
+    # in pieces as the socket's buffer (~200 KiB) lets them through.
+    big = bytes(range(256)) * 40_000  # 10 MB captured by a closure
+
+    def pick(i: int) -> tuple[int, int]:
+        return len(big), big[i]
+
+    with Pool(2, context=start_method) as pool:
+        assert pool.map(pick, range(300), chunksize=1) == [(len(big), i % 256) for i in range(300)]
+
+
 def test_a_spawned_worker_loads_traceback_only_for_an_error() -> None:
     # With textwrap and tokenize it costs a spawned worker's start ~3-5 ms.
     with Pool(1, context="spawn") as pool:
