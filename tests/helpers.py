@@ -189,6 +189,13 @@ def pid_after_barrier(_: object = None) -> int:
     return os.getpid()
 
 
+def pid_after_barrier_unless_negative(x: int) -> int:
+    """Return at once for a negative ``x``, else as pid_after_barrier (10 s at most)."""
+    if x >= 0:
+        _BARRIER.wait(timeout=10)  # type: ignore[attr-defined]
+    return os.getpid()
+
+
 def fill_kept_queue(n: int) -> int:
     """Put ``n`` items of 1 KB on the Queue that keep_barrier() kept; more than a pipe holds."""
     for _ in range(n):

@@ -109,6 +109,17 @@ def test_tasks_that_wait_for_each_other_get_all_the_workers_after_short_ones(
         assert len(set(pool.map(helpers.pid_after_barrier, range(3), chunksize=1))) == 3
 
 
+def test_tasks_that_wait_for_each_other_get_all_the_workers_after_the_same_function_ran_short(
+    single_threaded: None,
+) -> None:
+    # A map's batches may wait behind each other on its own evidence only: the
+    # function measured short in an earlier map says nothing of this one.
+    wait = helpers.pid_after_barrier_unless_negative
+    with Pool(3, initializer=helpers.keep_barrier, initargs=(procpool.Barrier(3),)) as pool:
+        assert len(pool.map(wait, [-1] * 200, chunksize=1)) == 200
+        assert len(set(pool.map(wait, range(3), chunksize=1))) == 3
+
+
 def test_each_long_task_gets_a_worker_of_its_own(single_threaded: None) -> None:
     # Once a batch has run long, each waiting batch warrants a worker, and none
     # waits behind another's task while the pool can still grow.

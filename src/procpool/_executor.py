@@ -58,7 +58,7 @@ class _Future(cf.Future[T]):
 class _FutureSink:
     """Hands a single task's outcome to its Future."""
 
-    __slots__ = ("future", "owner")
+    __slots__ = ("__weakref__", "future", "owner")  # weakly referenced: Dispatcher._answered
 
     def __init__(self, future: _Future[Any], owner: ProcessPoolExecutor) -> None:
         self.future = future
