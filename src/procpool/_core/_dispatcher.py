@@ -1098,6 +1098,10 @@ class Dispatcher(DirectPath):
             timeout = head.policy.timeout
             if timeout is None:
                 continue
+            # The span before and after: a worker sending results ahead moves the
+            # item on first, and restarts the clock before it stops (see _worker).
+            if worker.sending_ahead():
+                continue
             batch_id, item, started = worker.read_slot()
             running = 0 <= item < len(head.items) and not worker.sending_ahead()
             if batch_id == head.id and running and now - started > timeout:

@@ -250,8 +250,10 @@ class _Stream:
         if self.size < P.PIECE_BYTES or upto >= self.n:
             return
         sent, slot = self.sent, self.slot
-        slot[P.SLOT_ITEM] = upto  # a death now is in sending; tasks from upto on have not run
+        # The span first: a dispatcher that sees the item moved on then sees the
+        # sending too (it reads the span after the item, see _enforce_timeouts).
         slot[P.SLOT_SPAN] = P.SPAN_SENDING
+        slot[P.SLOT_ITEM] = upto  # a death now is in sending; tasks from upto on have not run
         piece, piece_errors = values[sent:upto], _shift(errors, sent, upto)
         try:
             payload = shm.pack((piece, piece_errors), self.segments)
@@ -260,6 +262,10 @@ class _Stream:
         _send_results(self.conn, (P.PARTIAL, self.batch_id, upto - sent, payload), self.segments)
         values[sent:upto] = [None] * (upto - sent)  # sent: free them, keep the indexes
         self.sent, self.size = upto, 0
+        # The clock first: the item is the next task's already, and a timed task's
+        # start, taken before the sending, would make the sending count against it
+        # (a task killed for a timeout it did not reach, seen under load).
+        slot[P.SLOT_STARTED] = time.monotonic()
         slot[P.SLOT_SPAN] = 1  # the fast path sets its own before each span
 
 
@@ -337,9 +343,11 @@ def _call_all(
     append = values.append
     errors: dict[int, BaseException] | None = None
     for i, item in enumerate(items):
-        slot[P.SLOT_ITEM] = i
         if timed:
+            # The clock before the item: a dispatcher that reads the new item must
+            # not time it from the previous task's start (see _enforce_timeouts).
             slot[P.SLOT_STARTED] = time.monotonic()
+        slot[P.SLOT_ITEM] = i
         if seed is not None:
             seed_task(seed[0], seed[1] + i)
         if _TAG is not None:
