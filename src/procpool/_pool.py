@@ -282,15 +282,12 @@ class Pool:
         if chunksize is None:
             # With a task timeout, one task per batch: a timed-out task's worker is
             # killed, and tasks of its batch that had finished would die with it.
-            timed = policy.timeout is not None
-            sample = items[0] if items else None
-            chunksize = (
-                1
-                if timed
-                else map_chunksize(
-                    len(items), self._processes, sample, self._runner.seconds_per_task(func)
-                )
-            )
+            if policy.timeout is not None:
+                chunksize = 1
+            else:
+                sample = items[0] if items else None
+                measured = self._runner.seconds_per_task(func)
+                chunksize = map_chunksize(len(items), self._processes, sample, measured)
         result: MapResult[Any] = MapResult(
             len(items), callback, error_callback, return_exceptions=return_exceptions
         )

@@ -773,7 +773,8 @@ class Dispatcher(DirectPath):
             return  # the pool broke while this batch ran, and failed it then
         batch = worker.inflight.popleft()
         assert batch.id == batch_id, (batch.id, batch_id)
-        self._answered = _weak(batch.sink)
+        if self._on_demand:  # only a pool that may grow needs it (_ahead)
+            self._answered = _weak(batch.sink)
         worker.tasks_done += len(batch.items)
         self.tasks_completed += len(batch.items)
         worker.busy += busy
