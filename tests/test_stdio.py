@@ -150,6 +150,22 @@ def run_python(code: str, *, env: dict[str, str] | None = None) -> subprocess.Co
     )
 
 
+def run_script(
+    folder: os.PathLike[str], source: str, *args: str, env: dict[str, str]
+) -> subprocess.CompletedProcess[bytes]:
+    """Run ``source`` as a script file (spawned children import it again)."""
+    script = os.path.join(folder, "script.py")
+    with open(script, "w") as f:
+        f.write(source)
+    return subprocess.run(
+        [sys.executable, script, *args],
+        capture_output=True,
+        timeout=60,
+        env={**os.environ, **env},
+        check=True,
+    )
+
+
 def test_install_replaces_streams_and_moves_logging_handlers() -> None:
     out = run_python(
         """
@@ -210,18 +226,75 @@ def test_two_processes_printing_long_lines_never_tear(
 ) -> None:
     # Unbuffered, the stdlib writes each line's text and its newline apart;
     # the other process's line often lands in between (a few percent of lines).
-    script = os.path.join(tmp_path, "printers.py")
-    with open(script, "w") as f:
-        f.write(TWO_PRINTERS)
-    out = subprocess.run(
-        [sys.executable, script, start_method],
-        capture_output=True,
-        timeout=60,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        check=True,
-    )
+    out = run_script(tmp_path, TWO_PRINTERS, start_method, env={"PYTHONUNBUFFERED": "1"})
     lines = out.stdout.decode().split("\n")
     assert lines.pop() == ""
     torn = [line[:40] for line in lines if not re.fullmatch(r"(a{3000}|b{3000}) \d+", line)]
     assert torn == []
     assert len(lines) == 4000
+
+
+STREAMS_CHANGED_BETWEEN_STARTS = """
+import sys
+import procpool
+
+def say(text):
+    print(text)
+
+def start(text):
+    proc = procpool.get_context("fork").Process(target=say, args=(text,))
+    proc.start()
+    proc.join()
+    assert proc.exitcode == 0
+
+if __name__ == "__main__":
+    start("\\u00e9 utf-8")
+    sys.stdout.reconfigure(encoding="latin-1")
+    start("\\u00e9 latin-1")
+    sys.stdout.flush()
+    with open(sys.argv[1], "w", encoding="utf-8") as sys.stdout:
+        start("\\u00e9 to the file")
+"""
+
+
+def test_a_forked_child_writes_to_the_parents_stream_as_it_is_at_start(
+    tmp_path: os.PathLike[str],
+) -> None:
+    # A forking parent makes its children's line writers ahead of the fork,
+    # for the stream it has then; one reconfigured or replaced since must be
+    # seen for what it is now.
+    target = os.path.join(tmp_path, "out.txt")
+    out = run_script(
+        tmp_path, STREAMS_CHANGED_BETWEEN_STARTS, target, env={"PYTHONIOENCODING": "utf-8"}
+    )
+    assert out.stdout == b"\xc3\xa9 utf-8\n\xe9 latin-1\n"
+    with open(target, encoding="utf-8") as f:
+        assert f.read() == "\u00e9 to the file\n"
+
+
+def test_a_partial_line_is_not_printed_again_by_a_grandchild() -> None:
+    # The child's line writer (made ahead, by its parent) holds a partial line
+    # when the child forks: the grandchild must start with nothing held.
+    out = run_python(
+        """
+        import os, sys
+        import procpool
+
+        def child():
+            print("partial", end="")
+            pid = os.fork()
+            if pid == 0:
+                print("grandchild")
+                sys.stdout.flush()
+                os._exit(0)
+            os.waitpid(pid, 0)
+            print(" line")
+
+        if __name__ == "__main__":
+            proc = procpool.get_context("fork").Process(target=child)
+            proc.start()
+            proc.join()
+            assert proc.exitcode == 0
+        """
+    )
+    assert sorted(out.stdout.splitlines()) == ["grandchild", "partial line"]

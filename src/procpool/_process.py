@@ -4,11 +4,11 @@ How a result travels::
 
     parent                                         child
     ------                                         -----
-    start(): Pipe(duplex=False) -> reader, writer
+    start(): os.pipe() -> reader, writer
              pickle the Process (spawn/forkserver)  _bootstrap(): install_line_writers()
              close our copy of writer               run() -> value, or raises
     join()/result()/is_alive()/exitcode:            writer.send_bytes(b"R" + pickle(value))
-             wait on [sentinel, reader],        <-- or b"E" + pickle((traceback text, exc))
+             poll [reader, sentinel],           <-- or b"E" + pickle((traceback text, exc))
              read the one message as it comes       exit
     result(): unpickle; return it or raise it
 
@@ -17,6 +17,15 @@ value larger than the pipe's buffer never deadlocks ``join()``; and it closes
 the reader as soon as the message (or the child's death) has been seen, so a
 thousand processes started at once need only one more descriptor each than
 the stdlib's (and the soft descriptor limit is raised when they run short).
+
+The pipe is a bare ``os.pipe()``, framed as ``multiprocessing.connection``
+frames its messages. Its reading end is non-blocking in the parent, which
+tries it before it waits (with ``poll``): joining a child that has finished
+takes one ``read``. Importing ``multiprocessing.connection`` would load
+``tempfile``, ``shutil``, ``random`` and the compression modules with their
+shared libraries: 60 more memory mappings in the parent, which every
+``fork()`` copies and every child's exit tears down (~0.3 ms more per process
+on 2 cores; docs/primitives.md).
 
 Targets, arguments and the class itself cross with a pickler that is
 cloudpickle (lambdas, closures, functions defined in ``__main__`` or a
@@ -29,10 +38,12 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 import multiprocessing
 import multiprocessing.context
 import os
 import pickle
+import select
 import struct
 import threading
 import time
@@ -41,14 +52,16 @@ from collections import ChainMap
 from collections.abc import Callable, Iterable, Mapping
 from multiprocessing import reduction
 from multiprocessing.reduction import ForkingPickler
-from typing import TYPE_CHECKING, Any
 
-from ._core._startmethod import process_start_method, resolve_context, starting_a_process
-from ._core._stdio import install_line_writers
+from ._core._startmethod import checked_start_method, process_start_method, starting_a_process
+from ._core._stdio import install_line_writers, make_line_writers_ahead
 from ._exceptions import RemoteTraceback, SerializationError, describe_exitcode
 
+# Not typing's: a program that never imports typing is spared it (~4 ms and
+# one more shared library, copied at every fork). mypy reads this name as True.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from multiprocessing.connection import Connection
+    from typing import Any
 
 # A spawned or forkserver child imports this module to rebuild its Process, and
 # it only ever writes one message: multiprocessing.connection (with tempfile,
@@ -58,11 +71,6 @@ if TYPE_CHECKING:
 
 __all__ = ["ForkProcess", "ForkServerProcess", "Process", "SpawnProcess", "process_class"]
 
-try:
-    import resource
-except ImportError:  # Windows
-    resource = None  # type: ignore[assignment]
-
 # Descriptors a start may need beyond the result pipe (the stdlib's pipes, the
 # fork server's socket), with room to spare.
 _FD_HEADROOM = 32
@@ -70,6 +78,10 @@ _FD_HEADROOM = 32
 # First byte of the one message a child sends: a return value, or an error.
 _VALUE = b"R"
 _ERROR = b"E"
+_NONE_MESSAGE = _VALUE + pickle.dumps(None, protocol=pickle.HIGHEST_PROTOCOL)
+# The result pipe's framing: a message's length, and past 2 GiB -1 then the length.
+_SIZE = struct.Struct("!i")
+_LONG_SIZE = struct.Struct("!Q")
 
 
 # Plain values a child returns go through the C pickler; everything else
@@ -159,9 +171,9 @@ class Process(multiprocessing.context.Process):
     _popen: Any
     _parent_pid: int
 
-    _result_reader: Connection | None = None
-    _result_writer: Connection | _ChildEnd | None = None
-    _outcome_blob: bytes | None = None
+    _result_reader: _FdReader | None = None
+    _result_writer: _FdWriter | _ChildEnd | None = None
+    _outcome_blob: bytes | bytearray | None = None
     _outcome: tuple[bool, Any] | None = None
     _final_exitcode: int | None = None
     # For subclasses whose __init__ skips ours; each instance gets its own.
@@ -203,14 +215,15 @@ class Process(multiprocessing.context.Process):
         """
         # No method pinned: fork where that is safe now, as the stdlib's default
         # does (but only then); else procpool's default. See _core/_startmethod.py.
-        ctx = resolve_context(type(self)._start_method or process_start_method())
         # An instance attribute: the stdlib's bootstrap reads it in the child
         # to make the same method the child's own default.
-        self._start_method = ctx.get_start_method()
+        self._start_method = checked_start_method(
+            type(self)._start_method or process_start_method()
+        )
+        if self._start_method == "fork":
+            make_line_writers_ahead()  # one fewer thing for the child to make
         with starting_a_process():
-            from multiprocessing import connection
-
-            reader, writer = connection.Pipe(duplex=False)
+            reader, writer = _result_pipe()
             _ensure_fd_headroom(writer.fileno())
             self._result_writer = writer
             try:
@@ -256,8 +269,13 @@ class Process(multiprocessing.context.Process):
         if self._popen is None or self._parent_pid != os.getpid():
             super().join(timeout)  # the stdlib's own checks and errors
             return
-        if self._wait(timeout, until_result=False):
-            super().join()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._wait(timeout):
+            return
+        # The one message is read (or the child is gone without one): what is
+        # left is its exit, waited for as the stdlib waits.
+        super().join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        if self._popen is not None and self._popen.returncode is not None:
             self._finish()
 
     def is_alive(self) -> bool:
@@ -313,7 +331,7 @@ class Process(multiprocessing.context.Process):
         if self._outcome is None and self._outcome_blob is None and not self._ended():
             if self._popen is None:
                 raise ValueError("process not started")
-            if not self._wait(timeout, until_result=True):
+            if not self._wait(timeout):
                 raise TimeoutError(
                     f"process {self.name!r} (pid {self.pid}) gave no result within {timeout} s"
                 )
@@ -324,48 +342,44 @@ class Process(multiprocessing.context.Process):
             return value
         raise value
 
-    def _wait(self, timeout: float | None, *, until_result: bool) -> bool:
-        """Read the result pipe until the child ends (or its result arrives); False on timeout."""
+    def _wait(self, timeout: float | None) -> bool:
+        """Read the result pipe until the result arrives or the child ends; False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        sentinel = self.sentinel
-        waitables: list[Any]
-        from multiprocessing import connection
-
         while True:
             reader = self._result_reader
-            if until_result and reader is None and self._outcome_blob is not None:
-                return True
-            waitables = [sentinel] if reader is None else [reader, sentinel]
+            if reader is None:
+                if self._outcome_blob is not None:
+                    return True
+            elif self._receive(reader):
+                continue
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                ready = connection.wait(waitables, remaining)
+                message, ended = _ready(reader, self.sentinel, remaining)
             except OSError:
                 continue  # another thread read the result and closed the reader
-            if reader is not None and reader in ready:
-                self._receive(reader)
-            elif sentinel in ready:
-                return True
-            elif not ready:
-                return False
+            if not message:
+                return ended  # or, False, the time ran out
 
-    def _receive(self, reader: Connection) -> None:
+    def _receive(self, reader: _FdReader) -> bool:
+        """Read the message if it has come (or the pipe's end); False if not yet."""
         with self._receive_lock:
             if self._result_reader is not reader:
-                return  # another thread got here first
+                return True  # another thread got here first
             # One message per child, so the reader is done after it either way.
             try:
-                self._outcome_blob = reader.recv_bytes()
+                blob = reader.recv_bytes_nowait()
+                if blob is None:
+                    return False
+                self._outcome_blob = blob
             except (EOFError, OSError):
                 pass  # died before (or while) writing: the exit code tells why
             self._close_reader()
+            return True
 
     def _drain_nowait(self) -> None:
         reader = self._result_reader
-        try:
-            if reader is not None and reader.poll(0):
-                self._receive(reader)
-        except OSError:
-            pass  # closed by another thread that read it
+        if reader is not None:
+            self._receive(reader)
 
     def _finish(self) -> None:
         # The child has exited: whatever it wrote is in the pipe already.
@@ -416,7 +430,7 @@ class Process(multiprocessing.context.Process):
 
     def _bootstrap(self, parent_sentinel: int | None = None) -> int:
         install_line_writers()
-        writer: Connection | _FdWriter | _ChildEnd | None
+        writer: _FdWriter | _ChildEnd | None
         writer, self._result_writer = self._result_writer, None
         if isinstance(writer, _ChildEnd):
             writer = writer.open()
@@ -456,8 +470,16 @@ def _ensure_fd_headroom(newest_fd: int) -> None:
     # far higher hard limit, for programs that need more to raise it: a
     # thousand processes started at once need ~3,000. Raise it (doubling, up to
     # the hard limit) before the standard library's own pipes fail with EMFILE.
-    if resource is None:
+    # The soft limit is read with sysconf: the resource module (one more shared
+    # library in every forking parent) is imported only to raise it.
+    try:
+        soft = os.sysconf("SC_OPEN_MAX")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows)
         return
+    if soft < 0 or newest_fd + _FD_HEADROOM < soft:
+        return
+    import resource
+
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or newest_fd + _FD_HEADROOM < soft:
         return
@@ -475,21 +497,140 @@ def _load_or_raise(blob: bytes | memoryview, what: str, cause: BaseException | N
         )
 
 
+def _result_pipe() -> tuple[_FdReader, _FdWriter]:
+    reader, writer = os.pipe()  # close-on-exec, as multiprocessing's are
+    return _FdReader(reader), _FdWriter(writer)
+
+
+def _ready(reader: _FdReader | None, sentinel: int, timeout: float | None) -> tuple[bool, bool]:
+    """Wait up to ``timeout`` for the result pipe or the child's sentinel.
+
+    Returns:
+        Whether the pipe is readable (a message, or end of file), and whether
+        the child has ended.
+
+    Raises:
+        OSError: if another thread closed the reader meanwhile.
+    """
+    poller = select.poll()
+    pipe = -1 if reader is None else reader.fileno()
+    if pipe >= 0:
+        poller.register(pipe, select.POLLIN)
+    poller.register(sentinel, select.POLLIN)
+    # poll() takes whole milliseconds: round up, so a wait is never cut short.
+    ready = [fd for fd, _ in poller.poll(None if timeout is None else math.ceil(timeout * 1e3))]
+    return pipe in ready, sentinel in ready
+
+
+class _FdReader:
+    """The parent's end of the result pipe: non-blocking, read as
+    ``Connection.recv_bytes`` reads (see _FdWriter for the framing)."""
+
+    __slots__ = ("_fd",)
+
+    def __init__(self, fd: int) -> None:
+        os.set_blocking(fd, False)
+        self._fd = fd
+
+    def fileno(self) -> int:
+        if self._fd < 0:
+            raise OSError("the result pipe is closed")
+        return self._fd
+
+    def recv_bytes_nowait(self) -> bytes | bytearray | None:
+        """Read the message if it has begun to arrive (waiting for the rest), else None.
+
+        Raises:
+            EOFError: if the writer closed the pipe before a whole message.
+            OSError: if the reader is closed.
+        """
+        try:
+            first = os.read(self._fd, 512)
+        except BlockingIOError:
+            return None
+        # The usual message, a small value, comes whole in this one read.
+        if len(first) >= 4 and len(first) == _SIZE.unpack_from(first)[0] + 4:
+            return first[4:]
+        return _read_rest(self._fd, first)
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+def _read_rest(fd: int, first: bytes) -> bytes | bytearray:
+    """The message whose first bytes are ``first``, read on to its end."""
+    head = _read_on(fd, first, 4)
+    (size,) = _SIZE.unpack_from(head)
+    start = 4
+    if size == -1:  # longer than 2 GiB: the length follows, in 8 bytes
+        head = _read_on(fd, head, 12)
+        (size,) = _LONG_SIZE.unpack_from(head, 4)
+        start = 12
+    # Read on into the message's place in a buffer of its full size.
+    buf = bytearray(size)
+    got = head[start : start + size]
+    buf[: len(got)] = got
+    view, done = memoryview(buf), len(got)
+    while done < size:
+        done += _read_into(fd, view[done:])
+    return buf
+
+
+def _read_on(fd: int, data: bytes, size: int) -> bytes:
+    """``data`` read on to at least ``size`` bytes (a frame's header)."""
+    while len(data) < size:
+        more = bytearray(size - len(data))
+        data += more[: _read_into(fd, memoryview(more))]
+    return data
+
+
+def _read_into(fd: int, view: memoryview) -> int:
+    """Read into ``view`` from the non-blocking ``fd``, waiting until something comes.
+
+    Raises:
+        EOFError: at the end of the pipe.
+    """
+    while True:
+        try:
+            got = os.readv(fd, [view])
+        except BlockingIOError:
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            poller.poll()
+            continue
+        if not got:
+            raise EOFError
+        return got
+
+
 class _FdWriter:
     """The child's end of the result pipe as a bare descriptor, framed as a
-    ``Connection`` frames (the parent reads it with ``recv_bytes``)."""
+    ``Connection`` frames: a 4-byte big-endian length (-1 and 8 more bytes
+    past 2 GiB), then the message."""
 
     __slots__ = ("_fd",)
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
 
-    def send_bytes(self, data: memoryview) -> None:
-        size = data.nbytes
-        header = struct.pack("!i", size) if size <= 0x7FFFFFFF else struct.pack("!iQ", -1, size)
-        for part in (memoryview(header), data.cast("B")):
-            while part:
-                part = part[os.write(self._fd, part) :]
+    def fileno(self) -> int:
+        return self._fd
+
+    def send_bytes(self, data: bytes | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        size = view.nbytes
+        header = _SIZE.pack(size) if size <= 0x7FFFFFFF else _SIZE.pack(-1) + _LONG_SIZE.pack(size)
+        if size <= 16384:  # in one write, as Connection sends a small message
+            self._write_all(memoryview(header + view))
+        else:
+            self._write_all(memoryview(header))
+            self._write_all(view)
+
+    def _write_all(self, data: memoryview) -> None:
+        while data:
+            data = data[os.write(self._fd, data) :]
 
     def close(self) -> None:
         os.close(self._fd)
@@ -514,7 +655,7 @@ class _ChildEnd:
         return _FdWriter(self._handle.detach())
 
 
-def _run_and_report(run: Callable[[], Any], writer: Connection | _FdWriter) -> None:
+def _run_and_report(run: Callable[[], Any], writer: _FdWriter) -> None:
     try:
         try:
             value = run()
@@ -527,7 +668,9 @@ def _run_and_report(run: Callable[[], Any], writer: Connection | _FdWriter) -> N
         writer.close()
 
 
-def _value_message(value: object) -> io.BytesIO:
+def _value_message(value: object) -> bytes | memoryview:
+    if value is None:
+        return _NONE_MESSAGE  # what most targets return: nothing to pickle
     buf = io.BytesIO()
     buf.write(_VALUE)
     try:
@@ -538,10 +681,10 @@ def _value_message(value: object) -> io.BytesIO:
         )
         err.__cause__ = exc
         return _error_message(err)
-    return buf
+    return buf.getbuffer()
 
 
-def _error_message(exc: BaseException) -> io.BytesIO:
+def _error_message(exc: BaseException) -> memoryview:
     import traceback
 
     tb = '\n"""\n' + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)) + '"""'
@@ -554,12 +697,12 @@ def _error_message(exc: BaseException) -> io.BytesIO:
     buf = io.BytesIO()
     buf.write(_ERROR)
     pickle.dump((tb, exc_blob), buf, protocol=pickle.HIGHEST_PROTOCOL)
-    return buf
+    return buf.getbuffer()
 
 
-def _send(writer: Connection | _FdWriter, message: io.BytesIO) -> None:
+def _send(writer: _FdWriter, message: bytes | memoryview) -> None:
     try:
-        writer.send_bytes(message.getbuffer())
+        writer.send_bytes(message)
     except OSError:
         pass  # the parent closed its end or exited: nobody wants the result
 
