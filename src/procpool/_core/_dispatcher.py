@@ -1209,18 +1209,22 @@ class Dispatcher(DirectPath):
         """Whether a busy worker may get a batch to keep for later on any evidence
         (on-demand pools; else only on its map's own, see _pick_worker).
 
-        Not while the pool may still grow. A batch queued behind a task that
-        waits for it (a Barrier across tasks) would wait until that task gives
-        up, where a worker started for it would have run it at once. That held
-        even for tasks known to be short: a pool that had learnt so from one map
-        broke the Barrier of the next. Meanwhile a batch may wait behind batches
+        Not while the pool may still grow, nor while a worker it has started is
+        still booting. A batch queued behind a task that waits for it (a Barrier
+        across tasks) would wait until that task gives up, where a worker
+        started for it would have run it at once. That held even for tasks known
+        to be short: a pool that had learnt so from one map broke the Barrier of
+        the next (and did, 1 run in 10, when the last worker was started but not
+        yet ready as the next map began). Meanwhile a batch may wait behind batches
         of the map whose batch came back last, measured short (_prefetch_pays):
         the map has shown that its tasks do not wait for each other. Without
         that, the seed's 1,000 squares ran their 20 chunks one round trip at a
         time on the pool's first worker (0.3 ms each on 2 cores, while the zygote
         forked the second): the map took 3.4-10.5 ms, against 2.4-3.9 with it.
         """
-        return self._active() >= self._size
+        return self._active() >= self._size and all(
+            w.ready for w in self._workers.values() if not (w.retiring or w.timed_out)
+        )
 
     def _shortfall(self, active: int) -> int:
         """How many more workers the waiting work warrants (zero or less: none).
