@@ -237,6 +237,16 @@ def dumps_callable(fn: Any, inherited_main: Mapping[str, Any] | None = None) -> 
     return bytes(cloudpickle.dumps(fn, P.PROTOCOL))
 
 
+def main_functions() -> dict[str, Any]:
+    """The functions ``__main__`` has now: what a worker forked now will have too."""
+    main = sys.modules.get("__main__")
+    return {
+        name: obj
+        for name, obj in (vars(main).items() if main is not None else ())
+        if isinstance(obj, types.FunctionType)
+    }
+
+
 def _inherited_from_main(fn: Any, inherited_main: Mapping[str, Any]) -> bool:
     if not isinstance(fn, types.FunctionType) or fn.__module__ != "__main__":
         return False

@@ -98,7 +98,7 @@ from .._exceptions import (
 from . import _protocol as P
 from . import _shm as shm
 from . import run_worker
-from ._batch import Batch, dumps_callable
+from ._batch import Batch, dumps_callable, main_functions
 from ._direct import DirectPath
 from ._slot import Slot
 from ._startmethod import starting_a_process
@@ -216,8 +216,15 @@ class Dispatcher(DirectPath):
         self.tasks_failed = 0
         self._gone: list[WorkerRecord] = []  # workers that have exited (the last few)
         self._gone_folded: WorkerRecord | None = None  # and all the others, summed
-        # Under a zygote, functions of __main__ the workers already have go by name.
+        # Functions of __main__ the workers already have go by name: under a
+        # zygote, forked now, and under fork, each worker forked from this
+        # process. Sent by value instead, a function of the script would cost
+        # this process and each worker the import of cloudpickle (~13 ms, on
+        # the way to a fork pool's first result). What a worker forked later
+        # lacks is only a function deleted from __main__ in between.
         self.inherited_main = getattr(ctx, "main_functions", None)
+        if self.inherited_main is None and ctx.get_start_method() == "fork":
+            self.inherited_main = main_functions()
         # Under a zygote, workers start on demand (see _grow).
         self._on_demand = getattr(ctx, "zygote", None) is not None
         self._item_s: float | None = None  # seconds per task, as measured so far

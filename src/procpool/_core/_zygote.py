@@ -43,11 +43,11 @@ import struct
 import sys
 import threading
 import time
-import types
 from multiprocessing import context, popen_fork, process, reduction, util
 from multiprocessing.connection import wait
 from typing import Any
 
+from ._batch import main_functions
 from ._startmethod import fork_is_safe, single_threaded, starting_a_process
 
 __all__ = ["ZygoteContext", "available"]
@@ -173,12 +173,7 @@ class ZygoteContext(context.BaseContext):
 
     def __init__(self) -> None:
         # The functions __main__ has now, which every worker will have too.
-        main = sys.modules.get("__main__")
-        self.main_functions: dict[str, Any] = {
-            name: obj
-            for name, obj in (vars(main).items() if main is not None else ())
-            if isinstance(obj, types.FunctionType)
-        }
+        self.main_functions = main_functions()
         self.zygote = Zygote()
         self._direct_next = True  # see _DirectPopen
 
