@@ -23,7 +23,6 @@ import random
 import signal
 import sys
 import time
-import types
 from collections import OrderedDict
 from itertools import islice, starmap
 from multiprocessing import parent_process
@@ -118,7 +117,7 @@ def _watch_parent() -> None:
 def _run_initializer(conn: Connection, init_bytes: bytes, initargs: tuple[Any, ...]) -> bool:
     name = "<unpicklable initializer>"
     try:
-        initializer = _own_main_function(pickle.loads(init_bytes))
+        initializer = pickle.loads(init_bytes)
         name = getattr(initializer, "__qualname__", repr(initializer))
         initializer(*initargs)
     except BaseException as exc:
@@ -298,32 +297,14 @@ def _shift(
 
 # Callables arrive cloudpickled, but what cloudpickle writes is plain pickle: a
 # function pickled by reference loads without importing cloudpickle at all, which
-# keeps it out of every worker's (and the fork server's) start-up.
+# keeps it out of every worker's (and the fork server's) start-up; so does one of
+# __main__ the worker has itself (see P.script_function).
 def _callable(fns: OrderedDict[int, Any], fn_id: int) -> Any:
     fn = fns[fn_id]
     if isinstance(fn, bytes):
-        fn = fns[fn_id] = _own_main_function(pickle.loads(fn))
+        fn = fns[fn_id] = pickle.loads(fn)
     fns.move_to_end(fn_id)
     return fn
-
-
-def _own_main_function(fn: Any) -> Any:
-    """This worker's own ``__main__`` function that ``fn``, sent by value, is a copy of.
-
-    The standard library pickles a function of ``__main__`` by name, so the
-    worker runs its own (forked, or imported again by spawn and forkserver),
-    with the module's globals: an initializer that sets a global and a task
-    that reads it share it. procpool sends such a function by value unless the
-    workers surely have it (a zygote's): one defined after they started, or in
-    a notebook, exists nowhere else. But a function rebuilt from a pickle gets
-    globals of its own. So where this worker's ``__main__`` has a function of
-    the same name and the same code, that one runs; else the copy does.
-    """
-    if type(fn) is not types.FunctionType or fn.__module__ not in ("__main__", "__mp_main__"):
-        return fn
-    own: Any = getattr(sys.modules.get("__main__"), fn.__name__, None)
-    same = type(own) is types.FunctionType and own.__qualname__ == fn.__qualname__
-    return own if same and own.__code__ == fn.__code__ else fn
 
 
 def _call_all(
