@@ -273,3 +273,29 @@ def loaded(names: list[str]) -> list[str]:
     import sys
 
     return [name for name in names if name in sys.modules]
+
+
+def script_output(folder: os.PathLike[str], source: str, *args: str, **env: str) -> str:
+    """Run ``source`` as a script file in a fresh interpreter (a spawned child
+    imports it again, as it would a user's); return what it printed.
+
+    Raises:
+        AssertionError: if the script failed, with its stderr.
+    """
+    import subprocess
+    import sys
+
+    script = os.path.join(folder, "script.py")
+    with open(script, "w") as f:
+        f.write(source)
+    out = subprocess.run(
+        [sys.executable, script, *args],
+        capture_output=True,
+        encoding="utf-8",
+        errors="surrogateescape",  # bytes that are not UTF-8 come back as they were
+        timeout=60,
+        env={**os.environ, **env},
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout

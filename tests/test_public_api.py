@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import procpool
+from tests import helpers
 
 SRC = pathlib.Path(procpool.__file__).parent
 
@@ -150,16 +151,8 @@ def test_a_worker_that_imported_the_script_runs_its_functions_without_cloudpickl
     # script again) runs its own and never unpickles the copy, which would
     # import cloudpickle (~13-20 ms of its way to its first task). A function
     # the worker lacks runs from the copy.
-    import subprocess
-    import sys
-
-    script = tmp_path / "script_functions.py"
-    script.write_text(SCRIPT_FUNCTIONS)
-    out = subprocess.run(
-        [sys.executable, str(script), method], capture_output=True, text=True, timeout=60
-    )
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split("\n")[:2] == ["[False, False]", "[3, 6]"]
+    lines = helpers.script_output(tmp_path, SCRIPT_FUNCTIONS, method).splitlines()
+    assert lines == ["[False, False]", "[3, 6]"]
 
 
 def test_only_a_process_that_forks_workers_loads_what_they_run() -> None:

@@ -15,6 +15,7 @@ import pytest
 
 from procpool._core import _stdio
 from procpool._core._stdio import PIPE_BUF, LineWriter, split_lines
+from tests import helpers
 
 
 @pytest.fixture
@@ -150,22 +151,6 @@ def run_python(code: str, *, env: dict[str, str] | None = None) -> subprocess.Co
     )
 
 
-def run_script(
-    folder: os.PathLike[str], source: str, *args: str, env: dict[str, str]
-) -> subprocess.CompletedProcess[bytes]:
-    """Run ``source`` as a script file (spawned children import it again)."""
-    script = os.path.join(folder, "script.py")
-    with open(script, "w") as f:
-        f.write(source)
-    return subprocess.run(
-        [sys.executable, script, *args],
-        capture_output=True,
-        timeout=60,
-        env={**os.environ, **env},
-        check=True,
-    )
-
-
 def test_install_replaces_streams_and_moves_logging_handlers() -> None:
     out = run_python(
         """
@@ -226,8 +211,8 @@ def test_two_processes_printing_long_lines_never_tear(
 ) -> None:
     # Unbuffered, the stdlib writes each line's text and its newline apart;
     # the other process's line often lands in between (a few percent of lines).
-    out = run_script(tmp_path, TWO_PRINTERS, start_method, env={"PYTHONUNBUFFERED": "1"})
-    lines = out.stdout.decode().split("\n")
+    lines = helpers.script_output(tmp_path, TWO_PRINTERS, start_method, PYTHONUNBUFFERED="1")
+    lines = lines.split("\n")
     assert lines.pop() == ""
     torn = [line[:40] for line in lines if not re.fullmatch(r"(a{3000}|b{3000}) \d+", line)]
     assert torn == []
@@ -264,10 +249,10 @@ def test_a_forked_child_writes_to_the_parents_stream_as_it_is_at_start(
     # for the stream it has then; one reconfigured or replaced since must be
     # seen for what it is now.
     target = os.path.join(tmp_path, "out.txt")
-    out = run_script(
-        tmp_path, STREAMS_CHANGED_BETWEEN_STARTS, target, env={"PYTHONIOENCODING": "utf-8"}
+    out = helpers.script_output(
+        tmp_path, STREAMS_CHANGED_BETWEEN_STARTS, target, PYTHONIOENCODING="utf-8"
     )
-    assert out.stdout == b"\xc3\xa9 utf-8\n\xe9 latin-1\n"
+    assert out.encode("utf-8", "surrogateescape") == b"\xc3\xa9 utf-8\n\xe9 latin-1\n"
     with open(target, encoding="utf-8") as f:
         assert f.read() == "\u00e9 to the file\n"
 

@@ -53,6 +53,7 @@ from collections.abc import Callable, Iterable, Mapping
 from multiprocessing import reduction
 from multiprocessing.reduction import ForkingPickler
 
+from ._core._script import ScriptFunction, of_main
 from ._core._startmethod import checked_start_method, process_start_method, starting_a_process
 from ._core._stdio import install_line_writers, make_line_writers_ahead
 from ._exceptions import RemoteTraceback, SerializationError, describe_exitcode
@@ -126,6 +127,18 @@ def _dumps(obj: object) -> bytes:
     buf = io.BytesIO()
     _dump(obj, buf)
     return buf.getvalue()
+
+
+def _traveling(target: object) -> object:
+    """``target`` as it goes to a spawned or forkserver child: a function of the
+    script with its code and its copy, so that a child whose own import of the
+    script has it runs its own, as the standard library's does (see _core._script)."""
+    if not of_main(target):
+        return target
+    try:
+        return ScriptFunction(target, _dumps(target))  # type: ignore[arg-type]
+    except ValueError:  # a constant marshal cannot write: by value alone
+        return target
 
 
 def _restore(cls_blob: bytes, state: dict[str, Any]) -> Process:
@@ -246,9 +259,9 @@ class Process(multiprocessing.context.Process):
         writer = state.get("_result_writer")
         if writer is not None:
             state["_result_writer"] = _ChildEnd(reduction.DupFd(writer.fileno()))
-        call = (state.pop("_target", None), state.pop("_args", ()), state.pop("_kwargs", {}))
         try:
-            state["_call_blob"] = _dumps(call)
+            target = _traveling(state.pop("_target", None))
+            state["_call_blob"] = _dumps((target, state.pop("_args", ()), state.pop("_kwargs", {})))
         except Exception as exc:
             raise SerializationError(
                 f"cannot send the target or its arguments to process {self.name!r}: {exc}"

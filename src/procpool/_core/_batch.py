@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import marshal
 import pickle
 import sys
 import types
@@ -21,6 +20,7 @@ from typing import Any, Protocol
 from .._exceptions import ProcpoolError, SerializationError, TaskTimeoutError
 from . import _protocol as P
 from . import _shm as shm
+from ._script import ScriptFunction, of_main
 
 _batch_ids = itertools.count(1)
 
@@ -236,37 +236,13 @@ def dumps_callable(fn: Any, inherited_main: Mapping[str, Any] | None = None) -> 
     import cloudpickle
 
     by_value = bytes(cloudpickle.dumps(fn, P.PROTOCOL))
-    if not _of_main(fn):
+    if not of_main(fn):
         return by_value
-    # A worker that has the function itself runs its own (P.script_function).
+    # A worker that has the function itself runs its own (see _script).
     try:
-        code = marshal.dumps(fn.__code__)
+        return pickle.dumps(ScriptFunction(fn, by_value), P.PROTOCOL)
     except ValueError:  # a constant marshal cannot write: by value alone
         return by_value
-    return pickle.dumps(_ScriptFunction(fn.__qualname__, code, by_value), P.PROTOCOL)
-
-
-def _of_main(fn: Any) -> bool:
-    """A function defined at the top of ``__main__``: a worker may have it by name."""
-    return (
-        isinstance(fn, types.FunctionType)
-        and fn.__module__ == "__main__"
-        and fn.__qualname__ == fn.__name__
-        and fn.__name__.isidentifier()
-    )
-
-
-class _ScriptFunction:
-    """A function of ``__main__`` on its way to a worker, to be rebuilt there
-    by ``P.script_function``: the worker's own if it has it, else the copy."""
-
-    __slots__ = ("_args",)
-
-    def __init__(self, name: str, code: bytes, by_value: bytes) -> None:
-        self._args = (name, code, by_value)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (P.script_function, self._args)
 
 
 def main_functions() -> dict[str, Any]:

@@ -32,13 +32,10 @@ Worker to parent::
 from __future__ import annotations
 
 import contextlib
-import marshal
 import os
 import pickle
 import socket
 import struct
-import sys
-import types
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -93,30 +90,6 @@ SPAN_SENDING = 0
 # item, so a crash is pinned to exactly one task.
 FAST_MIN_ITEMS = 64
 ITEM_UNPICKLING = -1  # slot item while the batch's arguments are being unpickled
-
-
-def script_function(name: str, code: bytes, by_value: bytes) -> Any:
-    """Rebuild, in a worker, a function of the parent's ``__main__`` (see
-    ``_batch.dumps_callable``): this process's own, or else the copy sent.
-
-    The standard library pickles a function of ``__main__`` by name, so a
-    worker runs its own (forked, or imported again by spawn and the fork
-    server), with the module's globals: an initializer that sets a global
-    and a task that reads it share it. procpool sends such a function with
-    its copy by value too, for a worker that lacks it (one defined after the
-    worker started, or in a notebook). Where this process's ``__main__`` has
-    a function of that name and the same code, that one runs, and the copy
-    is never unpickled: that would import cloudpickle, ~13-20 ms of a
-    spawned or forkserver worker's way to its first task.
-    """
-    own = getattr(sys.modules.get("__main__"), name, None)
-    if (
-        type(own) is types.FunctionType
-        and own.__qualname__ == name
-        and own.__code__ == marshal.loads(code)
-    ):
-        return own
-    return pickle.loads(by_value)
 
 
 def dumps(obj: Any) -> bytes:

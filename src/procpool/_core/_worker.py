@@ -298,7 +298,7 @@ def _shift(
 # Callables arrive cloudpickled, but what cloudpickle writes is plain pickle: a
 # function pickled by reference loads without importing cloudpickle at all, which
 # keeps it out of every worker's (and the fork server's) start-up; so does one of
-# __main__ the worker has itself (see P.script_function).
+# __main__ the worker has itself (see _script).
 def _callable(fns: OrderedDict[int, Any], fn_id: int) -> Any:
     fn = fns[fn_id]
     if isinstance(fn, bytes):
