@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import multiprocessing
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
 
 from ._core import collector_held
 from ._core._startmethod import default_start_method, resolve_context
 
+TYPE_CHECKING = False  # not typing's (see _core/_generic.py)
 if TYPE_CHECKING:
     # For annotations only: multiprocessing.managers alone costs ~10 ms to
     # import, in every program and in the fork server.
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     import multiprocessing.managers
     import multiprocessing.queues
     import multiprocessing.synchronize
+    from typing import Any
 
     from ._executor import ProcessPoolExecutor
     from ._pool import Pool

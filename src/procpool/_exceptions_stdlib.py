@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import threading
 from multiprocessing.pool import MaybeEncodingError  # type: ignore[attr-defined]
-from typing import TYPE_CHECKING
 
 from ._exceptions import ProcpoolError, SerializationError
 
+TYPE_CHECKING = False  # not typing's (see _core/_generic.py)
 if TYPE_CHECKING:
     from concurrent.futures.process import BrokenProcessPool
 else:

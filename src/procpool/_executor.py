@@ -8,15 +8,18 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from multiprocessing import TimeoutError as MPTimeoutError
-from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._core import _protocol as P
 from ._core._dispatcher import PoolClosedError
+from ._core._generic import TypeVar
 from ._core._startmethod import ContextLike
 from ._results import IMapIterator, wait_helped
 from ._runner import _UNSET, Runner, check_chunksize, default_workers, make_policy
 
+TYPE_CHECKING = False  # not typing's (see _core/_generic.py)
 if TYPE_CHECKING:
+    from typing import Any
+
     from ._statistics import PoolStatistics
     from .backends import Backend
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._core import _protocol as P
+from ._core._generic import TypeVar
 from ._core._startmethod import ContextLike
 from ._results import AsyncResult, IMapIterator, MapResult, _ApplySink
 from ._runner import (
@@ -26,7 +26,10 @@ R = TypeVar("R")
 
 _RUN, _CLOSE, _TERMINATE = "RUN", "CLOSE", "TERMINATE"
 
+TYPE_CHECKING = False  # not typing's (see _core/_generic.py)
 if TYPE_CHECKING:
+    from typing import Any
+
     from ._progress import Progress, ProgressUpdate
     from ._statistics import PoolStatistics
     from .backends import Backend

@@ -25,11 +25,15 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, TextIO
+
+TYPE_CHECKING = False  # not typing's (see _core/_generic.py)
+if TYPE_CHECKING:
+    from typing import Any, Literal, TextIO
+
+    Mode = Literal["auto", "bar", "lines", "off"]
 
 __all__ = ["Progress", "ProgressUpdate", "progress_for"]
 
-Mode = Literal["auto", "bar", "lines", "off"]
 
 # Default seconds between plain lines.
 DEFAULT_INTERVAL = 5.0

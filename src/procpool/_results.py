@@ -12,11 +12,14 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from itertools import islice
 from multiprocessing import TimeoutError as MPTimeoutError
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from ._core._batch import CHUNK_BYTES, Batch
+from ._core._generic import Generic, Protocol, TypeVar
 
+TYPE_CHECKING = False  # not typing's (see _core/_generic.py)
 if TYPE_CHECKING:
+    from typing import Any
+
     from ._progress import Progress
 
 T = TypeVar("T")

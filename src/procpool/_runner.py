@@ -17,12 +17,15 @@ import signal
 import threading
 import weakref
 from collections.abc import Callable, Iterable
-from typing import Any
 
 from ._core import _protocol as P
 from ._core._batch import CHUNK_BYTES, Batch, CallableCache, Sink, TaskPolicy, make_batches
 from ._core._startmethod import ContextLike
 from .backends import Backend, BackendOptions, make_backend
+
+TYPE_CHECKING = False  # not typing's (see _core/_generic.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 _UNSET: Any = object()
 

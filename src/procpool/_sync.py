@@ -11,14 +11,15 @@ take them from ``procpool.get_context(method)`` instead: a lock made for
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
 
 from ._core._startmethod import resolve_context
 
+TYPE_CHECKING = False  # not typing's (see _core/_generic.py)
 if TYPE_CHECKING:
     import multiprocessing.context
     import multiprocessing.queues
     import multiprocessing.synchronize
+    from typing import Any
 
 __all__ = [
     "Barrier",

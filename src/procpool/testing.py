@@ -18,7 +18,10 @@ import os
 import signal
 import sys
 import time
-from typing import Any, NoReturn
+
+TYPE_CHECKING = False  # not typing's (see _core/_generic.py)
+if TYPE_CHECKING:
+    from typing import Any, NoReturn
 
 __all__ = [
     "CrasherError",

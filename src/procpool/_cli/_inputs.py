@@ -21,7 +21,10 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO, Any
+
+TYPE_CHECKING = False  # not typing's (see _core/_generic.py)
+if TYPE_CHECKING:
+    from typing import IO, Any
 
 __all__ = [
     "FORMATS",
@@ -38,7 +41,8 @@ __all__ = [
 FORMATS = ("jsonl", "csv", "lines")
 
 Problem = str | None
-RecordTuple = tuple[int, Any, Problem]
+if TYPE_CHECKING:
+    RecordTuple = tuple[int, Any, Problem]
 
 _CSV_SUFFIXES = {".csv": ",", ".tsv": "\t"}
 _LINES_SUFFIXES = {".txt", ".lst", ".lines"}

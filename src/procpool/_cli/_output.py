@@ -14,7 +14,10 @@ import os
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import IO
+
+TYPE_CHECKING = False  # not typing's (see _core/_generic.py)
+if TYPE_CHECKING:
+    from typing import IO
 
 __all__ = ["OutputError", "OutputFile", "Repair"]
 

@@ -41,7 +41,6 @@ import time
 from array import array
 from collections.abc import Iterator
 from multiprocessing import TimeoutError as MPTimeoutError
-from typing import IO, Any
 
 from procpool import Pool, Progress  # the public API, as the layering asks
 
@@ -62,6 +61,10 @@ from ._output import OutputError, OutputFile
 from ._summary import RunStats
 from ._target import TargetError, load_target, parse_target
 from ._task import TaskContext, error_line, run_record, type_name
+
+TYPE_CHECKING = False  # not typing's (see _core/_generic.py)
+if TYPE_CHECKING:
+    from typing import IO, Any
 
 __all__ = ["CliError", "run"]
 

@@ -16,7 +16,10 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+
+TYPE_CHECKING = False  # not typing's (see _core/_generic.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["Target", "TargetError", "load_target", "parse_target"]
 

@@ -24,9 +24,12 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any
 
 from ._target import Target, TargetError, load_target
+
+TYPE_CHECKING = False  # not typing's (see _core/_generic.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["Outcome", "TaskContext", "derive_seed", "error_line", "result_line", "run_record"]
 

@@ -15,12 +15,16 @@ import sys
 import types
 import weakref
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
 
 from .._exceptions import ProcpoolError, SerializationError, TaskTimeoutError
 from . import _protocol as P
 from . import _shm as shm
+from ._generic import Protocol
 from ._script import ScriptFunction, of_main
+
+TYPE_CHECKING = False  # not typing's (see _core/_generic.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 _batch_ids = itertools.count(1)
 

@@ -30,13 +30,15 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
 
 from . import _protocol as P
 from . import _signals
 from ._pipewait import PipeWait
 
+TYPE_CHECKING = False  # not typing's (see _core/_generic.py)
 if TYPE_CHECKING:
+    from typing import Any
+
     from ._batch import Batch
     from ._workers import Worker
 

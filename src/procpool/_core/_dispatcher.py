@@ -85,7 +85,6 @@ import warnings
 import weakref
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
 
 # WorkerCrashedError and InitializerError are imported where they are raised:
 # their module loads concurrent.futures (see _exceptions_stdlib).
@@ -104,7 +103,10 @@ from ._slot import Slot
 from ._startmethod import starting_a_process
 from ._workers import Worker, WorkerRecord, fold, kill, record, worker_statistics
 
+TYPE_CHECKING = False  # not typing's (see _core/_generic.py)
 if TYPE_CHECKING:
+    from typing import Any
+
     from .._statistics import PoolStatistics
 
 __all__ = ["Dispatcher", "PoolClosedError"]

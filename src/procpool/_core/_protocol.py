@@ -37,13 +37,14 @@ import pickle
 import socket
 import struct
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
 
 from .._exceptions import RemoteTraceback, SerializationError
 from . import _shm as shm
 
+TYPE_CHECKING = False  # not typing's (see _core/_generic.py)
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
+    from typing import Any
 
 FN = "F"
 BATCH = "B"

@@ -50,7 +50,12 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+
+from ._generic import Generic, TypeVar
+
+TYPE_CHECKING = False  # not typing's (see _core/_generic.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = [
     "KEEP_IDLE_S",

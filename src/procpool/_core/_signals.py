@@ -24,7 +24,10 @@ from enums, ~2 us a call; a section's swap costs ~1 us in all.
 from __future__ import annotations
 
 import threading
-from typing import Any
+
+TYPE_CHECKING = False  # not typing's (see _core/_generic.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 _sig: Any
 try:
@@ -42,7 +45,8 @@ _WATCHED = tuple(
     if hasattr(_sig, name)
 )
 
-Saved = list[tuple[int, Any]]
+if TYPE_CHECKING:
+    Saved = list[tuple[int, Any]]  # (signal, the handler that was there)
 
 _noted: list[int] = []  # signals that came during a section (main thread only)
 

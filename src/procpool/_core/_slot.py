@@ -13,7 +13,10 @@ from __future__ import annotations
 import mmap
 import os
 from multiprocessing import context, reduction
-from typing import Any
+
+TYPE_CHECKING = False  # not typing's (see _core/_generic.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["Slot"]
 

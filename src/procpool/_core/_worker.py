@@ -28,11 +28,14 @@ from itertools import islice, starmap
 from multiprocessing import parent_process
 from multiprocessing.connection import Connection, wait
 from sys import getsizeof
-from typing import Any
 
 from .._exceptions import SerializationError
 from . import _protocol as P
 from . import _shm as shm
+
+TYPE_CHECKING = False  # not typing's (see _core/_generic.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 # Exit code of a worker whose parent died: it had nobody to report to.
 _ORPHAN_EXIT = 70

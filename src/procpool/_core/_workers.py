@@ -11,11 +11,13 @@ from __future__ import annotations
 import os
 import time
 from collections import OrderedDict, deque
-from typing import TYPE_CHECKING, Any
 
 from . import _protocol as P
 
+TYPE_CHECKING = False  # not typing's (see _core/_generic.py)
 if TYPE_CHECKING:
+    from typing import Any
+
     from .._statistics import WorkerStatistics
     from ._batch import Batch
     from ._pipewait import PipeWait

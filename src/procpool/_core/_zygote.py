@@ -45,10 +45,13 @@ import threading
 import time
 from multiprocessing import context, popen_fork, process, reduction, util
 from multiprocessing.connection import wait
-from typing import Any
 
 from ._batch import main_functions
 from ._startmethod import fork_is_safe, single_threaded, starting_a_process
+
+TYPE_CHECKING = False  # not typing's (see _core/_generic.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["ZygoteContext", "available"]
 

@@ -17,10 +17,13 @@ backend passes.
 from __future__ import annotations
 
 import importlib
-from typing import Any
 
 from .._core import collector_held
 from ._base import Backend, BackendOptions
+
+TYPE_CHECKING = False  # not typing's (see _core/_generic.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["BUILTIN", "Backend", "BackendOptions", "make_backend"]
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
 
+TYPE_CHECKING = False  # not typing's (see _core/_generic.py)
 if TYPE_CHECKING:
+    from typing import Any, ClassVar
+
     from .._core._batch import Batch
     from .._statistics import PoolStatistics
 

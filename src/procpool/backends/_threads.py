@@ -10,14 +10,16 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from typing import TYPE_CHECKING, Any
 
 from .._core import _protocol as P
 from .._core._dispatcher import PoolClosedError
 from .._exceptions_stdlib import InitializerError
 from ._base import Backend, BackendOptions
 
+TYPE_CHECKING = False  # not typing's (see _core/_generic.py)
 if TYPE_CHECKING:
+    from typing import Any
+
     from .._core._batch import Batch
     from .._statistics import PoolStatistics
 
