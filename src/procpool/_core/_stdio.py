@@ -169,6 +169,9 @@ class _LineBuffer(io.BufferedIOBase):
         del held[:end]
         if self._prefix is not None:
             data = self._add_prefix(data, self._prefix)
+        if len(data) <= PIPE_BUF:  # the usual case (a line or a few): as it is
+            _write_all(self._fd, data)
+            return
         for chunk in split_lines(data, PIPE_BUF):
             _write_all(self._fd, chunk)
 
