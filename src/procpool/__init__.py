@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import importlib as _importlib
 
-# Not typing's: `import procpool` does not load typing (~4 ms, and one more
-# shared library that every fork copies) for a program that does not use it.
-# mypy reads this name as True.
-TYPE_CHECKING = False
+TYPE_CHECKING = False  # not typing's (see _core/_generic.py)
 if TYPE_CHECKING:
     from typing import Any
 

@@ -58,9 +58,7 @@ from ._core._startmethod import checked_start_method, process_start_method, star
 from ._core._stdio import install_line_writers, make_line_writers_ahead
 from ._exceptions import RemoteTraceback, SerializationError, describe_exitcode
 
-# Not typing's: a program that never imports typing is spared it (~4 ms and
-# one more shared library, copied at every fork). mypy reads this name as True.
-TYPE_CHECKING = False
+TYPE_CHECKING = False  # not typing's (see _core/_generic.py)
 if TYPE_CHECKING:
     from typing import Any
 

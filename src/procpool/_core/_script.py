@@ -24,7 +24,7 @@ import pickle
 import sys
 import types
 
-TYPE_CHECKING = False  # not typing's; see procpool/__init__.py
+TYPE_CHECKING = False  # not typing's (see _core/_generic.py)
 if TYPE_CHECKING:
     from typing import Any
 

@@ -32,7 +32,7 @@ import threading
 import weakref
 from collections.abc import Iterator
 
-TYPE_CHECKING = False  # not typing's; see procpool/__init__.py
+TYPE_CHECKING = False  # not typing's (see _core/_generic.py)
 if TYPE_CHECKING:
     from typing import Any
 
@@ -252,7 +252,7 @@ class LineWriter(io.TextIOBase):
         super().__init__()
         self._buffer = _LineBuffer(fd, name=name)
         self._encoding = encoding
-        self._errors = _lenient(errors)
+        self._errors = "backslashreplace" if errors == "strict" else errors
         # Text mode on Windows writes "\r\n"; keep that behaviour.
         self._linesep = os.linesep if os.linesep != "\n" else None
 
@@ -400,12 +400,6 @@ def make_line_writers_ahead() -> None:
         else:
             _BUFFERS.discard(weakref.ref(new._buffer))  # equal to the one it registered
             _MADE_AHEAD[attr] = (stream, stream.encoding, stream.errors, new)  # type: ignore[attr-defined]
-
-
-def _lenient(errors: str | None) -> str:
-    # "strict" (or none given) becomes "backslashreplace": a stray surrogate
-    # must not kill a worker.
-    return "backslashreplace" if errors is None or errors == "strict" else errors
 
 
 def _flushed(stream: object) -> bool:
