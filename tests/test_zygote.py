@@ -78,15 +78,26 @@ def test_initargs_that_do_not_pickle_fail_the_pool_as_it_is_made(single_threaded
         time.sleep(0.01)
 
 
+def _workers_after_a_short_map(pool: Pool) -> int:
+    assert pool.apply(helpers.square, (3,)) == 9  # the first worker is up
+    assert pool.map(helpers.square, range(1000)) == [x * x for x in range(1000)]
+    return len(pool.statistics().per_worker)
+
+
 def test_a_short_map_starts_one_worker_and_a_long_one_starts_them_all(
     single_threaded: None,
 ) -> None:
+    # Tiny work: no reason to start the other three. One more starts for each
+    # time this machine stalls the first worker mid-batch for 2 ms (the pool
+    # cannot tell a stall from a long task), which a loaded 2-core machine did
+    # twice in 1 run of 10: so a fresh pool gets three tries, where a pool
+    # that grew on tiny work alone would fail every one.
     with Pool(4) as pool:
-        assert pool.apply(helpers.square, (3,)) == 9  # the first worker is up
-        assert pool.map(helpers.square, range(1000)) == [x * x for x in range(1000)]
-        # Tiny work: no reason to start the other three (one could start if this
-        # machine stalled the first worker mid-batch for 2 ms).
-        assert len(pool.statistics().per_worker) <= 2
+        started = [_workers_after_a_short_map(pool)]
+        while started[-1] > 2 and len(started) < 3:
+            with Pool(4) as again:
+                started.append(_workers_after_a_short_map(again))
+        assert min(started) <= 2, started
         assert pool.map(helpers.sleep_return, [0.05] * 40, chunksize=1) == [None] * 40
         stats = pool.statistics()
         assert len(stats.per_worker) == 4
