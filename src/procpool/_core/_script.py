@@ -33,10 +33,11 @@ __all__ = ["ScriptFunction", "of_main", "script_function"]
 
 def of_main(fn: object) -> bool:
     """Whether ``fn`` is a function defined at the top of ``__main__``: one that
-    another process may have by name."""
+    another process may have by name. (``__mp_main__`` is the script as a
+    spawned process imported it again: a pool made there sends its functions.)"""
     return (
         isinstance(fn, types.FunctionType)
-        and fn.__module__ == "__main__"
+        and fn.__module__ in ("__main__", "__mp_main__")
         and fn.__qualname__ == fn.__name__
         and fn.__name__.isidentifier()
     )
