@@ -222,8 +222,10 @@ class Dispatcher(DirectPath):
         # zygote, forked now, and under fork, each worker forked from this
         # process. Sent by value instead, a function of the script would cost
         # this process and each worker the import of cloudpickle (~13 ms, on
-        # the way to a fork pool's first result). What a worker forked later
-        # lacks is only a function deleted from __main__ in between.
+        # the way to a fork pool's first result). A worker forked later lacks
+        # one only if it left __main__ while a map of it ran (a call made
+        # after goes by value: dumps_callable looks again); it then fails that
+        # map's tasks with a SerializationError.
         self.inherited_main = getattr(ctx, "main_functions", None)
         if self.inherited_main is None and ctx.get_start_method() == "fork":
             self.inherited_main = main_functions()
