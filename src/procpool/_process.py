@@ -64,9 +64,10 @@ if TYPE_CHECKING:
 
 # A spawned or forkserver child imports this module to rebuild its Process, and
 # it only ever writes one message: multiprocessing.connection (with tempfile,
-# shutil and the compression modules it loads) and traceback (with textwrap and
-# tokenize) are imported where the parent, or an error, needs them. They cost
-# such a child ~7 and ~5.6 ms of its start on 2 cores (docs/primitives.md).
+# shutil and the compression modules it loads) is imported on neither side (see
+# the module docstring), and traceback (with textwrap and tokenize) only where
+# an error needs it. They cost such a child ~7 and ~5.6 ms of its start on 2
+# cores (docs/primitives.md).
 
 __all__ = ["ForkProcess", "ForkServerProcess", "Process", "SpawnProcess", "process_class"]
 
