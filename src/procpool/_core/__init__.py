@@ -13,18 +13,30 @@ import os
 class collector_held:  # lower case: it reads as a statement, ``with collector_held():``
     """Hold the cyclic garbage collector back for a burst of imports and forks.
 
-    Loading procpool's engine makes several thousand objects that all survive
-    (its functions, classes, and the tuples of their code), and each 700 of
-    them set off a young collection, the fourth a wider one; in a cold pool
-    those came to ~2-4 ms of the ~17 ms to a first result (2 cores, W6), some
-    of it paid again as copy-on-write faults once workers were forked. Held
-    back, the same objects cost one young collection at the next allocation
-    after the block. Nothing that was garbage is kept longer than that.
+    Loading procpool's engine makes ~20,000 objects that all survive (its
+    functions, classes, and the tuples of their code), and each 700 of them
+    set off a young collection, the fourth a wider one; in a cold pool those
+    came to ~2-4 ms of the ~17 ms to a first result (2 cores, W6), some of it
+    paid again as copy-on-write faults once workers were forked.
+
+    At the end of the block they go straight to the oldest generation, where
+    a young collection would have put them: ``gc.freeze()`` then
+    ``gc.unfreeze()``, two list splices. A young collection instead would
+    visit every one of them and write to its header; right after the block
+    forked workers, that copies every page they sit on, ~2.5 ms in a cold
+    fork pool's process. Garbage among them (or made just before the block)
+    waits for the next full collection. Not done where objects are frozen
+    already: that would thaw the program's own (see ``gc.freeze``).
+
+    A process forked inside the block (a worker, the zygote) starts with the
+    collector on again, as it was before the block, and everything it
+    inherited frozen (``_turn_back_on_in_child``): its collections never visit
+    the parent's objects, which would copy their pages into the child. Turned
+    on without that, the held objects cost each forked worker a young
+    collection, ~3 ms of its start-up.
 
     Re-entrant, and a no-op where the collector is already off (the caller's
-    choice is left as it was). A process forked inside the block (a worker, the
-    zygote) starts with the collector on again, as it was before the block
-    (``_turn_back_on_in_child``). A program that calls ``gc.disable()`` from
+    choice is left as it was). A program that calls ``gc.disable()`` from
     another thread while a pool is being made would find it on again after.
     """
 
@@ -41,16 +53,36 @@ class collector_held:  # lower case: it reads as a statement, ``with collector_h
         global _held_here
         if self._held:
             _held_here = False
+            _promote_young()
             gc.enable()
 
 
 _held_here = False  # a collector_held block in this process turned the collector off
+# Objects are frozen in this process: the program's own, or, in a child forked
+# inside a block, everything it inherited. Either way they must stay frozen.
+_frozen_here = False
+
+
+def _promote_young() -> None:
+    """Move the young generations to the oldest without visiting them (O(1))."""
+    global _frozen_here
+    if _frozen_here:
+        return
+    # get_freeze_count walks the frozen objects (~15 ms a million), so it is
+    # asked until the answer is yes, then never again.
+    if gc.get_freeze_count():
+        _frozen_here = True
+        return
+    gc.freeze()
+    gc.unfreeze()
 
 
 def _turn_back_on_in_child() -> None:
-    global _held_here
+    global _held_here, _frozen_here
     if _held_here:
         _held_here = False
+        _frozen_here = True
+        gc.freeze()
         gc.enable()
 
 
