@@ -88,11 +88,12 @@ def test_a_pool_of_importable_functions_loads_no_more_than_it_needs() -> None:
     # unless statistics are asked for. Neither a worker nor the parent loads
     # concurrent.futures, logging and multiprocessing.pool (~2.5-4 ms) for the
     # errors that subclass theirs, until one is raised or asked for (see
-    # _exceptions_stdlib.py). A lambda still goes by value.
+    # _exceptions_stdlib.py). Nor does either load _script, which only a
+    # function sent by value needs. A lambda still goes by value.
     script = (
         "import sys, procpool, operator\n"
         "costly = ('cloudpickle', 'dataclasses', 'concurrent.futures', 'logging',\n"
-        "          'multiprocessing.pool')\n"
+        "          'multiprocessing.pool', 'procpool._core._script')\n"
         "check = 'sorted(m for m in %r if m in __import__(\"sys\").modules)' % (costly,)\n"
         "if __name__ == '__main__':\n"
         "    with procpool.Pool(2, context='spawn') as pool:\n"
