@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import time
 
@@ -260,6 +261,16 @@ def fork_holder_then_exit(pid_file: str) -> None:
     with open(pid_file, "w") as f:
         f.write(str(child))
     os._exit(5)
+
+
+def slow_start_for_the_first_worker(seconds: float) -> None:
+    """An initializer: the pool's first-started worker is ready ``seconds`` late."""
+    if multiprocessing.current_process().name == "procpool-worker-0":
+        time.sleep(seconds)
+
+
+def worker_name(_: object = None) -> str:
+    return multiprocessing.current_process().name
 
 
 def fail_at_3_mod_7(x: int) -> int:

@@ -25,8 +25,10 @@ from tests.helpers import (
     set_env,
     sleep_pid,
     sleep_return,
+    slow_start_for_the_first_worker,
     square,
     stamped_blob,
+    worker_name,
 )
 
 
@@ -40,6 +42,15 @@ def test_every_method_gives_the_stdlib_answer(start_method: str) -> None:
         assert sorted(pool.imap_unordered(square, range(20))) == [x * x for x in range(20)]
         assert pool.map_async(square, [1, 2]).get(10) == [1, 4]
         assert pool.starmap_async(add, [(1, 1)]).get(10) == [2]
+
+
+def test_a_call_made_while_workers_start_goes_to_the_first_one_ready(start_method: str) -> None:
+    # The first worker started is not always the first ready; a call sent to
+    # it ahead waited for its start while the other sat idle.
+    with Pool(
+        2, context=start_method, initializer=slow_start_for_the_first_worker, initargs=(2.0,)
+    ) as pool:
+        assert pool.apply(worker_name) == "procpool-worker-1"
 
 
 def test_any_callable_under_any_start_method(start_method: str) -> None:

@@ -575,9 +575,17 @@ class Dispatcher(DirectPath):
         comes back for it sooner. The seed's 1,000 squares used to end on a
         worker started mid-map: 7-18 ms for the map where its first worker
         alone took 3-4.
+
+        Nor does a booting worker get anything while another idle one boots
+        too: the first started is not always the first ready (two spawned
+        interpreters share 2 cores), and a batch in its pipe would wait for it
+        while the other sat idle, ~30 ms of a cold spawn pool's first result.
+        The batch waits here instead, for whichever reports ready first, as it
+        would in the standard library's shared queue.
         """
         best: Worker | None = None
         booting: Worker | None = None
+        idle_booting = 0
         for worker in self._workers.values():
             if worker.retiring or worker.timed_out:
                 continue
@@ -585,6 +593,7 @@ class Dispatcher(DirectPath):
             if held == 0:
                 if worker.ready:
                     return worker
+                idle_booting += 1
                 # Only a small batch: one too large for the pipe could block this
                 # thread's write to a worker stuck in its start.
                 if booting is None and self._fits_pipe(worker, batch):
@@ -595,6 +604,8 @@ class Dispatcher(DirectPath):
                 best = worker
         if best is not None and self._ahead(best, batch):
             return best
+        if idle_booting > 1:
+            return None
         if booting is not None and any(
             w.ready and w.inflight and self._prefetch_pays(w) for w in self._workers.values()
         ):
