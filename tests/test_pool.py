@@ -20,8 +20,10 @@ from tests.helpers import (
     fail_at_3_mod_7,
     fail_on,
     get_env,
+    keep_barrier,
     loaded,
     pid,
+    pid_after_barrier,
     set_env,
     sleep_pid,
     sleep_return,
@@ -51,6 +53,25 @@ def test_a_call_made_while_workers_start_goes_to_the_first_one_ready(start_metho
         2, context=start_method, initializer=slow_start_for_the_first_worker, initargs=(2.0,)
     ) as pool:
         assert pool.apply(worker_name) == "procpool-worker-1"
+
+
+def test_a_spawn_pool_starts_its_first_worker_alone_and_the_rest_by_itself() -> None:
+    # Two interpreters starting at once on 2 cores each take longer than one
+    # alone; the rest start once the first has answered, with no work waiting.
+    with Pool(3, context="spawn") as pool:
+        assert len(pool.statistics().per_worker) == 1
+        assert pool.apply(square, (3,)) == 9
+        deadline = time.monotonic() + 30
+        while len(pool.statistics().per_worker) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(pool.statistics().per_worker) == 3
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_work_that_needs_every_worker_starts_them_all_at_once(method: str) -> None:
+    barrier = multiprocessing.get_context(method).Barrier(3)
+    with Pool(3, context=method, initializer=keep_barrier, initargs=(barrier,)) as pool:
+        assert len(set(pool.map(pid_after_barrier, range(3), chunksize=1))) == 3
 
 
 def test_any_callable_under_any_start_method(start_method: str) -> None:

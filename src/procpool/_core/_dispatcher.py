@@ -127,6 +127,11 @@ PREFETCH_AHEAD_S = 0.005
 SHORT_CALL_S = PREFETCH_AHEAD_S / BURST
 # Functions whose seconds per task are remembered for that (the most recent).
 MEASURED_FNS = 256
+# Start methods whose pools start their first worker alone, and how long the others
+# wait at most for it to be ready (see Dispatcher._end_stagger). Not forkserver: its
+# workers are forks of one server, and started together they came out level.
+STAGGERED_METHODS = ("spawn",)
+STAGGER_S = 0.2
 # Workers that die before they are ready, in a row, before we stop replacing them.
 MAX_STARTUP_DEATHS = 3
 # Exited workers listed one by one in statistics(); older ones are summed.
@@ -231,6 +236,10 @@ class Dispatcher(DirectPath):
             self.inherited_main = main_functions()
         # Under a zygote, workers start on demand (see _grow).
         self._on_demand = getattr(ctx, "zygote", None) is not None
+        # Under spawn, the first starts alone (see _end_stagger).
+        self._staggered = (
+            workers > 1 and not self._on_demand and ctx.get_start_method() in STAGGERED_METHODS
+        )
         self._item_s: float | None = None  # seconds per task, as measured so far
         self._fn_item_s: dict[int, float] = {}  # the same, per callable (see _prefetch_pays)
         self._prefetch = True  # whether a busy worker may be sent a batch (see _may_prefetch)
@@ -268,7 +277,7 @@ class Dispatcher(DirectPath):
         self.crashes = 0
         self._thread = threading.Thread(target=self._run, name="procpool-dispatcher", daemon=True)
         try:
-            for _ in range(1 if self._on_demand else workers):
+            for _ in range(1 if self._on_demand or self._staggered else workers):
                 self._watch(self._spawn())
         except BaseException:
             # Out of processes or descriptors: leave nothing half-started behind.
@@ -513,6 +522,11 @@ class Dispatcher(DirectPath):
             if not worker.start_timed_out and not worker.alive():
                 left = max(0.0, worker.started + START_TIMEOUT - now) + 0.01
                 nearest = left if nearest is None else min(nearest, left)
+        if self._staggered:
+            for worker in self._workers.values():
+                if not worker.ready:
+                    left = max(0.0, worker.started + STAGGER_S - now) + 0.001
+                    nearest = left if nearest is None else min(nearest, left)
         if self._on_demand and self._pending and len(self._workers) < self._size:
             # Work waits in a pool that may grow: look again soon (see _grow).
             nearest = GROW_AFTER_S / 2 if nearest is None else min(nearest, GROW_AFTER_S / 2)
@@ -530,6 +544,8 @@ class Dispatcher(DirectPath):
         if self._on_demand:
             self._prefetch = self._may_prefetch()
         self._send_pending()
+        if self._staggered and self._end_stagger():
+            self._send_pending()
         if self._pending and self._on_demand and self._grow():
             self._send_pending()  # a small batch may wait in the new worker's pipe
 
@@ -581,7 +597,9 @@ class Dispatcher(DirectPath):
         interpreters share 2 cores), and a batch in its pipe would wait for it
         while the other sat idle, ~30 ms of a cold spawn pool's first result.
         The batch waits here instead, for whichever reports ready first, as it
-        would in the standard library's shared queue.
+        would in the standard library's shared queue. The same holds for the
+        first worker of a staggered pool, which the others may overtake (see
+        _end_stagger).
         """
         best: Worker | None = None
         booting: Worker | None = None
@@ -604,7 +622,7 @@ class Dispatcher(DirectPath):
                 best = worker
         if best is not None and self._ahead(best, batch):
             return best
-        if idle_booting > 1:
+        if idle_booting > 1 or self._staggered:
             return None
         if booting is not None and any(
             w.ready and w.inflight and self._prefetch_pays(w) for w in self._workers.values()
@@ -1190,7 +1208,35 @@ class Dispatcher(DirectPath):
         self._bury(worker)
         return False
 
+    def _end_stagger(self) -> bool:
+        """Start the rest of a spawn pool's workers, once its first is ready
+        and idle, or when work waits, or when the first is slow to start;
+        return whether it did.
+
+        A spawned worker's start is a new interpreter's (~70-150 ms here), and
+        two starting at once on 2 cores each take longer than one alone: a
+        cold pool's first result waited ~40 ms more than with one (W6, spawn,
+        12 alternating processes). Started alone, the first is ready sooner;
+        the others start as soon as it has answered and has nothing to do, so
+        a pool made ahead of its work is whole soon after. More waiting
+        batches than idle workers (a map's second batch, a call behind a busy
+        one) start them at once, and so does a first worker still not ready
+        after STAGGER_S (a script that imports for seconds, a slow
+        initializer): the pool is then whole at most that much later than if
+        all had started together.
+        """
+        workers = self._workers.values()
+        idle = sum(1 for w in workers if not w.inflight and not w.retiring)
+        ready_idle = any(w.ready and not w.inflight for w in workers)
+        now = time.monotonic()
+        slow = any(not w.ready and now - w.started > STAGGER_S for w in workers)
+        if not (ready_idle or len(self._pending) > idle or slow):
+            return False
+        self._replenish()
+        return True
+
     def _replenish(self) -> None:
+        self._staggered = False
         if self._terminating or self._broken is not None or self._on_demand:
             return  # on demand: _schedule() starts workers when work waits
         if self._closing and not self._pending:
