@@ -23,7 +23,7 @@ class collector_held:  # lower case: it reads as a statement, ``with collector_h
     a young collection would have put them: ``gc.freeze()`` then
     ``gc.unfreeze()``, two list splices. A young collection instead would
     visit every one of them and write to its header; right after the block
-    forked workers, that copies every page they sit on, ~2.5 ms in a cold
+    forked workers, that copies every page they sit on, 2.5-5 ms in a cold
     fork pool's process. Garbage among them (or made just before the block)
     waits for the next full collection. Not done where objects are frozen
     already: that would thaw the program's own (see ``gc.freeze``).
@@ -32,8 +32,9 @@ class collector_held:  # lower case: it reads as a statement, ``with collector_h
     collector on again, as it was before the block, and everything it
     inherited frozen (``_turn_back_on_in_child``): its collections never visit
     the parent's objects, which would copy their pages into the child. Turned
-    on without that, the held objects cost each forked worker a young
-    collection, ~3 ms of its start-up.
+    on without that, the held objects cost each forked worker a collection
+    at its first allocations: up to ~3.5 ms of its CPU, by the parent's
+    counters at the fork, and ~60 page faults more in every layout.
 
     Re-entrant, and a no-op where the collector is already off (the caller's
     choice is left as it was). A program that calls ``gc.disable()`` from

@@ -595,7 +595,8 @@ class Dispatcher(DirectPath):
         Nor does a booting worker get anything while another idle one boots
         too: the first started is not always the first ready (two spawned
         interpreters share 2 cores), and a batch in its pipe would wait for it
-        while the other sat idle, ~30 ms of a cold spawn pool's first result.
+        while the other sat idle (in cold 2-worker pools here the second was
+        first in 9 of 12 with forkserver, 4 with fork, 2 with spawn).
         The batch waits here instead, for whichever reports ready first, as it
         would in the standard library's shared queue. The same holds for the
         first worker of a staggered pool, which the others may overtake (see
@@ -1215,8 +1216,9 @@ class Dispatcher(DirectPath):
 
         A spawned worker's start is a new interpreter's (~70-150 ms here), and
         two starting at once on 2 cores each take longer than one alone: a
-        cold pool's first result waited ~40 ms more than with one (W6, spawn,
-        12 alternating processes). Started alone, the first is ready sooner;
+        cold pool of 2 took 84.0 ms to its first result, a pool of 1 78.3 ms
+        (medians of 40 alternating processes). Started alone, the first is
+        ready sooner (75.2 ms);
         the others start as soon as it has answered and has nothing to do, so
         a pool made ahead of its work is whole soon after. More waiting
         batches than idle workers (a map's second batch, a call behind a busy
