@@ -239,7 +239,7 @@ def test_making_a_pool_holds_the_collector_back_while_the_engine_loads() -> None
 def test_workers_forked_while_the_collector_was_held_froze_what_they_inherited() -> None:
     # Turned back on in a worker forked inside the hold, the collector would
     # visit the thousands of objects the hold kept young, and write to every
-    # one (~3 ms of each worker's start, its pages copied). Frozen, they are
+    # one (up to ~3.5 ms of each worker's CPU, its pages copied). Frozen, they are
     # never visited there; the parent froze nothing of its own, and a program
     # that froze its own objects finds them frozen still.
     script = (
