@@ -241,6 +241,8 @@ class Dispatcher(DirectPath):
             workers > 1 and not self._on_demand and ctx.get_start_method() in STAGGERED_METHODS
         )
         self._item_s: float | None = None  # seconds per task, as measured so far
+        self._measured = 0  # replies that have updated _item_s
+        self._grown_at = -1  # _measured when a worker was last started on demand
         self._fn_item_s: dict[int, float] = {}  # the same, per callable (see _prefetch_pays)
         self._prefetch = True  # whether a busy worker may be sent a batch (see _may_prefetch)
         # The sink of the batch answered last (see _may_prefetch); weakly, since
@@ -824,11 +826,16 @@ class Dispatcher(DirectPath):
         # batch is believed at once, a slower one raises the estimate gradually.
         # One call's time (an apply, a first call) overstates a map's tasks by
         # 10-20x, and growth on an estimate should err towards fewer workers:
-        # a batch that has run 2 ms starts more on its own evidence.
+        # a batch that has run 2 ms starts more on its own evidence. So a
+        # worker's first batch is believed only if faster: it pays the worker's
+        # cold start (first call of the function, cold caches), 3-15x a square's
+        # time here, and once raised the estimate enough to start a third
+        # worker for 1,000 squares.
         per_item = busy / len(batch.items)
+        self._measured += 1
         if self._item_s is None or per_item < self._item_s:
             self._item_s = per_item
-        else:
+        elif worker.tasks_done > len(batch.items):
             self._item_s = 0.7 * self._item_s + 0.3 * per_item
         self._measure(batch, busy + transfer)
         self._note_reply(worker, batch, busy + transfer)
@@ -1273,6 +1280,8 @@ class Dispatcher(DirectPath):
             if not self._start_one():
                 break
             started = True
+        if started:
+            self._grown_at = self._measured
         return started
 
     def _may_prefetch(self) -> bool:
@@ -1304,12 +1313,20 @@ class Dispatcher(DirectPath):
         in its initializer GROW_AFTER_START_S after it was started. Workers
         already started that hold no batch take waiting ones first. Weaker
         evidence warrants one more worker, and not while a fork is under way: a
-        batch that has run GROW_AFTER_S or a worker still booting after
-        GROW_AFTER_START_S (a busy machine can stall a process that long), or
-        queued work that, at the seconds per task measured so far, would
-        keep each started worker busy GROW_AFTER_S (an estimate from few tasks,
-        say an `apply` that included a first import; by the time the fork is
-        done, finished batches will have corrected it).
+        batch that has run GROW_AFTER_S (a busy machine can stall a process
+        that long), or queued work that, at the seconds per task measured so
+        far, would keep each started worker busy GROW_AFTER_S. That estimate
+        may come from few tasks, say an `apply` that included a first import,
+        so it starts one worker and no more until a reply has updated it: an
+        apply's 28 us (a square takes ~1 us) started a second worker for 1,000
+        squares, then a third once the second's fork was done.
+
+        A batch whose reply already waits in its worker's pipe is not running:
+        its age measures this thread's lateness, not the work. On a loaded
+        2-core machine that was most of the evidence that grew a pool past two
+        workers on 1,000 squares (the reply was there in 4 of the 5 growths
+        logged). Nor is a worker still booting evidence of anything but a busy
+        machine, which one more process makes busier; it used to warrant one.
         """
         pending = self._pending
         if not pending:
@@ -1318,7 +1335,7 @@ class Dispatcher(DirectPath):
             return 1
         now = time.monotonic()
         free = 0
-        slow_init = slow_boot = forking = False
+        slow_init = forking = False
         longest = 0.0  # the longest a running batch has run
         for worker in self._workers.values():
             forking = forking or worker.forking
@@ -1327,23 +1344,25 @@ class Dispatcher(DirectPath):
             if not worker.inflight:
                 free += 1
             if not worker.ready:
-                if now - worker.started > GROW_AFTER_START_S:
-                    if worker.alive():
-                        slow_init = True  # booted: in its initializer
-                    else:
-                        slow_boot = True  # still booting: a busy machine
+                if now - worker.started > GROW_AFTER_START_S and worker.alive():
+                    slow_init = True  # booted: in its initializer
             elif worker.inflight:
                 batch_id, _, started = worker.read_slot()
-                if batch_id == worker.inflight[0].id:
-                    longest = max(longest, now - started)
+                age = now - started
+                if (
+                    batch_id == worker.inflight[0].id
+                    and age > longest
+                    and (age <= GROW_AFTER_S or not self._replied(worker))
+                ):
+                    longest = age
         if slow_init or longest > GROW_ALL_AFTER_S:
             return len(pending) - free
         if len(pending) <= free or forking:
             return 0
-        if longest > GROW_AFTER_S or slow_boot:
+        if longest > GROW_AFTER_S:
             return 1
-        if self._item_s is None:
-            return 0
+        if self._item_s is None or self._grown_at == self._measured:
+            return 0  # no estimate, or one that has started a worker already
         items_ahead = GROW_AFTER_S * active / max(self._item_s, 1e-9)
         waiting = 0
         for batch in pending:
@@ -1351,6 +1370,14 @@ class Dispatcher(DirectPath):
             if waiting > items_ahead:
                 return 1
         return 0
+
+    @staticmethod
+    def _replied(worker: Worker) -> bool:
+        """Whether a reply waits unread in ``worker``'s pipe (one poll, no read)."""
+        try:
+            return bool(worker.conn.poll())
+        except (OSError, ValueError):
+            return False  # closed or broken: its death is handled elsewhere
 
     def _start_one(self) -> bool:
         try:
