@@ -539,15 +539,19 @@ def _calm_signals() -> dict[int, Any]:
 
 
 def _restore_signals(saved: dict[int, Any]) -> None:
-    for sig, handler in saved.items():
-        with contextlib.suppress(OSError, ValueError, TypeError):
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-    # But from its first instruction a child takes a worker's dispositions
-    # (worker_main sets the same): the parent's SIGTERM handler raises
-    # SystemExit, which a pool terminated while this child was still starting
-    # would print as a traceback; Ctrl-C is the parent's to handle.
+    # A child takes a worker's dispositions for these two from its first
+    # instruction (worker_main sets the same), and never the parent's, not even
+    # for a moment: the parent's SIGTERM handler raises SystemExit, which a pool
+    # terminated while this child was still starting would print as a
+    # traceback (it did, when they were restored here and then reset); Ctrl-C
+    # is the parent's to handle.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig, handler in saved.items():
+        if sig in (signal.SIGTERM, signal.SIGINT):
+            continue
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def _run_child(data_r: int, inherited: list[int]) -> int:
