@@ -35,12 +35,21 @@ def _warm(pool: Any) -> None:
     """Make sure every worker is up and has reported ready (an on-demand pool
     starts its second worker for tasks seen to be long)."""
     deadline = time.monotonic() + 30
+    rounds = 0
     while True:
         pool.starmap(sleep_return, [(0.03, i) for i in range(4)], chunksize=1)
+        rounds += 1
         workers = pool._runner.engine._workers.values()
         if len(workers) == pool._runner.engine.size and all(w.ready for w in workers):
             return
-        assert time.monotonic() < deadline, "workers did not start"
+        # Seen once in ~100 loaded runs (max_memory_per_worker, Python 3.13): say
+        # what the workers were doing, should it come back.
+        now = time.monotonic()
+        assert now < deadline, f"workers did not start in {rounds} rounds: " + ", ".join(
+            f"{w.id}: pid {w.pid} ready={w.ready} retiring={w.retiring} "
+            f"alive={w.alive()} age={now - w.started:.2f}s holds={len(w.inflight)}"
+            for w in workers
+        )
 
 
 def test_round_trips_on_an_idle_pool_take_the_direct_path(start_method: str) -> None:
