@@ -32,23 +32,32 @@ def _lendings(pool: Any) -> int:
 
 
 def _warm(pool: Any) -> None:
-    """Make sure every worker is up and has reported ready (an on-demand pool
-    starts its second worker for tasks seen to be long)."""
+    """Make sure every worker that will take work is up and has reported ready
+    (an on-demand pool starts its second worker for tasks seen to be long).
+
+    Retiring workers (max_memory_per_worker, maxtasksperchild) are left out:
+    one retires with its last reply, so the round that starts the pool's
+    workers always ends with one, and its replacement starting.
+    """
+    engine = pool._runner.engine
     deadline = time.monotonic() + 30
     rounds = 0
     while True:
         pool.starmap(sleep_return, [(0.03, i) for i in range(4)], chunksize=1)
         rounds += 1
-        workers = pool._runner.engine._workers.values()
-        if len(workers) == pool._runner.engine.size and all(w.ready for w in workers):
-            return
-        # Seen once in ~100 loaded runs (max_memory_per_worker, Python 3.13): say
-        # what the workers were doing, should it come back.
-        now = time.monotonic()
+        settled = time.monotonic() + 1.0
+        while True:
+            live = [w for w in list(engine._workers.values()) if not w.retiring]
+            if len(live) == engine.size and all(w.ready for w in live):
+                return
+            now = time.monotonic()
+            if now > settled:
+                break
+            time.sleep(0.005)
         assert now < deadline, f"workers did not start in {rounds} rounds: " + ", ".join(
             f"{w.id}: pid {w.pid} ready={w.ready} retiring={w.retiring} "
             f"alive={w.alive()} age={now - w.started:.2f}s holds={len(w.inflight)}"
-            for w in workers
+            for w in list(engine._workers.values())
         )
 
 
@@ -393,7 +402,11 @@ def test_workers_recycled_after_direct_calls_are_replaced(
     # has not reported ready takes no direct call: those go the dispatcher's way.)
     with Pool(2, **options) as pool:
         _warm(pool)
+        before = _lendings(pool)
         assert [pool.apply(square, (i,)) for i in range(30)] == [i * i for i in range(30)]
+        # A default pool replaces a retired worker at once, as it retires: the
+        # next calls find one ready (it used to wait for the next call to start it).
+        assert _lendings(pool) > before
         stats = pool.statistics()
         assert len({w.pid for w in stats.per_worker}) >= 10
         assert stats.recycled >= 10 or not recycled

@@ -106,6 +106,35 @@ def test_a_short_map_starts_one_worker_and_a_long_one_starts_them_all(
         assert all(w.tasks > 0 for w in stats.per_worker)
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads Linux's /proc")
+def test_growth_tells_a_task_asleep_from_one_that_computes() -> None:
+    # Where the started workers fill the cores, a batch that has run 2 ms starts
+    # one more worker only if it is asleep (see Dispatcher._shortfall): real
+    # processes, one asleep and one spinning under the name "x) S" (the state
+    # follows the name's last ")"), and a pid that is gone.
+    from procpool._core._dispatcher import _blocked
+
+    spin = "open('/proc/self/comm', 'w').write('x) S'); print(flush=True)\nwhile True: pass"
+    asleep = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    spinning = subprocess.Popen([sys.executable, "-c", spin], stdout=subprocess.PIPE)
+    try:
+        assert spinning.stdout is not None and spinning.stdout.readline() == b"\n"
+        with open(f"/proc/{spinning.pid}/comm") as comm:
+            assert comm.read() == "x) S\n"
+        deadline = time.monotonic() + 10
+        while not _blocked(asleep.pid):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert not _blocked(spinning.pid)
+    finally:
+        for process in (asleep, spinning):
+            process.kill()
+            process.wait()
+        if spinning.stdout is not None:
+            spinning.stdout.close()
+    assert not _blocked(asleep.pid)  # reaped: no such process
+
+
 def test_tasks_that_wait_for_each_other_get_all_the_workers(single_threaded: None) -> None:
     # Three tasks that can only finish together: on-demand starts must not stop at one.
     with Pool(3, initializer=helpers.keep_barrier, initargs=(procpool.Barrier(3),)) as pool:

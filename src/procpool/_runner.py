@@ -11,7 +11,6 @@ import atexit
 import itertools
 import math
 import multiprocessing.util  # noqa: F401 - before atexit.register below
-import os
 import pickle
 import signal
 import threading
@@ -19,6 +18,7 @@ import weakref
 from collections.abc import Callable, Iterable
 
 from ._core import _protocol as P
+from ._core import usable_cpus
 from ._core._batch import CHUNK_BYTES, Batch, CallableCache, Sink, TaskPolicy, make_batches
 from ._core._startmethod import ContextLike
 from .backends import Backend, BackendOptions, make_backend
@@ -31,11 +31,8 @@ _UNSET: Any = object()
 
 
 def default_workers() -> int:
-    """The CPUs this process may run on (``os.cpu_count()`` where affinity is unknown)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+    """A pool's size where none is given: the CPUs this process may run on."""
+    return usable_cpus()
 
 
 def make_policy(

@@ -90,6 +90,14 @@ def _turn_back_on_in_child() -> None:
 os.register_at_fork(after_in_child=_turn_back_on_in_child)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (``os.cpu_count()`` where affinity is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def run_worker(*args: object) -> None:
     """The target of every worker's Process: ``_worker.worker_main``, imported there.
 

@@ -96,7 +96,7 @@ from .._exceptions import (
 )
 from . import _protocol as P
 from . import _shm as shm
-from . import run_worker
+from . import run_worker, usable_cpus
 from ._batch import Batch, dumps_callable, main_functions
 from ._direct import DirectPath
 from ._slot import Slot
@@ -155,10 +155,10 @@ START_TIMEOUT = 60.0
 # worker's start and stop cost. Evidence is a batch that has run this long, or
 # the work queued, at the seconds per item measured so far...
 GROW_AFTER_S = 0.002
-# ...or a worker still starting after this long. A batch that has run
-# GROW_ALL_AFTER_S, or a worker that long in its initializer, warrants a worker
-# for every waiting batch at once; the other evidence one more worker at a time
-# (a worker stalled for 2 ms by a busy machine must not start them all).
+# A batch that has run GROW_ALL_AFTER_S, or a worker GROW_AFTER_START_S in its
+# initializer, warrants a worker for every waiting batch at once; the other
+# evidence one more worker at a time (a worker stalled for 2 ms by a busy
+# machine must not start them all).
 GROW_AFTER_START_S = 0.010
 GROW_ALL_AFTER_S = 0.020
 
@@ -168,6 +168,18 @@ _pool_ids = itertools.count()
 
 def _nothing() -> None:
     return None
+
+
+def _blocked(pid: int) -> bool:
+    """Whether process ``pid`` is asleep (a task waiting on I/O, a lock, a timer),
+    not running or waiting for a core; False where Linux's /proc cannot tell."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]  # after "(name) "
+    return state in (b"S", b"D")
 
 
 def _weak(obj: object) -> Callable[[], object]:
@@ -241,8 +253,10 @@ class Dispatcher(DirectPath):
             workers > 1 and not self._on_demand and ctx.get_start_method() in STAGGERED_METHODS
         )
         self._item_s: float | None = None  # seconds per task, as measured so far
+        self._cores = usable_cpus()  # see _shortfall
         self._measured = 0  # replies that have updated _item_s
         self._grown_at = -1  # _measured when a worker was last started on demand
+        self._grown_to = 1  # the most workers work has called for (see _replenish)
         self._fn_item_s: dict[int, float] = {}  # the same, per callable (see _prefetch_pays)
         self._prefetch = True  # whether a busy worker may be sent a batch (see _may_prefetch)
         # The sink of the batch answered last (see _may_prefetch); weakly, since
@@ -1245,12 +1259,20 @@ class Dispatcher(DirectPath):
         return True
 
     def _replenish(self) -> None:
+        """Replace workers that retired or died: up to the pool's size, or, on
+        demand, up to as many as work has called for (see _grow).
+
+        An on-demand pool used to leave that to the next work that waited: a
+        pool recycling its workers (max_memory_per_worker) then had no worker
+        ready between calls, every call waited for a start, and the direct path
+        (which takes only a ready worker) was never used.
+        """
         self._staggered = False
-        if self._terminating or self._broken is not None or self._on_demand:
-            return  # on demand: _schedule() starts workers when work waits
+        if self._terminating or self._broken is not None:
+            return
         if self._closing and not self._pending:
             return  # closing with nothing queued: let the pool shrink to zero
-        for _ in range(self._size - self._active()):
+        for _ in range((self._grown_to if self._on_demand else self._size) - self._active()):
             if not self._start_one():
                 return
 
@@ -1282,6 +1304,7 @@ class Dispatcher(DirectPath):
             started = True
         if started:
             self._grown_at = self._measured
+            self._grown_to = max(self._grown_to, self._active())
         return started
 
     def _may_prefetch(self) -> bool:
@@ -1309,8 +1332,10 @@ class Dispatcher(DirectPath):
         """How many more workers the waiting work warrants (zero or less: none).
 
         A waiting batch warrants a worker of its own when batches are seen to
-        be long: one has run longer than GROW_ALL_AFTER_S, or a worker is still
-        in its initializer GROW_AFTER_START_S after it was started. Workers
+        be long: one has run longer than GROW_ALL_AFTER_S, or a worker has been
+        in its initializer GROW_AFTER_START_S (since it reported itself alive:
+        timed from its start, a fork slowed 10 ms by a busy machine read as a
+        slow initializer, and started every worker for 1,000 squares). Workers
         already started that hold no batch take waiting ones first. Weaker
         evidence warrants one more worker, and not while a fork is under way: a
         batch that has run GROW_AFTER_S (a busy machine can stall a process
@@ -1320,6 +1345,13 @@ class Dispatcher(DirectPath):
         so it starts one worker and no more until a reply has updated it: an
         apply's 28 us (a square takes ~1 us) started a second worker for 1,000
         squares, then a third once the second's fork was done.
+
+        Where the started workers fill the cores, one still starting takes a
+        core from those running: their batches then run long and measure slow
+        (up to 46 us a square, ~1 us alone, in the growths logged on 2 cores).
+        Weak evidence waits for it to be ready there, unless the batch that has
+        run 2 ms waits on something other than a core (see _blocked): there
+        more workers than cores do help.
 
         A batch whose reply already waits in its worker's pipe is not running:
         its age measures this thread's lateness, not the work. On a loaded
@@ -1335,8 +1367,9 @@ class Dispatcher(DirectPath):
             return 1
         now = time.monotonic()
         free = 0
-        slow_init = forking = False
+        slow_init = forking = starting = False
         longest = 0.0  # the longest a running batch has run
+        oldest: Worker | None = None  # the worker that runs it
         for worker in self._workers.values():
             forking = forking or worker.forking
             if worker.retiring or worker.timed_out:
@@ -1344,8 +1377,14 @@ class Dispatcher(DirectPath):
             if not worker.inflight:
                 free += 1
             if not worker.ready:
-                if now - worker.started > GROW_AFTER_START_S and worker.alive():
-                    slow_init = True  # booted: in its initializer
+                starting = True
+                alive_at = worker.slot[P.SLOT_ALIVE]  # 0 while it boots
+                if (
+                    alive_at
+                    and now - alive_at > GROW_AFTER_START_S
+                    and not self._replied(worker)  # READY, unread
+                ):
+                    slow_init = True
             elif worker.inflight:
                 batch_id, _, started = worker.read_slot()
                 age = now - started
@@ -1354,10 +1393,21 @@ class Dispatcher(DirectPath):
                     and age > longest
                     and (age <= GROW_AFTER_S or not self._replied(worker))
                 ):
-                    longest = age
+                    longest, oldest = age, worker
         if slow_init or longest > GROW_ALL_AFTER_S:
             return len(pending) - free
         if len(pending) <= free or forking:
+            return 0
+        if (
+            starting
+            and active >= self._cores
+            and not (
+                longest > GROW_AFTER_S
+                and oldest is not None
+                and _blocked(oldest.pid)
+                and not self._replied(oldest)  # asleep because done, since looked at
+            )
+        ):
             return 0
         if longest > GROW_AFTER_S:
             return 1
