@@ -419,3 +419,23 @@ def test_workers_recycled_after_direct_calls_are_replaced(
                 assert pool.apply(square, (i,)) == i * i
                 time.sleep(0.01)  # the replacement gets ready meanwhile
             assert _lendings(pool) > before
+
+
+def test_a_worker_spins_for_a_lone_callers_next_call_and_then_sleeps() -> None:
+    # After answering a call on the direct path, a worker spins up to SPIN_S
+    # (100 us) for the next one before it sleeps (see _worker._spinner). A pool
+    # left idle after a run of such calls must then cost no CPU: a spin that
+    # never ended would show here as a busy core.
+    import psutil
+
+    with Pool(2) as pool:
+        _warm(pool)
+        before = _lendings(pool)
+        assert [pool.apply(square, (i,)) for i in range(300)] == [i * i for i in range(300)]
+        assert _lendings(pool) - before >= 250
+        workers = [psutil.Process(w.pid) for w in pool.statistics().per_worker]
+        time.sleep(0.1)
+        cpu = [sum(p.cpu_times()[:2]) for p in workers]
+        time.sleep(1.0)
+        spent = [sum(p.cpu_times()[:2]) - c for p, c in zip(workers, cpu, strict=True)]
+        assert max(spent) < 0.1, spent

@@ -167,8 +167,8 @@ def test_messages_written_at_once_are_read_one_by_one() -> None:
         messages = [
             (P.FREED, []),
             (P.FN, 1, b"callable"),
-            (P.BATCH, 7, 1, 0, False, -1, None, b"x" * 1000),
-            (P.BATCH, 8, 1, 0, True, -1, (5, 2), b"y"),
+            (P.BATCH, 7, 1, 0, False, -1, None, False, b"x" * 1000),
+            (P.BATCH, 8, 1, 0, True, -1, (5, 2), True, b"y"),
         ]
         buffers: list[bytes] = []
         for message in messages:
@@ -182,7 +182,7 @@ def test_messages_written_at_once_are_read_one_by_one() -> None:
         P.write(here, [b for m in many for b in P.framed(m) or ()])
         assert [P.recv(there) for _ in many] == many
     # A payload large enough for a frame of its own is sent by P.send, not framed.
-    assert P.framed((P.BATCH, 9, 1, 0, False, -1, None, b"z" * P.FRAME_BYTES)) is None
+    assert P.framed((P.BATCH, 9, 1, 0, False, -1, None, False, b"z" * P.FRAME_BYTES)) is None
 
 
 def test_many_threads_share_one_pool() -> None:

@@ -67,7 +67,7 @@ class DirectPath:
 
         @property
         def accepting(self) -> bool: ...
-        def _send(self, worker: Worker, batch: Batch) -> None: ...
+        def _send(self, worker: Worker, batch: Batch, linger: bool = False) -> None: ...
         def _handle(self, worker: Worker, msg: tuple[Any, ...]) -> None: ...
         def _wake(self) -> None: ...
         @staticmethod
@@ -140,7 +140,7 @@ class DirectPath:
                 if not on_start():
                     batch.release()
                     return True  # cancelled before it started
-            self._send(worker, batch)
+            self._send(worker, batch, linger=True)
             worker.direct_at = time.monotonic()
             return True
         finally:

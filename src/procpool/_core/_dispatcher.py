@@ -747,7 +747,8 @@ class Dispatcher(DirectPath):
     def _held_items(worker: Worker) -> int:
         return sum(len(b.items) for b in worker.inflight)
 
-    def _send(self, worker: Worker, batch: Batch) -> None:
+    def _send(self, worker: Worker, batch: Batch, linger: bool = False) -> None:
+        """Send ``batch`` to ``worker``; ``linger``: see P.BATCH (the direct path)."""
         worker.inflight.append(batch)
         fn = batch.fn
         try:
@@ -765,7 +766,8 @@ class Dispatcher(DirectPath):
             timed = batch.policy.timeout is not None
             seed = None if batch.policy.seed is None else (batch.policy.seed, batch.seed_base)
             self._post(
-                worker, (P.BATCH, batch.id, fn.id, batch.star, timed, first, seed, batch.payload)
+                worker,
+                (P.BATCH, batch.id, fn.id, batch.star, timed, first, seed, linger, batch.payload),
             )
         except OSError:
             # The worker is gone; its sentinel will fire and this batch,

@@ -10,9 +10,12 @@ Parent to worker::
     (FN, fn_id, fn_bytes)                  cloudpickled callable, once per worker
     (FREED, segments)                      result segments nothing maps in the parent
                                            any more: the worker may write them again
-    (BATCH, batch_id, fn_id, star, timed, first_index, seed, payload)
+    (BATCH, batch_id, fn_id, star, timed, first_index, seed, linger, payload)
                                            seed: None, or (S, index of the batch's first
-                                           task) from which each task's stream derives
+                                           task) from which each task's stream derives;
+                                           linger: a caller waits for it alone (the direct
+                                           path), and may send the next call as soon as
+                                           it has the reply: wait for it spinning
     (STOP,)
 
 Worker to parent::
