@@ -92,43 +92,57 @@ def worker_main(
 SPIN_S = 100e-6
 
 
-def _spinner(conn: Connection) -> Callable[[], bool] | None:
-    """A function that spins up to SPIN_S for ``conn``'s next message and says
-    whether it came; None where spinning would take the only core there is.
+class _Spinner:
+    """Spins up to SPIN_S for a pipe's next message (``spin()``: whether it came).
 
-    It does not spin if this process has been preempted since it last was
-    asked (``ru_nivcsw``): the cores are busy, and a spinning worker would hold
-    one the process that is to write to it may need. It never yields the
-    core while it spins (``sched_yield``): on a loaded machine each yield
-    handed the core to another process for a whole time slice, and round
-    trips took ~170 us against ~120 without spinning and ~80 with this.
+    It does not spin where that would take the only core there is, nor if this
+    process has been preempted since it last was asked (``ru_nivcsw``): the
+    cores are busy, and a spinning worker would hold one the process that is
+    to write to it may need. It never yields the core while it spins
+    (``sched_yield``): on a loaded machine each yield handed the core to another
+    process for a whole time slice (two CPU hogs: ~174 us a round trip, where
+    this spin takes ~68 and no spin 120-190). Set up at its first use, not at
+    the worker's start: ``resource`` may not be loaded yet.
     """
-    if usable_cpus() < 2:
-        return None
-    try:
-        import resource
-    except ImportError:
-        return None
-    watch = select.poll()
-    watch.register(conn.fileno(), select.POLLIN)
-    poll = watch.poll
-    clock = time.perf_counter
-    usage = resource.getrusage
-    me = resource.RUSAGE_SELF
-    preempted = -1
 
-    def spin() -> bool:
-        nonlocal preempted
-        before, preempted = preempted, usage(me).ru_nivcsw
-        if preempted != before:
+    __slots__ = ("_conn", "_poll", "_preempted", "_usage")
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn: Connection | None = conn
+        self._poll: Callable[[int], list[tuple[int, int]]] | None = None
+        self._usage: Callable[[], int] | None = None
+        self._preempted = -1
+
+    def spin(self) -> bool:
+        poll, usage = self._poll, self._usage
+        if poll is None or usage is None:
+            if self._conn is None or not self._set_up(self._conn):
+                return False
+            poll, usage = self._poll, self._usage
+            assert poll is not None and usage is not None
+        before, self._preempted = self._preempted, usage()
+        if self._preempted != before:
             return False
+        clock = time.perf_counter
         until = clock() + SPIN_S
         while not poll(0):
             if clock() > until:
                 return False
         return True
 
-    return spin
+    def _set_up(self, conn: Connection) -> bool:
+        self._conn = None  # once: where it cannot spin, it never will
+        if usable_cpus() < 2:
+            return False
+        try:
+            import resource
+        except ImportError:
+            return False
+        watch = select.poll()
+        watch.register(conn.fileno(), select.POLLIN)
+        self._poll = watch.poll
+        self._usage = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw
+        return True
 
 
 def _expire_while_idle(conn: Connection, recycler: shm.Recycler | None) -> None:
@@ -184,13 +198,13 @@ def _serve(
 ) -> None:
     fns: OrderedDict[int, Any] = OrderedDict()
     recycler = segments if isinstance(segments, shm.Recycler) else None
-    spin = _spinner(conn)
+    spinner = _Spinner(conn)
     linger = False  # the last batch was a lone call whose caller waits (see P.BATCH)
     quick = False  # the last wait ended within SPIN_S
     while True:
         try:
             waiting = time.perf_counter()
-            if not (linger and quick and spin is not None and spin()):
+            if not (linger and quick and spinner.spin()):
                 _expire_while_idle(conn, recycler)
             # A wait longer than a spin turns spinning off until one is not:
             # the caller is slow to call again (or this process to see it).
