@@ -423,7 +423,7 @@ def test_workers_recycled_after_direct_calls_are_replaced(
 
 def test_a_worker_spins_for_a_lone_callers_next_call_and_then_sleeps() -> None:
     # After answering a call on the direct path, a worker spins up to SPIN_S
-    # (100 us) for the next one before it sleeps (see _worker._spinner). A pool
+    # (100 us) for the next one before it sleeps (see _worker._Spinner). A pool
     # left idle after a run of such calls must then cost no CPU: a spin that
     # never ended would show here as a busy core.
     import psutil

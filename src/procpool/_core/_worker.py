@@ -204,7 +204,9 @@ def _serve(
     while True:
         try:
             waiting = time.perf_counter()
-            if not (linger and quick and spinner.spin()):
+            if linger and quick and spinner.spin():
+                shm.expire_kept(recycler)  # as a wait would have, kept ones still expire
+            else:
                 _expire_while_idle(conn, recycler)
             # A wait longer than a spin turns spinning off until one is not:
             # the caller is slow to call again (or this process to see it).
