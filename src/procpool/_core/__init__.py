@@ -94,7 +94,7 @@ def usable_cpus() -> int:
     """The CPUs this process may run on (``os.cpu_count()`` where affinity is unknown)."""
     try:
         return len(os.sched_getaffinity(0))
-    except AttributeError:
+    except (AttributeError, OSError):
         return os.cpu_count() or 1
 
 

@@ -178,8 +178,8 @@ def _blocked(pid: int) -> bool:
             stat = f.read()
     except OSError:
         return False
-    state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]  # after "(name) "
-    return state in (b"S", b"D")
+    state = stat.rfind(b")") + 2  # after "(name) ": the name may hold ")"
+    return stat[state : state + 1] in (b"S", b"D")
 
 
 def _weak(obj: object) -> Callable[[], object]:

@@ -39,6 +39,8 @@ import sys
 import time
 from collections.abc import Callable
 
+from . import usable_cpus
+
 __all__ = ["PipeWait"]
 
 # How long a wait sleeps before it looks at the worker's sentinel.
@@ -48,14 +50,7 @@ SPIN_S = 100e-6
 _PEEKABLE = sys.platform.startswith("linux")
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-_SPIN = _cores() > 1
+_SPIN = usable_cpus() > 1
 
 
 class PipeWait:

@@ -40,6 +40,9 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
 
+    # A pipe's poll, and a count of this process's preemptions (see _Spinner).
+    _Probes = tuple[Callable[[int], list[tuple[int, int]]], Callable[[], int]]
+
 # Exit code of a worker whose parent died: it had nobody to report to.
 _ORPHAN_EXIT = 70
 
@@ -105,22 +108,19 @@ class _Spinner:
     the worker's start: ``resource`` may not be loaded yet.
     """
 
-    __slots__ = ("_conn", "_poll", "_preempted", "_usage")
+    __slots__ = ("_conn", "_preempted", "_probes")
 
     def __init__(self, conn: Connection) -> None:
-        self._conn: Connection | None = conn
-        self._poll: Callable[[int], list[tuple[int, int]]] | None = None
-        self._usage: Callable[[], int] | None = None
+        self._conn: Connection | None = conn  # None once set up, or found unable to spin
+        self._probes: _Probes | None = None
         self._preempted = -1
 
     def spin(self) -> bool:
-        poll, usage = self._poll, self._usage
-        if poll is None or usage is None:
-            if self._conn is None or not self._set_up(self._conn):
-                return False
-            poll, usage = self._poll, self._usage
-            assert poll is not None and usage is not None
-        before, self._preempted = self._preempted, usage()
+        probes = self._probes or self._set_up()
+        if probes is None:
+            return False
+        poll, preemptions = probes
+        before, self._preempted = self._preempted, preemptions()
         if self._preempted != before:
             return False
         clock = time.perf_counter
@@ -130,19 +130,18 @@ class _Spinner:
                 return False
         return True
 
-    def _set_up(self, conn: Connection) -> bool:
-        self._conn = None  # once: where it cannot spin, it never will
-        if usable_cpus() < 2:
-            return False
+    def _set_up(self) -> _Probes | None:
+        conn, self._conn = self._conn, None  # once: where it cannot spin, it never will
+        if conn is None or usable_cpus() < 2:
+            return None
         try:
             import resource
         except ImportError:
-            return False
+            return None
         watch = select.poll()
         watch.register(conn.fileno(), select.POLLIN)
-        self._poll = watch.poll
-        self._usage = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw
-        return True
+        self._probes = (watch.poll, lambda: resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw)
+        return self._probes
 
 
 def _expire_while_idle(conn: Connection, recycler: shm.Recycler | None) -> None:
