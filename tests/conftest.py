@@ -80,6 +80,24 @@ def no_leftovers(request: pytest.FixtureRequest) -> object:
     )
 
 
+@pytest.fixture
+def merged_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of calls in each batch the dispatcher's _merge returns while the
+    test runs (the real _merge runs: this only records)."""
+    from procpool._core import _dispatcher
+
+    sizes: list[int] = []
+    merge = _dispatcher.Dispatcher._merge
+
+    def recording(self: _dispatcher.Dispatcher, worker: object, batch: object) -> object:
+        merged = merge(self, worker, batch)  # type: ignore[arg-type]
+        sizes.append(len(merged.items))
+        return merged
+
+    monkeypatch.setattr(_dispatcher.Dispatcher, "_merge", recording)
+    return sizes
+
+
 START_METHODS = ["fork", "spawn", "forkserver"]
 
 

@@ -222,6 +222,15 @@ def counted_square(x: int) -> int:
     return x * x
 
 
+def counted_square_or_exit(x: int) -> int:
+    """counted_square(x), except that a negative ``x`` ends the worker (os._exit)
+    once its line is written."""
+    result = counted_square(x)
+    if x < 0:
+        os._exit(7)
+    return result
+
+
 def family_after_barrier(_: object = None) -> tuple[int, int | None]:
     """family(), once as many tasks as the barrier's parties run at once."""
     _BARRIER.wait(timeout=30)  # type: ignore[attr-defined]

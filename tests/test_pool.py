@@ -187,6 +187,66 @@ def test_calls_submitted_after_a_run_of_instant_ones_do_not_wait_behind_a_long_o
             assert short_pids.count(long_pid) <= 1
 
 
+def test_calls_queued_together_go_as_one_batch_and_each_keeps_its_own_outcome(
+    merged_calls: list[int],
+) -> None:
+    # Single calls queued behind a busy worker go to it several at once, as one
+    # batch; each still gets its own value or exception, callback or error
+    # callback, in the order the calls were made.
+    merged = merged_calls
+    values: list[int] = []
+    failures: list[BaseException] = []
+    with Pool(2) as pool:
+        pool.map(fail_on, range(10, 74), chunksize=1)  # measured: bursts need evidence
+        for _ in range(3):
+            values.clear()
+            failures.clear()
+            calls = [
+                pool.apply_async(
+                    fail_on,
+                    (i,),
+                    {"bad": i if i % 7 == 0 else -1},
+                    callback=values.append,
+                    error_callback=failures.append,
+                )
+                for i in range(2000)
+            ]
+            for i, call in enumerate(calls):
+                if i % 7:
+                    assert call.get(timeout=30) == i
+                    continue
+                with pytest.raises(ValueError, match=f"^bad input {i}$") as info:
+                    call.get(timeout=30)
+                assert isinstance(info.value.__cause__, RemoteTraceback)
+            if max(merged, default=1) > 1:
+                break
+    assert max(merged) > 1, "no calls went together"
+    assert sorted(values) == [i for i in range(2000) if i % 7]
+    assert sorted(str(e) for e in failures) == sorted(f"bad input {i}" for i in range(0, 2000, 7))
+    assert len({id(e) for e in failures}) == len(failures)  # each call its own
+
+
+def test_calls_sent_together_see_their_arguments_as_they_were_when_submitted(
+    merged_calls: list[int],
+) -> None:
+    # Each call is pickled when it is made; a batch of calls carries those
+    # pickles, so a list changed after the call does not change what it sees.
+    merged = merged_calls
+    with Pool(2) as pool:
+        pool.map(sum, [[i] for i in range(64)], chunksize=1)
+        for _ in range(3):
+            arg = [0]
+            calls = []
+            for i in range(1000):
+                arg[0] = i
+                calls.append(pool.apply_async(sum, (arg,)))
+            arg[0] = -1
+            assert [c.get(timeout=30) for c in calls] == list(range(1000))
+            if max(merged, default=1) > 1:
+                break
+    assert max(merged) > 1, "no calls went together"
+
+
 def test_error_keeps_its_type_and_the_worker_traceback() -> None:
     with Pool(2) as pool:
         with pytest.raises(ValueError, match="bad input 3") as info:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import multiprocessing
 import os
 import signal
@@ -23,17 +24,20 @@ from procpool import (
     WorkerCrashedError,
 )
 from procpool import testing as crash
-from procpool._core import _dispatcher, _zygote
+from procpool._core import _dispatcher, _worker, _zygote
 from procpool._core import _protocol as P
+from procpool._core import _shm as shm
 from tests.helpers import (
     SleepsWhenUnpickled,
     count_onto_kept_queue,
     counted_square,
+    counted_square_or_exit,
     echo_bytes,
     fill_kept_queue,
     keep_barrier,
     kill_self,
     nested_map,
+    sleep_return,
     square,
 )
 
@@ -159,6 +163,72 @@ def test_tasks_submitted_one_by_one_run_once_each_when_a_worker_dies_among_them(
         assert pool.apply(square, (7,)) == 49
     ran = sorted(int(line) for line in runs.read_text().split())
     assert ran == sorted([*range(64), *range(600)])
+
+
+@pytest.mark.parametrize("start_method", [None, "fork"])
+def test_a_worker_that_dies_among_calls_sent_together_loses_no_call_unannounced(
+    start_method: str | None, tmp_path: Path, merged_calls: list[int]
+) -> None:
+    # Calls of one function queued together go to a worker as one batch (see
+    # Dispatcher._merge). One of them ends the worker: it fails; the calls sent
+    # with it that had not started run elsewhere, once; those that had run but
+    # whose results had not yet gone ahead (at most P.CALLS_PIECE_S of work)
+    # fail with WorkerCrashedError(ran_to_completion=True). No call runs twice,
+    # and every other result arrives.
+    runs = tmp_path / "runs"
+    context = multiprocessing.get_context(start_method) if start_method else None
+    arguments = [*range(500), -1, *range(500, 1000)]
+    with Pool(2, initializer=keep_barrier, initargs=(str(runs),), context=context) as pool:
+        assert pool.map(counted_square_or_exit, range(64), chunksize=1) == [
+            i * i for i in range(64)
+        ]
+        calls = [pool.apply_async(counted_square_or_exit, (x,)) for x in arguments]
+        outcomes: list[object] = []
+        for call in calls:
+            try:
+                outcomes.append(call.get(timeout=60))
+            except WorkerCrashedError as exc:
+                outcomes.append(exc)
+        assert pool.apply(square, (7,)) == 49
+    ran_here = [int(line) for line in runs.read_text().split()][64:]  # after the map's
+    assert len(ran_here) == len(set(ran_here)), "a call ran twice"
+    doomed = outcomes[500]
+    assert isinstance(doomed, WorkerCrashedError) and not doomed.ran_to_completion
+    lost = [x for x, o in zip(arguments, outcomes) if isinstance(o, WorkerCrashedError) and x >= 0]
+    for x, outcome in zip(arguments, outcomes):
+        if x < 0:
+            continue
+        assert x in ran_here
+        if isinstance(outcome, WorkerCrashedError):
+            assert outcome.ran_to_completion, outcome
+        else:
+            assert outcome == x * x
+    assert len(lost) < _dispatcher.BURST
+    assert max(merged_calls) > 1, "no calls went together"
+
+
+def test_calls_sent_together_send_their_results_ahead_every_millisecond() -> None:
+    # Ten calls of 0.5 ms as one batch (P.CALLS): their results go ahead in
+    # pieces (P.PARTIAL) at least every P.CALLS_PIECE_S, not all at the end.
+    here, there = multiprocessing.Pipe()
+    with here, there:
+        calls = [P.dumps([((0.0005, i), {})]) for i in range(10)]
+        msg = (P.BATCH, 1, 1, P.CALLS, False, -1, None, False, P.dumps(calls))
+        fns = collections.OrderedDict({1: sleep_return})
+        slot = [0.0] * P.SLOT_SIZE
+        payload, _, _ = _worker._run_batch(msg, fns, slot, None, there)
+        pieces = []
+        while here.poll():
+            pieces.append(P.recv(here))
+    assert pieces and all(piece[:2] == (P.PARTIAL, 1) for piece in pieces)
+    values: list[object] = []
+    for piece in pieces:
+        piece_values, errors = shm.unpack(piece[3])
+        assert errors is None and len(piece_values) == piece[2]
+        values += piece_values
+    last, errors = shm.unpack(payload)
+    assert errors is None
+    assert values + last == list(range(10))
 
 
 def test_messages_written_at_once_are_read_one_by_one() -> None:

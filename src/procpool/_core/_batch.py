@@ -54,6 +54,7 @@ class Batch:
     """Tasks ``first_index ..`` of one call of ``fn``, pickled and ready to send."""
 
     __slots__ = (
+        "alone",
         "attempts",
         "done",
         "first_index",
@@ -97,6 +98,9 @@ class Batch:
         self.named = named
         self.attempts = attempts
         self.on_start = on_start
+        # A single call to send on its own: it went with others once, and their
+        # batch could not be unpickled in the worker (see Calls.subset).
+        self.alone = False
         # Tasks whose results came ahead of the batch's reply (P.PARTIAL): 0 .. done-1.
         self.done = 0
         # Whether the worker that ran it closed its mapping of the argument
@@ -172,13 +176,59 @@ class Batch:
         errors: dict[int, BaseException]
         if self.named and isinstance(exc, ProcpoolError):
             # Each task gets its own copy that says which task it is.
-            errors = {i: _for_task(exc, self.first_index + start + i) for i in range(count)}
+            errors = {i: for_task(exc, self.first_index + start + i) for i in range(count)}
         else:
             errors = dict.fromkeys(range(count), exc)
         self.sink.deliver(self.first_index + start, [None] * count, errors)
 
 
-def _for_task(exc: ProcpoolError, index: int) -> ProcpoolError:
+class Calls(Batch):
+    """Single calls queued together, sent to a worker as one batch (see
+    Dispatcher._merge); its sink hands task i's outcome to call i's own sink.
+
+    Each call travels as the pickle made when it was submitted: an argument
+    changed since then is not seen, as it would not be had the call gone alone.
+    Split again (a worker died, or the batch would not unpickle), it gives back
+    the calls themselves.
+    """
+
+    __slots__ = ("parts",)
+
+    def __init__(self, parts: list[Batch]) -> None:
+        first = parts[0]
+        super().__init__(
+            first.fn,
+            P.CALLS,
+            [part.items[0] for part in parts],
+            P.dumps([part.payload for part in parts]),
+            0,
+            self,
+            first.policy,
+            named=False,
+        )
+        self.parts = parts
+
+    def deliver(
+        self, first: int, values: list[Any], errors: dict[int, BaseException] | None
+    ) -> None:
+        parts = self.parts
+        for i, value in enumerate(values):
+            part = parts[first + i]
+            error = errors.get(i) if errors else None
+            if isinstance(error, ProcpoolError) and error.task_index == first + i:
+                error = for_task(error, part.first_index)  # the call's index, not its place
+            part.sink.deliver(part.first_index, [value], None if error is None else {0: error})
+
+    def subset(self, start: int, stop: int, *, attempts: int | None = None) -> Batch:
+        parts = self.parts[start:stop]
+        if len(parts) > 1:
+            return Calls(parts)
+        parts[0].alone = True
+        return parts[0]
+
+
+def for_task(exc: ProcpoolError, index: int) -> ProcpoolError:
+    """``exc`` as the error of task ``index``: itself if it says so, else a copy that does."""
     if exc.task_index == index:
         return exc
     mine = copy.copy(exc)
@@ -314,6 +364,12 @@ class CallableRef:
             ) from exc
 
 
+def _weak_or_strong(fn: Any, strong: bool) -> Callable[[], Any]:
+    """A weak reference to ``fn``, or for one that takes none (a builtin, immortal
+    anyway) a function that returns it."""
+    return (lambda: fn) if strong else weakref.ref(fn)
+
+
 class CallableCache:
     """Remembers the last few callables pickled, so a map pickles its callable once."""
 
@@ -331,6 +387,10 @@ class CallableCache:
         # alive. Builtins cannot be weakly referenced; they are immortal anyway.
         self._weak: weakref.WeakKeyDictionary[Any, CallableRef] = weakref.WeakKeyDictionary()
         self._strong: dict[Any, CallableRef] = {}
+        # The last callable asked for, weakly, and its ref: a loop of apply_async
+        # or submit asks for the same one each time, and the dictionaries' pop and
+        # re-insert cost ~3 us a call (a weak reference made for each).
+        self._last: tuple[Callable[[], Any], CallableRef] | None = None
 
     def _refs_for(self, fn: Callable[..., Any]) -> Any:
         try:
@@ -340,6 +400,9 @@ class CallableCache:
         return self._weak
 
     def get(self, fn: Callable[..., Any]) -> CallableRef:
+        last = self._last
+        if last is not None and last[0]() is fn:
+            return last[1]  # the most recently used already: nothing to reorder
         refs = self._refs_for(fn)
         try:
             ref: CallableRef = refs.pop(fn)
@@ -350,6 +413,7 @@ class CallableCache:
         refs[fn] = ref  # re-insert: the dict's order is the LRU order
         if len(refs) > self._limit:
             del refs[next(iter(refs.keys()))]
+        self._last = (_weak_or_strong(fn, refs is self._strong), ref)
         return ref
 
     def known(self, fn: Callable[..., Any]) -> CallableRef | None:

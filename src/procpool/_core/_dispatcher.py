@@ -39,7 +39,7 @@ selector. It sends a batch to an idle worker first; while
 every worker is busy, it keeps one more small batch (the *prefetch*) queued in
 each worker's pipe so no worker waits for its next batch; for single calls
 (apply_async, submit) that a worker has shown it answers quickly, up to BURST,
-written at once. A batch larger than
+sent as one batch (``_merge``). A batch larger than
 the prefetch limit is sent only to an idle worker: a worker blocked writing a
 large result and a dispatcher blocked writing a large batch to it would
 otherwise deadlock, and this rule is what makes plain blocking sends safe.
@@ -97,7 +97,7 @@ from .._exceptions import (
 from . import _protocol as P
 from . import _shm as shm
 from . import run_worker, usable_cpus
-from ._batch import Batch, dumps_callable, main_functions
+from ._batch import Batch, Calls, dumps_callable, main_functions
 from ._direct import DirectPath
 from ._slot import Slot
 from ._startmethod import starting_a_process
@@ -116,8 +116,8 @@ __all__ = ["Dispatcher", "PoolClosedError"]
 PREFETCH_BYTES = 64 * 1024
 # Batches per worker: one running, one waiting in the pipe...
 WINDOW = 2
-# ...or up to this many single calls (apply_async, submit), sent in one go, to a
-# worker that has shown it runs them quickly: see Dispatcher._burst_limit.
+# ...or up to this many single calls (apply_async, submit), sent as one batch, to
+# a worker that has shown it runs them quickly: see Dispatcher._burst_limit, _merge.
 BURST = 16
 # A batch waits in a busy worker's pipe only behind work measured to take at
 # most this long (see Dispatcher._prefetch_pays).
@@ -193,6 +193,28 @@ def _weak(obj: object) -> Callable[[], object]:
 def _single_call(batch: Batch) -> bool:
     """Whether ``batch`` is one call (``apply_async``, ``submit``), not a map's chunk."""
     return not batch.named and len(batch.items) == 1
+
+
+def _calls(batch: Batch) -> int:
+    """How many single calls ``batch`` carries: 1, n for n sent as one (Calls), or
+    0 for a map's chunk."""
+    if isinstance(batch, Calls):
+        return len(batch.items)
+    return 1 if _single_call(batch) else 0
+
+
+def _mergeable(batch: Batch) -> bool:
+    """Whether ``batch`` is a single call that may go with others (see _merge)."""
+    policy = batch.policy
+    return (
+        _single_call(batch)
+        and not batch.alone
+        and type(batch) is Batch
+        and type(batch.payload) is bytes
+        and policy.timeout is None
+        and policy.seed is None
+        and not policy.retries
+    )
 
 
 class PoolClosedError(ProcpoolError, ValueError):
@@ -590,12 +612,60 @@ class Dispatcher(DirectPath):
                     if not on_start():
                         batch.release()
                         continue  # cancelled before it started
+                if worker.inflight and _mergeable(batch):
+                    batch = self._merge(worker, batch)
                 self._send(worker, batch)
         finally:
             if not outer:
                 self._corked = None
                 for worker, _ in list(corked.values()):
                     self._uncork(worker, corked)
+
+    def _merge(self, worker: Worker, batch: Batch) -> Batch:
+        """``batch``, a single call for busy ``worker``, and the calls queued right
+        after it that the worker may hold too (see _burst_limit), as one batch.
+
+        Sent one by one, each call of a burst costs this thread a message out,
+        a message back and a turn of its loop: ~40 us a call on 2 cores, where
+        a map's task costs well under 1. As one batch they cost what a chunk
+        of a map does, and the worker sends their results ahead at least every
+        P.CALLS_PIECE_S (see _worker._Stream), so a call's result waits no
+        longer than that for those sent with it. Only plain calls of the same
+        function and options, in the order they came; not timed, retried or
+        seeded ones (their bookkeeping is per call), nor ones with arguments in
+        shared memory.
+        """
+        room = self._burst_limit(worker, batch) - self._held_calls(worker) - 1
+        if self._max_tasks:  # and no more than the worker may run before it retires
+            room = min(room, self._max_tasks - worker.tasks_done - self._held_items(worker) - 1)
+        pending = self._pending
+        parts = [batch]
+        # What the worker's pipe may hold at most: see _fits_pipe.
+        size = batch.size + sum(b.size for b in worker.inflight)
+        if batch.fn.id not in worker.fns:
+            size += len(batch.fn.data)
+        while room > 0 and pending:
+            nxt = pending[0]
+            if not (_mergeable(nxt) and nxt.fn is batch.fn and nxt.policy is batch.policy):
+                break
+            size += nxt.size  # and a few bytes of framing each, well within the margin
+            if size > PREFETCH_BYTES:
+                break
+            pending.popleft()
+            if nxt.on_start is not None:
+                on_start, nxt.on_start = nxt.on_start, None
+                if not on_start():
+                    nxt.release()
+                    continue
+            parts.append(nxt)
+            room -= 1
+        if len(parts) == 1:
+            return batch
+        return Calls(parts)
+
+    @staticmethod
+    def _held_calls(worker: Worker) -> int:
+        return sum(len(b.items) if isinstance(b, Calls) else 1 for b in worker.inflight)
 
     def _pick_worker(self, batch: Batch) -> Worker | None:
         """The worker to send ``batch`` to now, if any: an idle one that is ready,
@@ -635,6 +705,8 @@ class Dispatcher(DirectPath):
                     booting = worker
                 continue
             limit = self._burst_limit(worker, batch)
+            if limit > WINDOW:
+                held = self._held_calls(worker)
             if held < limit and (best is None or held < len(best.inflight)):
                 best = worker
         if best is not None and self._ahead(best, batch):
@@ -713,11 +785,12 @@ class Dispatcher(DirectPath):
         worker's pipe empty each time, and the worker slept and woke once per
         task (1.2-1.7 context switches a task on 2 cores, against 0.01 for the
         standard library's pool, whose task thread keeps the shared pipe full);
-        in a burst it wakes once. Only on evidence, gathered afresh for each
+        in a burst it wakes once, and the burst goes as one batch (_merge), whose
+        calls count one each here. Only on evidence, gathered afresh for each
         backlog (see _note_reply): calls queued behind one that turns out long
         wait for it, however short they were measured.
         """
-        if not _single_call(batch) or worker.id not in self._refilling:
+        if not _calls(batch) or worker.id not in self._refilling:
             return WINDOW
         return min(BURST, WINDOW + worker.short_replies)
 
@@ -728,9 +801,10 @@ class Dispatcher(DirectPath):
         waiting: the calls that come next may be another matter (a function
         that ran instantly in one loop, and takes its time in the next).
         """
-        short = _single_call(batch) and seconds <= SHORT_CALL_S
+        calls = _calls(batch)
+        short = calls and seconds <= SHORT_CALL_S * calls
         if short and (worker.inflight or self._pending):
-            worker.short_replies += 1
+            worker.short_replies += calls
         else:
             worker.short_replies = 0
 

@@ -63,6 +63,10 @@ FREED = "X"
 # pickle, send and unpickle than 25 of 1 MB, which stay in cache and overlap
 # with the next task.
 PIECE_BYTES = 1 << 20
+# The results of single calls sent as one batch (star CALLS) go ahead at least
+# this often, so a call's result waits for those after it at most this long, and
+# a worker that dies loses the results of at most this much of the work it did.
+CALLS_PIECE_S = 0.001
 
 # How many callables a worker keeps unpickled; the dispatcher mirrors this
 # cache exactly, so it knows which callables it must send again.
@@ -71,7 +75,10 @@ FN_CACHE_SIZE = 64
 # How a batch's items become call arguments.
 CALL_ONE = 0  # fn(item)
 CALL_STAR = 1  # fn(*item)
-CALL_ARGS_KWARGS = 2  # fn(*item[0], **item[1])
+CALL_ARGS_KWARGS = 2  # fn(*item[0], **item[1]): one single call (apply_async, submit)
+# Several single calls sent as one batch (see Dispatcher._merge): the payload is
+# the list of their CALL_ARGS_KWARGS payloads, each pickled when it was submitted.
+CALLS = 3
 
 PROTOCOL = 5
 

@@ -266,13 +266,19 @@ def _run_batch(
         return P.dumps((None, P.portable_error(err, "unpickling the callable"))), 0.0, None
     try:
         items, mapping = shm.unpack_arguments(payload)
+        if star == P.CALLS:  # each call's own pickle, as it was submitted
+            items = [pickle.loads(call)[0] for call in items]
     except BaseException as exc:
         err = SerializationError(f"cannot unpickle the task's arguments in the worker: {exc!r}")
         err.__cause__ = exc
         return P.dumps((None, P.portable_error(err, "unpickling the arguments"))), 0.0, None
     stream = (
-        _Stream(conn, slot, batch_id, segments, first_index, len(items)) if len(items) > 1 else None
+        _Stream(conn, slot, batch_id, segments, first_index, len(items), star == P.CALLS)
+        if len(items) > 1
+        else None
     )
+    if star == P.CALLS:
+        star = P.CALL_ARGS_KWARGS
     started = time.perf_counter()
     values, errors = _call_all(fn, star, timed, first_index, seed, items, slot, stream)
     running = time.perf_counter() - started
@@ -298,7 +304,18 @@ class _Stream:
     sends a piece more than it must.
     """
 
-    __slots__ = ("batch_id", "conn", "first_index", "n", "segments", "sent", "size", "slot")
+    __slots__ = (
+        "batch_id",
+        "conn",
+        "due",
+        "first_index",
+        "n",
+        "segments",
+        "sent",
+        "size",
+        "slot",
+        "timed",
+    )
 
     def __init__(
         self,
@@ -308,6 +325,7 @@ class _Stream:
         segments: shm.Namer | shm.Recycler | None,
         first_index: int,
         n: int,
+        calls: bool = False,
     ) -> None:
         self.conn = conn
         self.slot = slot
@@ -317,13 +335,18 @@ class _Stream:
         self.n = n
         self.sent = 0  # results sent ahead: those of tasks 0 .. sent-1
         self.size = 0  # bytes of the results run since then
+        # Single calls sent as one batch: their results also go ahead by time.
+        self.timed = calls
+        self.due = time.monotonic() + P.CALLS_PIECE_S if calls else 0.0
 
     def add(
         self, nbytes: int, values: list[Any], errors: dict[int, BaseException] | None, upto: int
     ) -> None:
         """Count ``nbytes`` more of results, which now cover tasks ``0 .. upto-1``."""
         self.size += nbytes
-        if self.size < P.PIECE_BYTES or upto >= self.n:
+        if upto >= self.n:
+            return
+        if self.size < P.PIECE_BYTES and not (self.timed and time.monotonic() >= self.due):
             return
         sent, slot = self.sent, self.slot
         # The span first: a dispatcher that sees the item moved on then sees the
@@ -341,8 +364,10 @@ class _Stream:
         # The clock first: the item is the next task's already, and a timed task's
         # start, taken before the sending, would make the sending count against it
         # (a task killed for a timeout it did not reach, seen under load).
-        slot[P.SLOT_STARTED] = time.monotonic()
+        slot[P.SLOT_STARTED] = now = time.monotonic()
         slot[P.SLOT_SPAN] = 1  # the fast path sets its own before each span
+        if self.timed:
+            self.due = now + P.CALLS_PIECE_S
 
 
 def _result_size(value: Any) -> int:
