@@ -201,6 +201,8 @@ def test_a_worker_that_dies_among_calls_sent_together_loses_no_call_unannounced(
         assert x in ran_here
         if isinstance(outcome, WorkerCrashedError):
             assert outcome.ran_to_completion, outcome
+            assert "a call sent with it was running" in str(outcome)
+            assert outcome.task_index == 0  # a call's own index, not its place in the batch
         else:
             assert outcome == x * x
     assert len(lost) < _dispatcher.BURST

@@ -628,9 +628,10 @@ class Dispatcher(DirectPath):
         Sent one by one, each call of a burst costs this thread a message out,
         a message back and a turn of its loop: ~40 us a call on 2 cores, where
         a map's task costs well under 1. As one batch they cost what a chunk
-        of a map does, and the worker sends their results ahead at least every
-        P.CALLS_PIECE_S (see _worker._Stream), so a call's result waits no
-        longer than that for those sent with it. Only plain calls of the same
+        of a map does. The worker sends their results ahead between calls every
+        P.CALLS_PIECE_S (see _worker._Stream): a call that turns out long holds
+        the results of those just before it, as it holds those after it (the
+        evidence rule bounds both, _burst_limit). Only plain calls of the same
         function and options, in the order they came; not timed, retried or
         seeded ones (their bookkeeping is per call), nor ones with arguments in
         shared memory.
@@ -1192,6 +1193,9 @@ class Dispatcher(DirectPath):
             self._fail_or_retry(
                 head, item, end, crashed(lambda i: f"{who} died running {running}: {how}")
             )
+        # Calls sent together (Calls, the only unnamed batches of several) are
+        # not one batch to whoever made them.
+        other = f"{head.task_name(item)} of the same batch" if head.named else "a call sent with it"
         self._fail_or_retry(
             head,
             done,
@@ -1199,7 +1203,7 @@ class Dispatcher(DirectPath):
             crashed(
                 lambda i: (
                     f"{who} died ({how}) after running {head.task_name(i)} but before "
-                    f"returning its result; {head.task_name(item)} of the same batch was running"
+                    f"returning its result; {other} was running"
                 ),
                 ran_to_completion=True,
             ),

@@ -63,9 +63,11 @@ FREED = "X"
 # pickle, send and unpickle than 25 of 1 MB, which stay in cache and overlap
 # with the next task.
 PIECE_BYTES = 1 << 20
-# The results of single calls sent as one batch (star CALLS) go ahead at least
-# this often, so a call's result waits for those after it at most this long, and
-# a worker that dies loses the results of at most this much of the work it did.
+# The results of single calls sent as one batch (star CALLS) go ahead between
+# calls, a piece once this long has passed since the batch began or the last piece
+# went: a call's result waits about this long for those after it, or, where the
+# next one turns out long, until it ends. A worker that dies loses the results of
+# the calls it ran since the last piece.
 CALLS_PIECE_S = 0.001
 
 # How many callables a worker keeps unpickled; the dispatcher mirrors this
