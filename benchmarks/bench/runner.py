@@ -81,6 +81,7 @@ def run_case(python: str, spec: Spec, limit_s: float) -> Record:
         result_path, log_path = Path(tmp, "result.jsonl"), Path(tmp, "output.log")
         command = [python, "-m", "bench.child", json.dumps(asdict(spec)), str(result_path)]
         start = time.monotonic()
+        semaphores = _named_semaphores()
         with log_path.open("wb") as log:
             process = subprocess.Popen(
                 command,
@@ -95,6 +96,7 @@ def run_case(python: str, spec: Spec, limit_s: float) -> Record:
             ending, peak = _watch(process, limit_s)
         finally:
             _kill_group(process)
+            _remove_new_semaphores(semaphores)
         record = _read(spec, result_path, ending, peak, log_path)
         record.wall_s, record.limit_s = time.monotonic() - start, limit_s
         return record
@@ -156,6 +158,39 @@ def _remove_leftovers(pid: int) -> None:
             continue
         try:
             os.unlink(path)
+        except OSError:
+            pass
+
+
+def _named_semaphores() -> set[str]:
+    """multiprocessing's named semaphores in /dev/shm (``sem.mp-`` and a random name)."""
+    try:
+        return {n for n in os.listdir("/dev/shm") if n.startswith("sem.mp-")}
+    except OSError:
+        return set()
+
+
+def _remove_new_semaphores(before: set[str]) -> None:
+    # A spawn or forkserver context's locks stay named in /dev/shm until their
+    # process (or its resource tracker) unlinks them; a measurement killed at its
+    # time limit (a peer that hangs in W7) leaves them: 5-6 each. Their names say
+    # nothing of who made them, so only those that appeared during the measurement
+    # go, and only where no living process still has one mapped.
+    new = _named_semaphores() - before
+    if not new:
+        return
+    in_use: set[str] = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            maps = Path("/proc", entry, "maps").read_text()
+        except OSError:
+            continue
+        in_use.update(name for name in new if name in maps)
+    for name in new - in_use:
+        try:
+            os.unlink(os.path.join("/dev/shm", name))
         except OSError:
             pass
 
