@@ -5,12 +5,22 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import time
+from pathlib import Path
 
 import pytest
 
 from procpool import ProcessPoolExecutor, WorkerCrashedError
 from procpool import testing as crash
-from tests.helpers import add, fail_at_3_mod_7, fail_on, identity, sleep_return, square
+from tests.helpers import (
+    add,
+    counted_square,
+    fail_at_3_mod_7,
+    fail_on,
+    identity,
+    keep_barrier,
+    sleep_return,
+    square,
+)
 
 
 def test_submit_and_map(start_method: str) -> None:
@@ -88,6 +98,29 @@ def test_a_crash_fails_only_its_own_future() -> None:
         assert isinstance(doomed.exception(), cf.process.BrokenProcessPool)
         assert [f.result(10) for f in futures + more] == [x * x for x in range(10)]
         assert ex.submit(square, 11).result(10) == 121  # still serving
+
+
+def test_futures_cancelled_while_queued_never_run_when_calls_go_together(
+    tmp_path: Path, merged_calls: list[int]
+) -> None:
+    # Queued calls go to a busy worker several at once (Dispatcher._merge), and
+    # each future turns RUNNING as its call is taken into such a batch: one
+    # cancelled before that never runs, and the others run once each.
+    runs = tmp_path / "runs"
+    with ProcessPoolExecutor(2, initializer=keep_barrier, initargs=(str(runs),)) as executor:
+        assert list(executor.map(counted_square, range(64))) == [i * i for i in range(64)]
+        futures = [executor.submit(counted_square, i) for i in range(1000, 3000)]
+        cancelled = {i for i, f in enumerate(futures) if i % 3 == 0 and f.cancel()}
+        for i, future in enumerate(futures):
+            if i in cancelled:
+                assert future.cancelled()
+            else:
+                assert future.result(timeout=30) == (1000 + i) ** 2
+    ran = [int(line) for line in runs.read_text().split()][64:]
+    assert len(ran) == len(set(ran))
+    assert set(ran) == {1000 + i for i in range(2000)} - {1000 + i for i in cancelled}
+    assert cancelled, "no future was cancelled in time"
+    assert max(merged_calls) > 1, "no calls went together"
 
 
 def test_shutdown_cancels_pending_futures() -> None:
