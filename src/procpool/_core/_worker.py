@@ -295,17 +295,20 @@ def _run_batch(
 
 
 class _Stream:
-    """Sends a batch's first results ahead (P.PARTIAL) once they add up to P.PIECE_BYTES.
+    """Sends a batch's first results ahead (P.PARTIAL) once they add up to P.PIECE_BYTES,
+    and, for single calls sent as one batch (P.CALLS), once P.CALLS_PIECE_S has passed.
 
     Sizes are estimates (see _result_size). Without this, 25 results of 1 MB
     wait for each other and travel as one 25 MB message; the parent delivers
     each piece as it comes, so an ordered ``imap`` yields while the batch runs.
-    The last task's results always go with the final reply, so a batch never
-    sends a piece more than it must.
+    Calls sent together are not one job to their callers: each result should
+    not wait long for the others. The last task's results always go with the
+    final reply, so a batch never sends a piece more than it must.
     """
 
     __slots__ = (
         "batch_id",
+        "by_time",
         "conn",
         "due",
         "first_index",
@@ -314,7 +317,6 @@ class _Stream:
         "sent",
         "size",
         "slot",
-        "timed",
     )
 
     def __init__(
@@ -336,7 +338,7 @@ class _Stream:
         self.sent = 0  # results sent ahead: those of tasks 0 .. sent-1
         self.size = 0  # bytes of the results run since then
         # Single calls sent as one batch: their results also go ahead by time.
-        self.timed = calls
+        self.by_time = calls
         self.due = time.monotonic() + P.CALLS_PIECE_S if calls else 0.0
 
     def add(
@@ -346,7 +348,7 @@ class _Stream:
         self.size += nbytes
         if upto >= self.n:
             return
-        if self.size < P.PIECE_BYTES and not (self.timed and time.monotonic() >= self.due):
+        if self.size < P.PIECE_BYTES and not (self.by_time and time.monotonic() >= self.due):
             return
         sent, slot = self.sent, self.slot
         # The span first: a dispatcher that sees the item moved on then sees the
@@ -366,7 +368,7 @@ class _Stream:
         # (a task killed for a timeout it did not reach, seen under load).
         slot[P.SLOT_STARTED] = now = time.monotonic()
         slot[P.SLOT_SPAN] = 1  # the fast path sets its own before each span
-        if self.timed:
+        if self.by_time:
             self.due = now + P.CALLS_PIECE_S
 
 
