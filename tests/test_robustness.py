@@ -211,7 +211,8 @@ def test_a_worker_that_dies_among_calls_sent_together_loses_no_call_unannounced(
 
 def test_calls_sent_together_send_their_results_ahead_every_millisecond() -> None:
     # Ten calls of 0.5 ms as one batch (P.CALLS): their results go ahead in
-    # pieces (P.PARTIAL) at least every P.CALLS_PIECE_S, not all at the end.
+    # pieces (P.PARTIAL) between calls, once P.CALLS_PIECE_S has passed since the
+    # last, not all at the end.
     here, there = multiprocessing.Pipe()
     with here, there:
         calls = [P.dumps([((0.0005, i), {})]) for i in range(10)]
