@@ -264,20 +264,21 @@ def _run_batch(
         err = SerializationError(f"cannot unpickle the callable in the worker: {exc!r}")
         err.__cause__ = exc
         return P.dumps((None, P.portable_error(err, "unpickling the callable"))), 0.0, None
+    calls = star == P.CALLS  # single calls sent as one batch: run as each alone would
     try:
         items, mapping = shm.unpack_arguments(payload)
-        if star == P.CALLS:  # each call's own pickle, as it was submitted
+        if calls:  # each call's own pickle, as it was submitted
             items = [pickle.loads(call)[0] for call in items]
     except BaseException as exc:
         err = SerializationError(f"cannot unpickle the task's arguments in the worker: {exc!r}")
         err.__cause__ = exc
         return P.dumps((None, P.portable_error(err, "unpickling the arguments"))), 0.0, None
     stream = (
-        _Stream(conn, slot, batch_id, segments, first_index, len(items), star == P.CALLS)
+        _Stream(conn, slot, batch_id, segments, first_index, len(items), calls)
         if len(items) > 1
         else None
     )
-    if star == P.CALLS:
+    if calls:
         star = P.CALL_ARGS_KWARGS
     started = time.perf_counter()
     values, errors = _call_all(fn, star, timed, first_index, seed, items, slot, stream)
