@@ -62,6 +62,18 @@ def big_then_slow_to_pickle(seconds: float) -> tuple[bytes, SlowToPickle]:
     return b"x" * 1_100_000, SlowToPickle(seconds)
 
 
+def references_to_first(item: tuple[object, int]) -> int:
+    """How many references the worker's copy of ``item[0]`` has: one per task of
+    the chunk that shares it, since a chunk is unpickled as one stream."""
+    import sys
+
+    return sys.getrefcount(item[0])
+
+
+def length_plus_index(item: tuple[bytes, int]) -> int:
+    return len(item[0]) + item[1]
+
+
 def identity(x: object) -> object:
     return x
 

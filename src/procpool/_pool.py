@@ -288,9 +288,9 @@ class Pool:
             if policy.timeout is not None:
                 chunksize = 1
             else:
-                sample = items[0] if items else None
+                sample, other = (items[0], items[len(items) // 2]) if items else (None, None)
                 measured = self._runner.seconds_per_task(func)
-                chunksize = map_chunksize(len(items), self._processes, sample, measured)
+                chunksize = map_chunksize(len(items), self._processes, sample, measured, other)
         result: MapResult[Any] = MapResult(
             len(items), callback, error_callback, return_exceptions=return_exceptions
         )
