@@ -272,6 +272,66 @@ def test_executor_futures_take_the_direct_path_and_keep_their_contract() -> None
         )
 
 
+def _by_callback(future: cf.Future[int]) -> int:
+    done = threading.Event()
+    future.add_done_callback(lambda _: done.set())
+    assert done.wait(10)
+    return future.result(0)
+
+
+def _by_wait(future: cf.Future[int]) -> int:
+    done, _ = cf.wait([future], timeout=10)
+    assert done
+    return future.result(0)
+
+
+def _by_as_completed(future: cf.Future[int]) -> int:
+    return next(cf.as_completed([future], timeout=10)).result(0)
+
+
+@pytest.mark.parametrize("how", ["callback", "wait", "as_completed", "asyncio"])
+def test_a_future_awaited_without_result_gets_its_reply_at_once(
+    how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A direct call's reply that comes before any thread waits for it is left
+    # for that thread, for up to HOLD_FOR_WAITER_S. Held a minute here: a
+    # future awaited by a done callback (asyncio's run_in_executor), by
+    # concurrent.futures.wait or by as_completed, which no thread reads through
+    # result(), would take that minute. Its reply must be read as it comes.
+    import asyncio
+
+    from procpool._core import _direct
+
+    monkeypatch.setattr(_direct, "HOLD_FOR_WAITER_S", 60.0)
+    with ProcessPoolExecutor(2) as ex:
+        list(ex.map(sleep_return, [0.03] * 4))  # both workers up
+        for i in range(20):  # until the dispatcher has settled down after the map
+            ex.submit(square, i).result()
+        direct = 0
+
+        def sent(i: int) -> cf.Future[int]:
+            nonlocal direct
+            future = ex.submit(square, i)
+            direct += future._waiter is not None  # type: ignore[attr-defined]
+            return future
+
+        if how == "asyncio":
+
+            async def awaited() -> list[int]:
+                loop = asyncio.get_running_loop()
+                out = []
+                for i in range(20):
+                    future = asyncio.wrap_future(sent(i), loop=loop)
+                    out.append(await asyncio.wait_for(future, 10))
+                return out
+
+            assert asyncio.run(awaited()) == [i * i for i in range(20)]
+        else:
+            wait = {"callback": _by_callback, "wait": _by_wait, "as_completed": _by_as_completed}
+            assert [wait[how](sent(i)) for i in range(20)] == [i * i for i in range(20)]
+        assert direct >= 15  # went the direct path (see the first test)
+
+
 def test_a_done_callback_that_submits_more_work_does_not_deadlock() -> None:
     with ProcessPoolExecutor(2) as ex:
         list(ex.map(square, range(8)))

@@ -20,6 +20,7 @@ TYPE_CHECKING = False  # not typing's (see _core/_generic.py)
 if TYPE_CHECKING:
     from typing import Any
 
+    from ._core._direct import DirectWaiter
     from ._statistics import PoolStatistics
     from .backends import Backend
 
@@ -49,13 +50,46 @@ class _Future(cf.Future[T]):
     ``as_completed``, ``wait`` and callbacks get the outcome as before.
     """
 
-    _waiter: Callable[[float | None], None] | None = None
+    _waiter: DirectWaiter | None = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        # concurrent.futures.wait and as_completed add their waiters to this list
+        # (a private attribute, the same from Python 3.2 to 3.13): a future
+        # waited for that way is never read through result() (see not_coming).
+        self._waiters: list[Any] = _Waiters(self)
+
+    def add_done_callback(self, fn: Callable[[cf.Future[T]], object]) -> None:
+        self._not_coming()  # asyncio's run_in_executor waits this way, for one
+        super().add_done_callback(fn)
+
+    def _not_coming(self) -> None:
+        """Its outcome goes to a callback, not to a thread in result(): tell the
+        direct path, which would leave the reply for that thread for up to 1 ms
+        (the dispatcher reads it at once instead)."""
+        waiter = self._waiter
+        if waiter is not None:
+            waiter.not_coming()
 
     def result(self, timeout: float | None = None) -> T:
         return super().result(wait_helped(self, self.done, timeout))
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         return super().exception(wait_helped(self, self.done, timeout))
+
+
+class _Waiters(list):  # type: ignore[type-arg]
+    """A Future's list of ``concurrent.futures`` waiters, which tells it when one is added."""
+
+    __slots__ = ("_future",)
+
+    def __init__(self, future: _Future[Any]) -> None:
+        super().__init__()
+        self._future = future
+
+    def append(self, waiter: Any) -> None:
+        super().append(waiter)
+        self._future._not_coming()
 
 
 class _FutureSink:
@@ -67,7 +101,7 @@ class _FutureSink:
         self.future = future
         self.owner = owner
 
-    def attach_waiter(self, waiter: Callable[[float | None], None]) -> bool:
+    def attach_waiter(self, waiter: DirectWaiter) -> bool:
         """Let ``future.result()`` read the outcome itself (see ``_batch.Sink``)."""
         self.future._waiter = waiter
         return True

@@ -20,6 +20,7 @@ TYPE_CHECKING = False  # not typing's (see _core/_generic.py)
 if TYPE_CHECKING:
     from typing import Any
 
+    from ._core._direct import DirectWaiter
     from ._progress import Progress
 
 T = TypeVar("T")
@@ -73,7 +74,7 @@ class AsyncResult(Generic[T]):
         self._error_callback = error_callback
         self._value: Any = None
         self._success = False
-        self._waiter: Callable[[float | None], None] | None = None
+        self._waiter: DirectWaiter | None = None
 
     def ready(self) -> bool:
         """Return whether the call has completed."""
@@ -93,7 +94,7 @@ class AsyncResult(Generic[T]):
         """Wait until the result is available or ``timeout`` seconds pass."""
         self._event.wait(wait_helped(self, self._event.is_set, timeout))
 
-    def attach_waiter(self, waiter: Callable[[float | None], None]) -> bool:
+    def attach_waiter(self, waiter: DirectWaiter) -> bool:
         """Let the thread that waits read the outcome itself (see ``_batch.Sink``).
 
         Declined when callbacks are set: they run on the dispatcher thread, as
@@ -138,7 +139,7 @@ ApplyResult = AsyncResult
 
 
 class _Helped(Protocol):
-    _waiter: Callable[[float | None], None] | None
+    _waiter: DirectWaiter | None
 
 
 def wait_helped(owner: _Helped, done: Callable[[], bool], timeout: float | None) -> float | None:

@@ -38,10 +38,11 @@ class Sink(Protocol):
 
 
 # A sink may also offer ``attach_waiter(wait) -> bool``: it takes (or declines)
-# a function that the thread waiting for its outcome calls, with its timeout in
-# seconds, to read the outcome from the worker itself (see _direct.py).
-# A sink that takes it calls deliver() on that thread, so it takes it only if
-# deliver() runs no user code that expects the dispatcher's thread.
+# a DirectWaiter (_direct.py) that the thread waiting for its outcome calls, with
+# its timeout in seconds, to read the outcome from the worker itself. A sink
+# that takes it calls deliver() on that thread, so it takes it only if
+# deliver() runs no user code that expects the dispatcher's thread. A sink
+# whose outcome will go to a callback instead calls its ``not_coming()``.
 
 
 # Items whose pickles (large buffers included) are bigger than this go in

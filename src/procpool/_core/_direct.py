@@ -23,7 +23,6 @@ it is kept apart as one concept, and to keep the dispatcher readable.
 
 from __future__ import annotations
 
-import functools
 import select
 import selectors
 import threading
@@ -42,7 +41,7 @@ if TYPE_CHECKING:
     from ._batch import Batch
     from ._workers import Worker
 
-__all__ = ["DIRECT_LOCK_WAIT_S", "HOLD_FOR_WAITER_S", "DirectPath"]
+__all__ = ["DIRECT_LOCK_WAIT_S", "HOLD_FOR_WAITER_S", "DirectPath", "DirectWaiter"]
 
 # How long a lone call waits for the dispatcher to let go of the engine lock
 # before it goes the dispatcher's way (see DirectPath._send_direct).
@@ -50,6 +49,31 @@ DIRECT_LOCK_WAIT_S = 0.0005
 # How long the dispatcher leaves a direct call's reply for the thread that will
 # wait for it, when the reply comes first (see DirectPath._hold_for_waiter).
 HOLD_FOR_WAITER_S = 0.001
+
+
+class DirectWaiter:
+    """What a direct call's sink holds for the thread that will wait for its outcome.
+
+    That thread calls it, with its timeout, to read the reply itself
+    (DirectPath._wait_direct). A sink whose outcome will reach a callback
+    instead (a Future's done callbacks, as asyncio's ``run_in_executor`` adds;
+    ``concurrent.futures.wait`` and ``as_completed``) calls ``not_coming()``:
+    the reply is then read by the dispatcher as soon as it comes, rather than
+    left up to HOLD_FOR_WAITER_S for a thread that never takes it.
+    """
+
+    __slots__ = ("_batch", "_path", "_worker")
+
+    def __init__(self, path: DirectPath, worker: Worker, batch: Batch) -> None:
+        self._path = path
+        self._worker = worker
+        self._batch = batch
+
+    def __call__(self, timeout: float | None) -> None:
+        self._path._wait_direct(self._worker, self._batch, timeout)
+
+    def not_coming(self) -> None:
+        self._path._not_coming(self._worker, self._batch)
 
 
 class DirectPath:
@@ -99,7 +123,7 @@ class DirectPath:
         callbacks must run them on the dispatcher thread, as the stdlib does.
         Returns whether the batch was taken (sent, or dropped as cancelled).
         """
-        attach: Callable[[Callable[[float | None], None]], bool] | None
+        attach: Callable[[DirectWaiter], bool] | None
         attach = getattr(batch.sink, "attach_waiter", None)
         if attach is None or batch.policy.timeout is not None or self._pending:
             return False
@@ -114,9 +138,7 @@ class DirectPath:
         finally:
             _signals.deliver(saved)
 
-    def _send_direct_locked(
-        self, batch: Batch, attach: Callable[[Callable[[float | None], None]], bool]
-    ) -> bool:
+    def _send_direct_locked(self, batch: Batch, attach: Callable[[DirectWaiter], bool]) -> bool:
         if not self._engine_lock.acquire(blocking=False):
             if threading.get_ident() in (self._thread.ident, self._handler):
                 return False  # called back from under the lock: it will not come free
@@ -132,7 +154,7 @@ class DirectPath:
                 worker is None
                 # A write that could block would block the caller, holding the lock.
                 or not self._fits_pipe(worker, batch)
-                or not attach(functools.partial(self._wait_direct, worker, batch))
+                or not attach(DirectWaiter(self, worker, batch))
             ):
                 return False
             if batch.on_start is not None:
@@ -141,6 +163,7 @@ class DirectPath:
                     batch.release()
                     return True  # cancelled before it started
             self._send(worker, batch, linger=True)
+            worker.unwaited = False
             worker.direct_at = time.monotonic()
             return True
         finally:
@@ -178,6 +201,21 @@ class DirectPath:
             self._read_lent(worker, batch, pipe_wait, deadline, stop)
         finally:
             _signals.deliver(saved)
+
+    def _not_coming(self, worker: Worker, batch: Batch) -> None:
+        """No thread will wait to read ``batch``'s reply: the dispatcher is to read
+        it as it comes (see _hold_for_waiter), or now, if it holds it already.
+
+        Any thread, without the engine lock: the caller may hold a Future's own
+        lock (``concurrent.futures.wait`` adds its waiters under it), which the
+        dispatcher takes to deliver. So it only sets a flag that the dispatcher
+        reads under the engine lock, and wakes it. The reads here may be stale: a
+        call sent to the same worker since then may lose its hold, and is only
+        read the dispatcher's way, a few microseconds later.
+        """
+        if worker.direct_at and batch in worker.inflight:
+            worker.unwaited = True
+            self._wake()
 
     def _read_lent(
         self,
@@ -286,9 +324,11 @@ class DirectPath:
         takes to come). Read here, the call would pay the two thread wake-ups
         the direct path spares, and an awake dispatcher tends to stay awake for
         the next call too. So the pipe is muted for up to HOLD_FOR_WAITER_S; a
-        reply nobody comes for (a fire-and-forget ``apply_async``) is read then.
+        reply nobody comes for (a fire-and-forget ``apply_async``) is read then,
+        and one that its sink said nobody will come for (``worker.unwaited``, see
+        _not_coming) is not held at all.
         """
-        if time.monotonic() - worker.direct_at >= HOLD_FOR_WAITER_S:
+        if worker.unwaited or time.monotonic() - worker.direct_at >= HOLD_FOR_WAITER_S:
             worker.direct_at = 0.0
             return False
         self._mute(worker.fd)
@@ -301,7 +341,7 @@ class DirectPath:
         for wid, worker in list(self._held.items()):
             if worker.lent or not worker.direct_at:
                 del self._held[wid]  # its waiter took it
-            elif now - worker.direct_at >= HOLD_FOR_WAITER_S:
+            elif worker.unwaited or now - worker.direct_at >= HOLD_FOR_WAITER_S:
                 del self._held[wid]
                 worker.direct_at = 0.0
                 self._unmute(worker.fd, drop=False)

@@ -51,6 +51,7 @@ class Worker:
         "tasks_done",
         "timed_out",
         "transfer",
+        "unwaited",
     )
 
     def __init__(self, wid: int, process: Any, conn: Any, slot: Any) -> None:
@@ -78,6 +79,7 @@ class Worker:
         self.start_timed_out = False
         self.lent = False  # its pipe is lent to a caller's thread (see _direct.py)
         self.direct_at = 0.0  # when a call was sent to it on the direct path, not yet waited for
+        self.unwaited = False  # and no thread will wait to read that call's reply (_not_coming)
         self.eof = False  # its pipe reported end of file to that thread
         self.pipe_wait: PipeWait | None = None  # how that thread waits
 
