@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -86,6 +87,62 @@ def test_bytearrays_too() -> None:
     with Pool(1) as pool:
         assert pool.apply(bytes, (data,)) == bytes(data)
     assert not _segments()
+
+
+def test_large_bytes_travel_through_shared_memory_too() -> None:
+    # bytes pickle only in band; pack() hands those of THRESHOLD or more to a
+    # segment as buffers, in the shapes batches and replies take, once each
+    # however many items share one.
+    big, other = os.urandom(shm.THRESHOLD), os.urandom(shm.THRESHOLD + 1)
+    small = b"s" * (shm.THRESHOLD - 1)
+    recycler = shm.Recycler()
+    shapes = {
+        "items": [big, 1, small],  # map(f, items)
+        "star": [(1, big), (2, other)],  # starmap, apply_async(f, args)
+        "keywords": [((big,), {"k": 1})],  # apply_async(f, args, kwds)
+        "reply": ([big, (big, 2)], None),  # a batch's (values, errors)
+        "shared": [(big, i) for i in range(40)],  # longer than what is searched first
+    }
+    sizes = {}
+    for name, obj in shapes.items():
+        packed = shm.pack(obj, recycler)
+        assert isinstance(packed, tuple), name  # (pickle, segment, layout)
+        sizes[name] = [length for _, length in packed[2]]
+        recycler.discard(packed[1])
+    assert sizes == {
+        "items": [len(big)],
+        "star": [len(big), len(other)],
+        "keywords": [len(big)],
+        "reply": [len(big)],
+        "shared": [len(big)],
+    }
+    # What several items share stays one object, carried once (a named segment
+    # here, which unpack() maps by name).
+    pair = (big, 1)
+    names = (f"procpool-{os.getpid()}-test-{i}" for i in range(3))
+    packed = shm.pack([pair, pair, [pair]], lambda: next(names))
+    assert isinstance(packed, tuple) and len(packed[2]) == 1
+    items = shm.unpack(packed)
+    assert items == [pair, pair, [pair]] and items[0] is items[1] is items[2][0]
+    for in_band in ([small] * 3, [_Bytes(big)], [[[[big]]]]):  # small, a subclass, too deep
+        assert isinstance(shm.pack(in_band, recycler), bytes)
+        assert pickle.loads(shm.pack(in_band, None)) == in_band
+
+    with Pool(2) as pool:
+        assert pool.apply(_same, (big,)) == big
+        assert pool.map(len, [big, other, small] * 3) == [len(big), len(other), len(small)] * 3
+        assert pool.starmap(_joined, [(big, other)] * 3) == [big + other] * 3
+        shared = [(big, i) for i in range(40)]
+        assert pool.map(_same, shared, chunksize=40) == shared
+    assert not _segments()
+
+
+class _Bytes(bytes):
+    pass
+
+
+def _joined(a: bytes, b: bytes) -> bytes:
+    return a + b
 
 
 def test_no_segment_leaks_when_a_worker_dies_holding_one() -> None:
@@ -213,7 +270,7 @@ def test_a_maps_later_batches_do_not_try_the_direct_path() -> None:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE and /dev/shm")
-def test_arrays_travel_through_the_pipe_when_no_segment_can_be_written() -> None:
+def test_arrays_and_bytes_travel_through_the_pipe_when_no_segment_can_be_written() -> None:
     # A file size limit of 1 MB makes every 2 MB segment write fail (EFBIG), as
     # a full /dev/shm would (ENOSPC): both directions fall back to the pipe.
     script = textwrap.dedent(
@@ -229,6 +286,8 @@ def test_arrays_travel_through_the_pipe_when_no_segment_can_be_written() -> None
             arrays = [np.full(1 << 18, float(i)) for i in range(4)]  # 2 MB each
             with procpool.Pool(2) as pool:
                 out = pool.map(double, arrays, chunksize=1)
+                blobs = [bytes([i]) * (2 << 20) for i in range(4)]  # large bytes too
+                assert pool.map(bytes, blobs, chunksize=1) == blobs
             assert [float(a[-1]) for a in out] == [0.0, 2.0, 4.0, 6.0]
             left = [n for n in os.listdir("/dev/shm") if n.startswith(f"procpool-{os.getpid()}-")]
             print("ok", left)
