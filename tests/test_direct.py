@@ -321,11 +321,13 @@ def test_a_future_awaited_without_result_gets_its_reply_at_once(
                 loop = asyncio.get_running_loop()
                 out = []
                 for i in range(20):
-                    future = asyncio.wrap_future(sent(i), loop=loop)
+                    future = asyncio.wrap_future(sent(i), loop=loop)  # as run_in_executor does
                     out.append(await asyncio.wait_for(future, 10))
+                for i in range(20, 30):  # and run_in_executor itself
+                    out.append(await asyncio.wait_for(loop.run_in_executor(ex, square, i), 10))
                 return out
 
-            assert asyncio.run(awaited()) == [i * i for i in range(20)]
+            assert asyncio.run(awaited()) == [i * i for i in range(30)]
         else:
             wait = {"callback": _by_callback, "wait": _by_wait, "as_completed": _by_as_completed}
             assert [wait[how](sent(i)) for i in range(20)] == [i * i for i in range(20)]
