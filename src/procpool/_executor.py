@@ -42,6 +42,9 @@ def _mark_interpreter_exiting() -> None:
 getattr(threading, "_register_atexit", atexit.register)(_mark_interpreter_exiting)
 
 
+_future_init = cf.Future.__init__
+
+
 class _Future(cf.Future[T]):
     """A Future whose ``result()`` may read the outcome from the worker itself.
 
@@ -53,11 +56,15 @@ class _Future(cf.Future[T]):
     _waiter: DirectWaiter | None = None
 
     def __init__(self) -> None:
-        super().__init__()
+        _future_init(self)
         # concurrent.futures.wait and as_completed add their waiters to this list
         # (a private attribute, the same from Python 3.2 to 3.13): a future
         # waited for that way is never read through result() (see not_coming).
-        self._waiters: list[Any] = _Waiters(self)
+        # Built without an __init__ of its own: every submit() makes one
+        # (0.6 us a future in all, against 1.4 through super() and __init__).
+        waiters = _Waiters()
+        waiters.future = self
+        self._waiters: list[Any] = waiters
 
     def add_done_callback(self, fn: Callable[[cf.Future[T]], object]) -> None:
         self._not_coming()  # asyncio's run_in_executor waits this way, for one
@@ -81,15 +88,12 @@ class _Future(cf.Future[T]):
 class _Waiters(list):  # type: ignore[type-arg]
     """A Future's list of ``concurrent.futures`` waiters, which tells it when one is added."""
 
-    __slots__ = ("_future",)
-
-    def __init__(self, future: _Future[Any]) -> None:
-        super().__init__()
-        self._future = future
+    __slots__ = ("future",)
+    future: _Future[Any]
 
     def append(self, waiter: Any) -> None:
         super().append(waiter)
-        self._future._not_coming()
+        self.future._not_coming()
 
 
 class _FutureSink:
