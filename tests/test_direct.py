@@ -334,6 +334,37 @@ def test_a_future_awaited_without_result_gets_its_reply_at_once(
         assert direct >= 15  # went the direct path (see the first test)
 
 
+def test_futures_are_freed_without_the_cyclic_collector() -> None:
+    # A future and what it holds (its result, perhaps on shared memory) go as
+    # soon as the caller drops it, however it was waited for: nothing of the
+    # direct path's bookkeeping may tie it into a reference cycle.
+    import weakref
+
+    with ProcessPoolExecutor(2) as ex:
+        list(ex.map(square, range(8)))
+        gc.collect()
+        gc.disable()
+        try:
+            refs = []
+            for i in range(20):
+                future = ex.submit(square, i)
+                if i % 4 == 1:
+                    future.add_done_callback(lambda f: None)
+                if i % 4 == 2:
+                    assert next(cf.as_completed([future], timeout=10)) is future
+                if i % 4 == 3:
+                    cf.wait([future], timeout=10)
+                assert future.result(timeout=10) == i * i
+                refs.append(weakref.ref(future))
+                del future
+            deadline = time.monotonic() + 10  # the dispatcher lets go of each as it delivers
+            while any(r() is not None for r in refs) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert [i for i, r in enumerate(refs) if r() is not None] == []
+        finally:
+            gc.enable()
+
+
 def test_a_done_callback_that_submits_more_work_does_not_deadlock() -> None:
     with ProcessPoolExecutor(2) as ex:
         list(ex.map(square, range(8)))

@@ -6,6 +6,7 @@ import atexit
 import concurrent.futures as cf
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from multiprocessing import TimeoutError as MPTimeoutError
 
@@ -62,8 +63,10 @@ class _Future(cf.Future[T]):
         # waited for that way is never read through result() (see not_coming).
         # Built without an __init__ of its own: every submit() makes one
         # (0.6 us a future in all, against 1.4 through super() and __init__).
+        # It refers back weakly: a cycle would leave a dropped future, and the
+        # result it holds (shared memory, perhaps), to the cyclic collector.
         waiters = _Waiters()
-        waiters.future = self
+        waiters.future = weakref.ref(self)
         self._waiters: list[Any] = waiters
 
     def add_done_callback(self, fn: Callable[[cf.Future[T]], object]) -> None:
@@ -89,11 +92,13 @@ class _Waiters(list):  # type: ignore[type-arg]
     """A Future's list of ``concurrent.futures`` waiters, which tells it when one is added."""
 
     __slots__ = ("future",)
-    future: _Future[Any]
+    future: weakref.ref[_Future[Any]]
 
     def append(self, waiter: Any) -> None:
         super().append(waiter)
-        self.future._not_coming()
+        future = self.future()
+        if future is not None:
+            future._not_coming()
 
 
 class _FutureSink:
