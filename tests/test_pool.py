@@ -9,6 +9,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -279,6 +280,47 @@ def test_error_keeps_its_type_and_the_worker_traceback() -> None:
         assert "fail_on" in str(cause) and "raise ValueError" in str(cause)
         # The pool serves on after a task error.
         assert pool.apply(square, (4,)) == 16
+
+
+def test_tasks_failing_at_one_place_each_keep_their_own_traceback_text() -> None:
+    # The stack part of a traceback is formatted once per place (code and
+    # instruction of each frame); each text must still be format_exception's
+    # own, with its task's message, and chained errors keep their chain.
+    import traceback
+
+    from procpool._core import _protocol as P
+
+    def texts(fail: Callable[[int], object]) -> list[tuple[str, str]]:
+        out = []
+        for i in range(3):
+            try:
+                fail(i)
+            except Exception as exc:
+                want = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+                out.append((P._traceback_text(exc), want))
+        return out
+
+    def chained(i: int) -> None:
+        try:
+            fail_on(i, bad=i)
+        except ValueError as exc:
+            raise KeyError(i) from exc
+
+    for fail in (lambda i: fail_on(i, bad=i), chained, _fails_deeper):
+        got = texts(fail)
+        assert [text for text, _ in got] == [want for _, want in got]
+        assert len({text for text, _ in got}) == 3  # each with its own message
+    with Pool(2) as pool:
+        errors = pool.map(_fails_deeper, range(40), return_exceptions=True)
+    for i, error in enumerate(errors):
+        assert isinstance(error, ValueError) and str(error) == f"bad input {i}"
+        text = str(error.__cause__)
+        assert f"ValueError: bad input {i}\n" in text and "_fails_deeper" in text
+        assert text.count("ValueError: bad input") == 1
+
+
+def _fails_deeper(i: int) -> int:
+    return fail_on(i, bad=i) + 1
 
 
 def test_a_callable_larger_than_the_socket_buffer_arrives_whole(start_method: str) -> None:
