@@ -89,12 +89,13 @@ def test_bytearrays_too() -> None:
     assert not _segments()
 
 
-def test_large_bytes_travel_through_shared_memory_too() -> None:
-    # bytes pickle only in band; pack() hands those of THRESHOLD or more to a
-    # segment as buffers, in the shapes batches and replies take, once each
-    # however many items share one.
+def test_large_bytes_and_text_travel_through_shared_memory_too() -> None:
+    # bytes and str pickle only in band; pack() hands those of THRESHOLD or
+    # more (bytes, or characters) to a segment as buffers, in the shapes
+    # batches and replies take, once each however many items share one.
     big, other = os.urandom(shm.THRESHOLD), os.urandom(shm.THRESHOLD + 1)
     small = b"s" * (shm.THRESHOLD - 1)
+    text = "é\ud800" + "t" * shm.THRESHOLD  # a lone surrogate: pickle keeps it
     recycler = shm.Recycler()
     shapes = {
         "items": [big, 1, small],  # map(f, items)
@@ -102,6 +103,7 @@ def test_large_bytes_travel_through_shared_memory_too() -> None:
         "keywords": [((big,), {"k": 1})],  # apply_async(f, args, kwds)
         "reply": ([big, (big, 2)], None),  # a batch's (values, errors)
         "shared": [(big, i) for i in range(40)],  # longer than what is searched first
+        "text": [(text, 1)],  # its UTF-8: two bytes for "é", three for the surrogate
     }
     sizes = {}
     for name, obj in shapes.items():
@@ -115,6 +117,7 @@ def test_large_bytes_travel_through_shared_memory_too() -> None:
         "keywords": [len(big)],
         "reply": [len(big)],
         "shared": [len(big)],
+        "text": [len(text) + 1 + 2],
     }
     # What several items share stays one object, carried once (a named segment
     # here, which unpack() maps by name).
@@ -124,7 +127,10 @@ def test_large_bytes_travel_through_shared_memory_too() -> None:
     assert isinstance(packed, tuple) and len(packed[2]) == 1
     items = shm.unpack(packed)
     assert items == [pair, pair, [pair]] and items[0] is items[1] is items[2][0]
-    for in_band in ([small] * 3, [_Bytes(big)], [[[[big]]]]):  # small, a subclass, too deep
+    texts = (text, 1)
+    names = (f"procpool-{os.getpid()}-text-{i}" for i in range(3))
+    assert shm.unpack(shm.pack([texts, texts], lambda: next(names))) == [texts, texts]
+    for in_band in ([small] * 3, [_Bytes(big)], [[[[big]]]], ["t" * (shm.THRESHOLD - 1)]):
         assert isinstance(shm.pack(in_band, recycler), bytes)
         assert pickle.loads(shm.pack(in_band, None)) == in_band
 
@@ -134,6 +140,8 @@ def test_large_bytes_travel_through_shared_memory_too() -> None:
         assert pool.starmap(_joined, [(big, other)] * 3) == [big + other] * 3
         shared = [(big, i) for i in range(40)]
         assert pool.map(_same, shared, chunksize=40) == shared
+        assert pool.apply(_same, (text,)) == text
+        assert pool.map(len, [text, "x" * (4 << 20)]) == [len(text), 4 << 20]
     assert not _segments()
 
 
@@ -288,6 +296,8 @@ def test_arrays_and_bytes_travel_through_the_pipe_when_no_segment_can_be_written
                 out = pool.map(double, arrays, chunksize=1)
                 blobs = [bytes([i]) * (2 << 20) for i in range(4)]  # large bytes too
                 assert pool.map(bytes, blobs, chunksize=1) == blobs
+                texts = [chr(0x41 + i) * (2 << 20) for i in range(4)]  # and text
+                assert pool.map(str, texts, chunksize=1) == texts
             assert [float(a[-1]) for a in out] == [0.0, 2.0, 4.0, 6.0]
             left = [n for n in os.listdir("/dev/shm") if n.startswith(f"procpool-{os.getpid()}-")]
             print("ok", left)

@@ -139,16 +139,17 @@ def pack(obj: Any, segments: Namer | Recycler | None) -> Packed:
             return False  # out of band
         return True
 
-    # Large bytes objects pickle only in band unless swapped (_BytesOutOfBand).
-    # Short containers are searched first; longer ones only once their pickle
-    # has turned out large, so that a chunk of many small items pays nothing.
-    found = _large_bytes_inside(obj, _SEARCH_FIRST)
+    # Large bytes and str objects pickle only in band unless swapped
+    # (_BytesOutOfBand, _TextOutOfBand). Short containers are searched first;
+    # longer ones only once their pickle has turned out large, so that a chunk
+    # of many small items pays nothing.
+    found = _large_data_inside(obj, _SEARCH_FIRST)
     if found:
-        obj = _bytes_out_of_band(obj, _BYTES_DEPTH, {})
+        obj = _data_out_of_band(obj, _DATA_DEPTH, {})
     data = pickle.dumps(obj, _PROTOCOL, buffer_callback=keep_small)
-    if found is None and len(data) >= THRESHOLD and _large_bytes_inside(obj, sys.maxsize):
+    if found is None and len(data) >= THRESHOLD and _large_data_inside(obj, sys.maxsize):
         large.clear()
-        obj = _bytes_out_of_band(obj, _BYTES_DEPTH, {})
+        obj = _data_out_of_band(obj, _DATA_DEPTH, {})
         data = pickle.dumps(obj, _PROTOCOL, buffer_callback=keep_small)
     if not large:
         return data
@@ -166,11 +167,11 @@ def pack(obj: Any, segments: Namer | Recycler | None) -> Packed:
         return pickle.dumps(obj, _PROTOCOL)
 
 
-# How many levels of lists and tuples _bytes_out_of_band looks into (and the three
-# loops of _large_bytes_inside): a batch's items, each call's argument tuple,
+# How many levels of lists and tuples _data_out_of_band looks into (and the three
+# loops of _large_data_inside): a batch's items, each call's argument tuple,
 # and the positional tuple of a call with keywords; a reply's (values, errors),
 # its values, and a value's tuple.
-_BYTES_DEPTH = 3
+_DATA_DEPTH = 3
 # Containers this long or shorter are searched before pickling (see pack).
 _SEARCH_FIRST = 16
 
@@ -178,10 +179,11 @@ _SEARCH_FIRST = 16
 class _BytesOutOfBand:
     """Pickles a ``bytes`` object as a buffer, which ``pack`` may take out of band.
 
-    ``bytes`` itself always pickles in band: a 1 MB argument or result went
-    through the pipe, ~4x slower than through a segment (a 1 MB echo, 2
-    workers: 4.7-5.4 ms). Rebuilt as ``bytes``, copied out of the segment, so
-    nothing maps it afterwards and the segment is free at once.
+    ``bytes`` itself always pickles in band (the C pickler handles it before
+    any hook): a 1 MB argument or result went through the pipe, ~4x slower
+    than through a segment (a 1 MB echo, 2 workers: 4.7-5.4 ms). Rebuilt as
+    ``bytes``, copied out of the segment, so nothing maps it afterwards and
+    the segment is free at once.
     """
 
     __slots__ = ("data",)
@@ -193,12 +195,33 @@ class _BytesOutOfBand:
         return bytes, (pickle.PickleBuffer(self.data),)
 
 
-def _large_bytes_inside(obj: Any, longest: int) -> bool | None:
-    """Whether list or tuple ``obj``, or a list or tuple in it down to
-    _BYTES_DEPTH levels, holds a ``bytes`` of THRESHOLD or more; None if one of
-    them is longer than ``longest``, and was not searched.
+class _TextOutOfBand:
+    """Pickles a ``str`` as its UTF-8 bytes in a buffer, as _BytesOutOfBand does bytes.
 
-    Three plain nested loops, as _BYTES_DEPTH says: this runs for every
+    Encoded as the pickler encodes a str ("surrogatepass": lone surrogates
+    come back as they went), and decoded on arrival straight from the segment.
+    """
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: str) -> None:
+        self.data = data
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, tuple[pickle.PickleBuffer]]:
+        return _text, (pickle.PickleBuffer(self.data.encode("utf-8", "surrogatepass")),)
+
+
+def _text(buffer: Any) -> str:
+    return str(buffer, "utf-8", "surrogatepass")
+
+
+def _large_data_inside(obj: Any, longest: int) -> bool | None:
+    """Whether list or tuple ``obj``, or a list or tuple in it down to
+    _DATA_DEPTH levels, holds a ``bytes`` or ``str`` of THRESHOLD or more
+    (bytes, or characters); None if one of them is longer than ``longest``,
+    and was not searched.
+
+    Three plain nested loops, as _DATA_DEPTH says: this runs for every
     message, and a call or a stack per level cost twice as much (0.5 us for a
     call's arguments or a reply, against 0.7-0.8).
     """
@@ -209,7 +232,7 @@ def _large_bytes_inside(obj: Any, longest: int) -> bool | None:
     whole = True
     for item in obj:
         kind = type(item)
-        if kind is bytes:
+        if kind is bytes or kind is str:
             if len(item) >= THRESHOLD:
                 return True
         elif kind is list or kind is tuple:
@@ -218,7 +241,7 @@ def _large_bytes_inside(obj: Any, longest: int) -> bool | None:
                 continue
             for inner in item:
                 kind = type(inner)
-                if kind is bytes:
+                if kind is bytes or kind is str:
                     if len(inner) >= THRESHOLD:
                         return True
                 elif kind is list or kind is tuple:
@@ -226,19 +249,20 @@ def _large_bytes_inside(obj: Any, longest: int) -> bool | None:
                         whole = False
                         continue
                     for leaf in inner:
-                        if type(leaf) is bytes and len(leaf) >= THRESHOLD:
+                        kind = type(leaf)
+                        if (kind is bytes or kind is str) and len(leaf) >= THRESHOLD:
                             return True
     return False if whole else None
 
 
-def _bytes_out_of_band(obj: Any, depth: int, seen: dict[int, Any]) -> Any:
-    """A copy of ``obj`` whose ``bytes`` of THRESHOLD or more, in it or in the
-    lists and tuples it holds down to ``depth`` levels, pickle out of band
-    (``obj`` itself where there are none). ``seen`` maps each object already
-    replaced to its replacement: what several items refer to stays one object,
-    which the pickle carries once."""
+def _data_out_of_band(obj: Any, depth: int, seen: dict[int, Any]) -> Any:
+    """A copy of ``obj`` whose ``bytes`` and ``str`` of THRESHOLD or more, in it
+    or in the lists and tuples it holds down to ``depth`` levels, pickle out of
+    band (``obj`` itself where there are none). ``seen`` maps each object
+    already replaced to its replacement: what several items refer to stays one
+    object, which the pickle carries once."""
     kind = type(obj)
-    if kind is bytes:
+    if kind is bytes or kind is str:
         if len(obj) < THRESHOLD:
             return obj
     elif (kind is not list and kind is not tuple) or depth == 0:
@@ -247,8 +271,10 @@ def _bytes_out_of_band(obj: Any, depth: int, seen: dict[int, Any]) -> Any:
     if new is None:
         if kind is bytes:
             new = _BytesOutOfBand(obj)
+        elif kind is str:
+            new = _TextOutOfBand(obj)
         else:
-            copy = [_bytes_out_of_band(item, depth - 1, seen) for item in obj]
+            copy = [_data_out_of_band(item, depth - 1, seen) for item in obj]
             new = copy if kind is list else tuple(copy)
         seen[id(obj)] = new
     return new
