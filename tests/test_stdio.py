@@ -140,6 +140,85 @@ def test_threads_never_tear_lines() -> None:
     assert all(re.fullmatch(r"([a-f])\1{199} \d+", line) for line in lines)
 
 
+def test_flushes_from_other_threads_lose_and_repeat_nothing() -> None:
+    # A thread keeps the pieces of its line (print's arguments, separators) as
+    # text, appending without the lock; flushes from another thread take them
+    # out in place. Every character written must come out exactly once.
+    # Threads switch every microsecond here, to meet the races.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        text = _printed_while_flushed()
+    finally:
+        sys.setswitchinterval(interval)
+    assert {c: text.count(c) for c in "abcd"} == dict.fromkeys("abcd", 2000 * 15)
+    assert text.count("\n") == 4 * 2000
+    assert sum(text.count(str(d)) for d in range(10)) == 4 * 2000
+
+
+def _printed_while_flushed() -> str:
+    with tempfile.TemporaryFile() as out:
+        writer = LineWriter(out.fileno())
+        done = threading.Event()
+
+        def spam(char: str) -> None:
+            for i in range(2000):
+                print(char * 10, char * 5, i % 10, sep="", file=writer)
+
+        def flusher() -> None:
+            while not done.is_set():
+                writer.flush()
+
+        threads = [threading.Thread(target=spam, args=(c,)) for c in "abcd"]
+        flushing = threading.Thread(target=flusher)
+        flushing.start()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        done.set()
+        flushing.join()
+        writer.close()
+        out.seek(0)
+        return out.read().decode()
+
+
+def test_text_and_bytes_of_one_line_stay_in_order(pipe: tuple[int, LineWriter]) -> None:
+    read_fd, writer = pipe
+    writer.write("text, ")
+    writer.buffer.write(b"then bytes, ")
+    writer.write("then text\n")
+    assert pending(read_fd) == b"text, then bytes, then text\n"
+
+
+def test_a_line_of_many_pieces_comes_out_whole(pipe: tuple[int, LineWriter]) -> None:
+    read_fd, writer = pipe
+    pieces = [str(i % 10) for i in range(3 * _stdio.MAX_PIECES)]
+    for piece in pieces:
+        writer.write(piece)
+    assert pending(read_fd) == b""
+    writer.write("\n")
+    assert pending(read_fd) == "".join(pieces).encode() + b"\n"
+
+
+def test_ended_threads_leave_nothing_behind(pipe: tuple[int, LineWriter]) -> None:
+    read_fd, writer = pipe
+    for _ in range(3 * _stdio.MAX_THREADS):
+        thread = threading.Thread(target=print, args=("x",), kwargs={"file": writer})
+        thread.start()
+        thread.join()
+    writer.flush()
+    assert pending(read_fd) == b"x\n" * (3 * _stdio.MAX_THREADS)
+    assert len(writer._buffer._text) <= _stdio.MAX_THREADS
+
+
+def test_a_closed_writer_refuses_even_a_partial_line(pipe: tuple[int, LineWriter]) -> None:
+    _, writer = pipe
+    writer.close()
+    with pytest.raises(ValueError, match="closed"):
+        writer.write("no newline")
+
+
 def run_python(code: str, *, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
