@@ -12,6 +12,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -207,6 +208,45 @@ def test_a_worker_that_dies_among_calls_sent_together_loses_no_call_unannounced(
             assert outcome == x * x
     assert len(lost) < _dispatcher.BURST
     assert max(merged_calls) > 1, "no calls went together"
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_a_worker_that_dies_among_one_task_chunks_it_holds_fails_only_its_task(
+    ordered: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # chunksize=1 promises that a crash fails the task it happened in and no
+    # other (docs/faults.md). A worker that answers such chunks quickly holds
+    # several at once (Dispatcher._burst_limit), each still a batch of its own:
+    # those it ran were answered, those it had not started run elsewhere, once.
+    held: list[int] = []
+    send = _dispatcher.Dispatcher._send
+
+    def recording(
+        self: _dispatcher.Dispatcher, worker: Any, batch: Any, linger: bool = False
+    ) -> None:
+        send(self, worker, batch, linger)
+        held.append(len(worker.inflight))
+
+    monkeypatch.setattr(_dispatcher.Dispatcher, "_send", recording)
+    runs = tmp_path / "runs"
+    arguments = [*range(300), -1, *range(300, 600)]
+    with Pool(2, initializer=keep_barrier, initargs=(str(runs),)) as pool:
+        assert pool.map(counted_square, range(64), chunksize=1) == [i * i for i in range(64)]
+        if ordered:
+            outcomes = list(pool.imap(counted_square_or_exit, arguments, 1, return_exceptions=True))
+        else:
+            unordered = pool.imap_unordered(
+                counted_square_or_exit, arguments, 1, return_exceptions=True
+            )
+            outcomes = sorted(unordered, key=lambda o: -1 if isinstance(o, BaseException) else o)
+            arguments = [-1, *range(600)]
+        assert pool.apply(square, (7,)) == 49
+    failed = [x for x, o in zip(arguments, outcomes) if isinstance(o, BaseException)]
+    assert failed == [-1]
+    assert [o for x, o in zip(arguments, outcomes) if x >= 0] == [x * x for x in range(600)]
+    ran = [int(line) for line in runs.read_text().split()][64:]
+    assert sorted(ran) == sorted(arguments), "a task ran twice, or not at all"
+    assert max(held) > _dispatcher.WINDOW, "no worker held more than a window"
 
 
 def test_calls_sent_together_send_their_results_ahead_every_millisecond() -> None:
