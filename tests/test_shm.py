@@ -89,6 +89,34 @@ def test_bytearrays_too() -> None:
     assert not _segments()
 
 
+def test_long_lists_of_small_items_are_not_searched_for_large_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The search for large bytes and str after pickling runs in Python, item by
+    # item: a list of 100,000 ints cost 4x its pickling. A long container is
+    # searched only when its pickle averages LARGE_ITEM_MEAN an item.
+    searched: list[int] = []
+    search = shm._large_data_inside
+
+    def counted(obj: object, longest: int) -> bool | None:
+        searched.append(longest)
+        return search(obj, longest)
+
+    monkeypatch.setattr(shm, "_large_data_inside", counted)
+    recycler = shm.Recycler()
+    numbers = list(range(100_000))
+    for obj in (numbers, (numbers, None), [str(i) for i in numbers]):
+        assert isinstance(shm.pack(obj, recycler), bytes)
+    assert sys.maxsize not in searched
+    large = shm.pack([os.urandom(shm.THRESHOLD) for _ in range(20)], recycler)
+    assert isinstance(large, tuple) and len(large[2]) == 20
+    recycler.discard(large[1])
+    # The price: a lone large item among many small ones goes in band.
+    lone = [b"x" * shm.THRESHOLD, *range(200)]
+    assert isinstance(shm.pack(lone, recycler), bytes)
+    assert pickle.loads(shm.pack(lone, recycler)) == lone
+
+
 def test_large_bytes_and_text_travel_through_shared_memory_too() -> None:
     # bytes and str pickle only in band; pack() hands those of THRESHOLD or
     # more (bytes, or characters) to a segment as buffers, in the shapes
