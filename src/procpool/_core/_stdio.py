@@ -377,7 +377,7 @@ class LineWriter(io.TextIOBase):
         # The hot path of every print() in a worker, which makes a call per
         # argument, separator and end: one Python frame each, pieces kept as
         # str until their line is complete, then encoded and written at once
-        # (100,000 three-argument prints to a file, 2 cores: 20 us a line when
+        # (100,000 four-argument prints to a file, 2 cores: 20 us a line when
         # each piece went through the binary layer, encoded on its own).
         if type(s) is not str and not isinstance(s, str):
             raise TypeError(f"write() argument must be str, not {type(s).__name__}")
