@@ -202,13 +202,28 @@ def test_a_line_of_many_pieces_comes_out_whole(pipe: tuple[int, LineWriter]) -> 
 
 
 def test_ended_threads_leave_nothing_behind(pipe: tuple[int, LineWriter]) -> None:
+    # Each thread that writes gets a list for its pieces; a flush forgets those
+    # of threads that have ended. All alive at once here, so no two share an id.
     read_fd, writer = pipe
-    for _ in range(3 * _stdio.MAX_THREADS):
-        thread = threading.Thread(target=print, args=("x",), kwargs={"file": writer})
+    count = 3 * _stdio.MAX_THREADS
+    printed = threading.Barrier(count + 1)
+    release = threading.Event()
+
+    def say() -> None:
+        print("x", file=writer)
+        printed.wait(timeout=30)
+        release.wait(timeout=30)
+
+    threads = [threading.Thread(target=say) for _ in range(count)]
+    for thread in threads:
         thread.start()
+    printed.wait(timeout=30)
+    assert len(writer._buffer._text) >= count
+    release.set()
+    for thread in threads:
         thread.join()
     writer.flush()
-    assert pending(read_fd) == b"x\n" * (3 * _stdio.MAX_THREADS)
+    assert pending(read_fd) == b"x\n" * count
     assert len(writer._buffer._text) <= _stdio.MAX_THREADS
 
 
