@@ -230,7 +230,7 @@ class _LineBuffer(io.BufferedIOBase):
         # Caller holds the lock, and has taken ``data`` out of what is held.
         if self._prefix is not None:
             data = self._add_prefix(data, self._prefix)
-        _write_all(self._fd, data, len(data) <= PIPE_BUF)
+        _write_lines(self._fd, data)
 
     def _add_prefix(self, data: bytes, prefix: bytes) -> bytes:
         out = bytearray()
@@ -267,13 +267,17 @@ def split_lines(data: bytes, limit: int) -> Iterator[bytes]:
         yield data[start:]
 
 
-def _write_all(fd: int, data: bytes, atomic: bool = True) -> None:
-    """Write ``data`` to ``fd``: in one ``write()`` if ``atomic`` (the usual case:
-    a line or a few), else in chunks of whole lines of at most PIPE_BUF bytes."""
-    if not atomic:
-        for chunk in split_lines(data, PIPE_BUF):
-            _write_all(fd, chunk)
+def _write_lines(fd: int, data: bytes) -> None:
+    """Write whole lines ``data`` to ``fd``: in one ``write()`` up to PIPE_BUF bytes
+    (the usual case: a line or a few), else in chunks of whole lines."""
+    if len(data) <= PIPE_BUF:
+        _write_all(fd, data)
         return
+    for chunk in split_lines(data, PIPE_BUF):
+        _write_all(fd, chunk)
+
+
+def _write_all(fd: int, data: bytes) -> None:
     written = 0
     try:
         written = os.write(fd, data)
@@ -403,7 +407,7 @@ class LineWriter(io.TextIOBase):
                 s = buffer._take_text(parts) + s
             data = s.encode(buffer.encoding, buffer.errors)
             if data[-1:] == b"\n" and ident not in buffer._held and buffer._prefix is None:
-                _write_all(buffer._fd, data, len(data) <= PIPE_BUF)  # whole lines: out as they are
+                _write_lines(buffer._fd, data)  # whole lines: out as they are
             else:
                 buffer._add(ident, data)
         return size
