@@ -234,6 +234,17 @@ def counted_square(x: int) -> int:
     return x * x
 
 
+def counted_sleep(task: tuple[int, float]) -> tuple[int, int]:
+    """Append ``x`` to the kept file (as counted_square), sleep ``seconds``, and return
+    ``(x, pid)``; a negative ``seconds`` ends the worker (os._exit) after as long."""
+    x, seconds = task
+    counted_square(x)
+    time.sleep(abs(seconds))
+    if seconds < 0:
+        os._exit(7)
+    return x, os.getpid()
+
+
 def counted_square_or_exit(x: int) -> int:
     """counted_square(x), except that a negative ``x`` ends the worker (os._exit)
     once its line is written."""

@@ -23,7 +23,7 @@ from procpool import (
     WorkerCrashedError,
 )
 from procpool import testing as crash
-from tests.helpers import big_then_slow_to_pickle, blob, square
+from tests.helpers import big_then_slow_to_pickle, blob, counted_sleep, keep_barrier, square
 
 # (id, function, args, pool options, expected type, message pattern)
 TASK_ROWS: list[tuple[str, Callable[..., Any], tuple[Any, ...], dict[str, Any], type, str]] = [
@@ -177,6 +177,35 @@ def test_crash_mid_batch_fails_the_running_task_and_reruns_the_unstarted(start_m
     assert out[3].exitcode == 4
     # Tasks 4-7 had not started: they ran on the replacement worker.
     assert out[4:] == [16, 25, 36, 49]
+
+
+def test_a_worker_that_dies_with_a_batch_offered_to_it_fails_only_its_task(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Task 3 waits as an offer behind task 1 (see test_pool's test of offers
+    # taken back), which ends its worker at 0.1 s, before the other workers run
+    # out of work: task 3 had not started, and runs on another worker, once.
+    from procpool._core import _dispatcher
+
+    offered: list[int] = []
+    send = _dispatcher.Dispatcher._send
+
+    def sending(self: Any, worker: Any, batch: Any, linger: bool = False, **options: Any) -> None:
+        send(self, worker, batch, linger, **options)
+        if options.get("offer"):
+            offered.append(batch.first_index)
+
+    monkeypatch.setattr(_dispatcher.Dispatcher, "_send", sending)
+    runs = tmp_path / "runs"
+    with Pool(3, initializer=keep_barrier, initargs=(str(runs),)) as pool:
+        pool.map(counted_sleep, [(100 + i, 0.05) for i in range(12)], chunksize=1)
+        tasks = [(0, 0.01), (1, -0.1), *((i, 0.03) for i in range(2, 21))]
+        out = pool.map(counted_sleep, tasks, chunksize=1, return_exceptions=True)
+    assert 3 in offered, offered
+    assert isinstance(out[1], WorkerCrashedError) and out[1].task_index == 1
+    assert [o[0] for i, o in enumerate(out) if i != 1] == [i for i in range(21) if i != 1]
+    ran = [int(line) for line in runs.read_text().split()]
+    assert sorted(x for x in ran if x < 100) == list(range(21)), "a task ran twice, or never"
 
 
 def _one_batch_on_one_worker(specs: list[Any], start_method: str) -> list[Any]:

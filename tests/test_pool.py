@@ -11,13 +11,17 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from procpool import Pool, RemoteTraceback, SerializationError
+from procpool._core import _dispatcher
+from procpool._core._slot import Slot
 from procpool.testing import Unpicklable, return_unpicklable
 from tests.helpers import (
     add,
+    counted_sleep,
     fail_at_3_mod_7,
     fail_on,
     get_env,
@@ -153,6 +157,104 @@ def test_a_map_of_tasks_known_to_be_long_is_cut_into_small_chunks(start_method: 
         pool.map(sleep_pid, [0.01] * 4)
         pids = pool.map(sleep_pid, [0.5] + [0.01] * 31)
     assert pids[0] not in pids[1:4]
+
+
+def _record_offers(monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], list[int]]:
+    """The first task of each batch sent as an offer, and of each taken back."""
+    offered: list[int] = []
+    taken: list[int] = []
+    send = _dispatcher.Dispatcher._send
+    take_back = _dispatcher.Dispatcher._take_back_offers
+
+    def sending(
+        self: _dispatcher.Dispatcher,
+        worker: Any,
+        batch: Any,
+        linger: bool = False,
+        *,
+        offer: bool = False,
+    ) -> None:
+        send(self, worker, batch, linger, offer=offer)
+        if offer:
+            offered.append(batch.first_index)
+
+    def taking_back(self: _dispatcher.Dispatcher) -> bool:
+        waiting = {id(b) for b in self._pending}
+        found = take_back(self)
+        taken.extend(b.first_index for b in self._pending if id(b) not in waiting)
+        return found
+
+    monkeypatch.setattr(_dispatcher.Dispatcher, "_send", sending)
+    monkeypatch.setattr(_dispatcher.Dispatcher, "_take_back_offers", taking_back)
+    return offered, taken
+
+
+@pytest.mark.parametrize("start_method", [None, "fork", "spawn"])
+def test_a_batch_offered_behind_a_long_one_is_taken_back_for_an_idle_worker(
+    start_method: str | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Behind work measured long, the next batch waits in a busy worker's pipe as
+    # an offer: the worker starts it without a round trip through the
+    # dispatcher. Here task 0 goes by the direct path, task 1 (long) and task 2
+    # to the other two workers, and task 3 is offered to the first of those,
+    # behind task 1. The others run out of work long before task 1 ends; one
+    # takes task 3 back and runs it. Every task runs once.
+    offered, taken = _record_offers(monkeypatch)
+    runs = tmp_path / "runs"
+    context = multiprocessing.get_context(start_method) if start_method else None
+    with Pool(3, context=context, initializer=keep_barrier, initargs=(str(runs),)) as pool:
+        pool.map(counted_sleep, [(100 + i, 0.05) for i in range(12)], chunksize=1)
+        tasks = [(0, 0.01), (1, 1.0), *((i, 0.01) for i in range(2, 21))]
+        outcomes = pool.map(counted_sleep, tasks, chunksize=1)
+    assert [x for x, _ in outcomes] == list(range(21))
+    assert outcomes[1][1] not in [pid for x, pid in outcomes if x != 1]
+    assert 3 in offered and 3 in taken, (offered, taken)
+    ran = [int(line) for line in runs.read_text().split()]
+    assert sorted(x for x in ran if x < 100) == list(range(21)), "a task ran twice, or never"
+
+
+def test_offered_batches_run_once_whoever_takes_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Offers taken back while the worker holds several, under maps, imap's
+    # growing chunks and imap_unordered, with durations drawn from 0 to 20 ms
+    # and outliers of 150 ms: a worker that finds a later batch's token in
+    # place of its own keeps that batch (see _slot.py). Each task runs once.
+    import random
+
+    offered, taken = _record_offers(monkeypatch)
+    rng = random.Random(5)
+    runs = tmp_path / "runs"
+    expected: list[int] = []
+    with Pool(3, initializer=keep_barrier, initargs=(str(runs),)) as pool:
+        for round_ in range(6):
+            durations = [0.15 if rng.random() < 0.08 else rng.random() * 0.02 for _ in range(40)]
+            tasks = [(1000 * round_ + i, d) for i, d in enumerate(durations)]
+            expected += [x for x, _ in tasks]
+            if round_ % 3 == 0:
+                got = [x for x, _ in pool.map(counted_sleep, tasks, chunksize=1)]
+            elif round_ % 3 == 1:
+                got = [x for x, _ in pool.imap(counted_sleep, tasks)]
+            else:
+                got = sorted(x for x, _ in pool.imap_unordered(counted_sleep, tasks))
+            assert got == [x for x, _ in tasks]
+    ran = [int(line) for line in runs.read_text().split()]
+    assert sorted(ran) == sorted(expected), "a task ran twice, or never"
+    assert offered and taken, (len(offered), len(taken))
+
+
+def test_offer_tokens_go_to_one_reader_each_in_order() -> None:
+    # Both ends take the first token left (see _slot.py); a token is the batch's id.
+    slot = Slot(1)
+    try:
+        assert slot.take() is None
+        for batch_id in (7, 8, 9):
+            slot.offer(batch_id)
+        assert [slot.take(), slot.take()] == [7, 8]
+        slot.offer(10)
+        assert [slot.take(), slot.take(), slot.take()] == [9, 10, None]
+    finally:
+        slot.close()
 
 
 def test_map_chunks_of_long_tasks_are_small_but_bounded_in_number() -> None:

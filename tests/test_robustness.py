@@ -222,9 +222,9 @@ def test_a_worker_that_dies_among_one_task_chunks_it_holds_fails_only_its_task(
     send = _dispatcher.Dispatcher._send
 
     def recording(
-        self: _dispatcher.Dispatcher, worker: Any, batch: Any, linger: bool = False
+        self: _dispatcher.Dispatcher, worker: Any, batch: Any, linger: bool = False, **options: Any
     ) -> None:
-        send(self, worker, batch, linger)
+        send(self, worker, batch, linger, **options)
         held.append(len(worker.inflight))
 
     monkeypatch.setattr(_dispatcher.Dispatcher, "_send", recording)

@@ -64,6 +64,7 @@ class Batch:
         "items",
         "let_go",
         "named",
+        "offered",
         "on_start",
         "payload",
         "policy",
@@ -108,6 +109,9 @@ class Batch:
         # segment (see shm.let_go), and whether release() has run.
         self.let_go = False
         self.released = False
+        # Sent ahead of its turn as P.OFFER, and not answered yet: the worker
+        # may not have started it, and the dispatcher may take it back.
+        self.offered = False
         # Index of the first task for per-task random seeds (a map's own index,
         # or a single call's sequence number in its pool).
         self.seed_base = first_index if seed_base is None else seed_base

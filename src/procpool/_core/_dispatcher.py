@@ -288,6 +288,10 @@ class Dispatcher(DirectPath):
         self._refilling: set[int] = set()  # workers that may take a burst (_send_pending)
         # What _send_pending sends, held back to be written per worker at once (_post).
         self._corked: dict[int, tuple[Worker, list[bytes]]] | None = None
+        # Workers that were sent a batch ahead as an offer (see _offer_pays), maybe
+        # not started yet; and whether the worker _pick_worker chose takes it so.
+        self._offered: set[int] = set()
+        self._offering = False
         self._init_bytes = self._pickle_initializer(initializer, self.inherited_main)
         # initargs go to each worker as it starts, pickled by multiprocessing itself,
         # which allows what only process start-up may carry (a Queue, a Lock).
@@ -587,6 +591,8 @@ class Dispatcher(DirectPath):
             self._send_pending()
         if self._pending and self._on_demand and self._grow():
             self._send_pending()  # a small batch may wait in the new worker's pipe
+        if self._offered and not self._pending and self._take_back_offers():
+            self._send_pending()
 
     def _send_pending(self) -> None:
         """Send what waits in ``pending`` to the workers that may take it now.
@@ -607,15 +613,16 @@ class Dispatcher(DirectPath):
                 worker = self._pick_worker(batch)
                 if worker is None:
                     return
+                offer, self._offering = self._offering, False
                 pending.popleft()
                 if batch.on_start is not None:
                     on_start, batch.on_start = batch.on_start, None  # once, even if re-queued
                     if not on_start():
                         batch.release()
                         continue  # cancelled before it started
-                if worker.inflight and _mergeable(batch):
+                if worker.inflight and not offer and _mergeable(batch):
                     batch = self._merge(worker, batch)
-                self._send(worker, batch)
+                self._send(worker, batch, offer=offer)
         finally:
             if not outer:
                 self._corked = None
@@ -711,8 +718,13 @@ class Dispatcher(DirectPath):
                 held = self._held_calls(worker)
             if held < limit and (best is None or held < len(best.inflight)):
                 best = worker
-        if best is not None and self._ahead(best, batch):
-            return best
+        if best is not None:
+            if self._ahead(best, batch):
+                return best
+            for worker in self._workers.values():
+                if self._offer_pays(worker, batch):
+                    self._offering = True
+                    return worker
         if idle_booting > 1 or self._staggered:
             return None
         if booting is not None and any(
@@ -732,6 +744,73 @@ class Dispatcher(DirectPath):
         if not self._prefetch and any(b.sink is not self._answered() for b in worker.inflight):
             return False  # a pool that may grow: only on this map's own evidence
         return not self._max_tasks or worker.tasks_done + self._held_items(worker) < self._max_tasks
+
+    def _offer_pays(self, worker: Worker, batch: Batch) -> bool:
+        """Whether ``batch`` may wait in busy ``worker``'s pipe as an offer (P.OFFER),
+        behind work that may be long, since it can be taken back (_take_back_offers).
+
+        Each batch of work measured long, sent only as its worker replied, left
+        the worker idle for the round trip through this thread: 0.5-0.7 ms here,
+        where the thread wakes with cold caches (200 sleeps of 10 ms on 2
+        workers: 1.040 -> 1.030 x the ideal time). An offer waits in the pipe
+        instead, but unlike a prefetch behind short work (_prefetch_pays) it
+        never keeps a task waiting behind a long one while another worker has
+        nothing to do: that worker gets it back first. (Where the tasks keep
+        every core busy, the worker that replies waits for this thread's core
+        anyway: level there, see docs/performance.md.)
+
+        Only a plain batch that another worker could take as it is: no task
+        timeout (its clock is the slot's), no shared-memory segment sent with
+        it, not a recycled worker's (max_tasks_per_child counts what it holds).
+        And behind one batch: a worker holds at most WINDOW.
+        """
+        return (
+            len(worker.inflight) == 1
+            and type(batch) is Batch
+            and type(batch.payload) is bytes
+            and batch.policy.timeout is None
+            and not self._max_tasks
+            and self._prefetch
+            and not (worker.lent or worker.direct_at or worker.retiring or worker.timed_out)
+            and (not self._on_demand or self._active() >= self._size)
+            and self._fits_pipe(worker, batch)
+        )
+
+    def _take_back_offers(self) -> bool:
+        """Give idle workers the batches offered to busy ones and not started;
+        whether any was taken back (then they wait first in ``pending``).
+
+        A worker's slot holds a token per batch offered, in order (see _slot.py).
+        The first one left is that of the next batch the worker would run; taking
+        it means the worker never will. None left: it started them all.
+        """
+        idle = sum(
+            1
+            for w in self._workers.values()
+            if not w.inflight and w.ready and not (w.retiring or w.timed_out or w.lent)
+        )
+        taken: list[Batch] = []
+        for wid in list(self._offered):
+            if not idle:
+                break
+            worker = self._workers.get(wid)
+            token = None
+            if worker is not None and any(b.offered for b in worker.inflight):
+                token = worker.slot.take()
+            if token is None:  # no token left: it started them all
+                for b in worker.inflight if worker is not None else ():
+                    b.offered = False
+                self._offered.discard(wid)
+                continue
+            assert worker is not None
+            # Still held: the worker answers only what it ran, and it never will.
+            batch = next(b for b in worker.inflight if b.id == token)
+            worker.inflight.remove(batch)
+            batch.offered = False
+            taken.append(batch)
+            idle -= 1
+        self._pending.extendleft(reversed(taken))
+        return bool(taken)
 
     def _prefetch_pays(self, worker: Worker) -> bool:
         """Whether a batch may wait in ``worker``'s pipe behind the work it holds.
@@ -829,9 +908,13 @@ class Dispatcher(DirectPath):
     def _held_items(worker: Worker) -> int:
         return sum(len(b.items) for b in worker.inflight)
 
-    def _send(self, worker: Worker, batch: Batch, linger: bool = False) -> None:
-        """Send ``batch`` to ``worker``; ``linger``: see P.BATCH (the direct path)."""
+    def _send(
+        self, worker: Worker, batch: Batch, linger: bool = False, *, offer: bool = False
+    ) -> None:
+        """Send ``batch`` to ``worker``; ``linger``: see P.BATCH (the direct path);
+        ``offer``: as P.OFFER, to be run only if not taken back (_offer_pays)."""
         worker.inflight.append(batch)
+        batch.offered = offer
         fn = batch.fn
         try:
             if worker.freed:
@@ -847,9 +930,15 @@ class Dispatcher(DirectPath):
             first = batch.first_index if batch.named else -1
             timed = batch.policy.timeout is not None
             seed = None if batch.policy.seed is None else (batch.policy.seed, batch.seed_base)
+            if offer:
+                worker.slot.offer(batch.id)  # first: the worker takes it as it reads the batch
+                self._offered.add(worker.id)
             self._post(
                 worker,
-                (P.BATCH, batch.id, fn.id, batch.star, timed, first, seed, linger, batch.payload),
+                (
+                    P.OFFER if offer else P.BATCH,
+                    *(batch.id, fn.id, batch.star, timed, first, seed, linger, batch.payload),
+                ),
             )
         except OSError:
             # The worker is gone; its sentinel will fire and this batch,
@@ -914,6 +1003,7 @@ class Dispatcher(DirectPath):
             return  # the pool broke while this batch ran, and failed it then
         batch = worker.inflight.popleft()
         assert batch.id == batch_id, (batch.id, batch_id)
+        batch.offered = False
         if self._on_demand:  # only a pool that may grow needs it (_ahead)
             self._answered = _weak(batch.sink)
         worker.tasks_done += len(batch.items)
@@ -1114,6 +1204,8 @@ class Dispatcher(DirectPath):
         if exitcode is not None:
             worker.process.close()
         self._shm_used = self._shm_used or bool(worker.slot[P.SLOT_SHM])
+        worker.slot.close()
+        self._offered.discard(worker.id)
         self._forget_direct(worker)
         with self._stats_lock:  # from live to gone in one step, for statistics()
             del self._workers[worker.id]
@@ -1124,6 +1216,8 @@ class Dispatcher(DirectPath):
         """Fail what the dead worker was running; re-queue what it had not started."""
         head = worker.inflight.popleft()
         requeue = list(worker.inflight)
+        for batch in (head, *requeue):
+            batch.offered = False  # its tokens went with the worker
         slot_batch, item, _ = worker.read_slot()
         if slot_batch == head.id:
             self._settle_started(worker, head, item, exitcode, requeue)
@@ -1287,7 +1381,7 @@ class Dispatcher(DirectPath):
                 # e.g. initargs that the start method cannot pickle: free what we made.
                 parent_end.close()
                 child_end.close()
-                slot.close_fd()
+                slot.close()
                 raise
             child_end.close()
             slot.close_fd()  # the child has its own descriptor (or mapping) now

@@ -16,6 +16,10 @@ Parent to worker::
                                            linger: a caller waits for it alone (the direct
                                            path), and may send the next call as soon as
                                            it has the reply: wait for it spinning
+    (OFFER, ...)                           a BATCH sent ahead of its turn, behind work
+                                           that may be long: run it only if a token is
+                                           still in the slot's offers (see _slot.py);
+                                           else the dispatcher took it back: no reply
     (STOP,)
 
 Worker to parent::
@@ -52,6 +56,7 @@ if TYPE_CHECKING:
 
 FN = "F"
 BATCH = "B"
+OFFER = "O"  # a BATCH that the dispatcher may take back until the worker starts it
 STOP = "S"
 READY = "R"
 INIT_FAILED = "I"
@@ -110,12 +115,12 @@ def dumps(obj: Any) -> bytes:
     return pickle.dumps(obj, PROTOCOL)
 
 
-# BATCH, RESULTS and PARTIAL end with a payload (pickled arguments or results).
+# BATCH, OFFER, RESULTS and PARTIAL end with a payload (pickled arguments or results).
 # One this large travels as a frame of its own right after its message, not
 # pickled into it: that copy, and the one unpickling the message makes, cost
 # ~0.5 ms per MB on each side.
 FRAME_BYTES = 64 * 1024
-_WITH_PAYLOAD = frozenset((BATCH, RESULTS, PARTIAL))
+_WITH_PAYLOAD = frozenset((BATCH, OFFER, RESULTS, PARTIAL))
 
 
 def _one_frame(msg: tuple[Any, ...]) -> bool:

@@ -83,7 +83,7 @@ def worker_main(
         slot[P.SLOT_SHM] = 1.0  # the dispatcher looks for what it left only if so
 
     segments = shm.worker_segments(options.get("shm_prefix"), first_named)
-    _serve(conn, slot.view, options.get("max_rss"), segments)
+    _serve(conn, slot.view, options.get("max_rss"), segments, slot.take)
     if isinstance(segments, shm.Recycler):
         segments.clear()
 
@@ -193,13 +193,18 @@ def _run_initializer(conn: Connection, init_bytes: bytes, initargs: tuple[Any, .
 
 
 def _serve(
-    conn: Connection, slot: Any, max_rss: int | None, segments: shm.Namer | shm.Recycler | None
+    conn: Connection,
+    slot: Any,
+    max_rss: int | None,
+    segments: shm.Namer | shm.Recycler | None,
+    take_offer: Callable[[], int | None],
 ) -> None:
     fns: OrderedDict[int, Any] = OrderedDict()
     recycler = segments if isinstance(segments, shm.Recycler) else None
     spinner = _Spinner(conn)
     linger = False  # the last batch was a lone call whose caller waits (see P.BATCH)
     quick = False  # the last wait ended within SPIN_S
+    owned: set[int] = set()  # offered batches whose token came early (see _slot.py)
     while True:
         try:
             waiting = time.perf_counter()
@@ -215,6 +220,18 @@ def _serve(
             return  # the parent closed the pipe: nothing more will come
         tag = msg[0]
         linger = False
+        if tag == P.OFFER:
+            if msg[1] in owned:
+                owned.discard(msg[1])
+            else:
+                token = take_offer()
+                if token != msg[1]:
+                    # Taken back for a worker that ran out of work: it runs there.
+                    # A later batch's token, found instead, makes that one ours.
+                    if token is not None:
+                        owned.add(token)
+                    continue
+            tag = P.BATCH
         if tag == P.BATCH:
             linger = msg[7]
             started = time.perf_counter()
