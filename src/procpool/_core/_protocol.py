@@ -17,9 +17,10 @@ Parent to worker::
                                            path), and may send the next call as soon as
                                            it has the reply: wait for it spinning
     (OFFER, ...)                           a BATCH sent ahead of its turn, behind work
-                                           that may be long: run it only if a token is
-                                           still in the slot's offers (see _slot.py);
-                                           else the dispatcher took it back: no reply
+                                           that may be long: run it only if the token the
+                                           worker takes from its slot's offers is its id
+                                           (see _slot.py); else the dispatcher took it
+                                           back for another worker: no reply
     (STOP,)
 
 Worker to parent::
