@@ -216,10 +216,11 @@ def test_a_batch_offered_behind_a_long_one_is_taken_back_for_an_idle_worker(
 def test_offered_batches_run_once_whoever_takes_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Offers taken back while the worker holds several, under maps, imap's
-    # growing chunks and imap_unordered, with durations drawn from 0 to 20 ms
-    # and outliers of 150 ms: a worker that finds a later batch's token in
-    # place of its own keeps that batch (see _slot.py). Each task runs once.
+    # Offers made and taken back under maps, imap's growing chunks and
+    # imap_unordered, with durations drawn from 0 to 20 ms and outliers of
+    # 150 ms: each task runs once. Which races occur is up to the timing; the
+    # one where a worker finds a later batch's token in place of its own is
+    # made to happen in test_robustness.
     import random
 
     offered, taken = _record_offers(monkeypatch)

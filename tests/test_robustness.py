@@ -28,6 +28,7 @@ from procpool import testing as crash
 from procpool._core import _dispatcher, _worker, _zygote
 from procpool._core import _protocol as P
 from procpool._core import _shm as shm
+from procpool._core._slot import Slot
 from tests.helpers import (
     SleepsWhenUnpickled,
     count_onto_kept_queue,
@@ -247,6 +248,35 @@ def test_a_worker_that_dies_among_one_task_chunks_it_holds_fails_only_its_task(
     ran = [int(line) for line in runs.read_text().split()][64:]
     assert sorted(ran) == sorted(arguments), "a task ran twice, or not at all"
     assert max(held) > _dispatcher.WINDOW, "no worker held more than a window"
+
+
+def test_a_worker_skips_an_offer_taken_back_and_runs_the_later_one_whose_token_it_took() -> None:
+    # Batches 1 and 2 offered, then 1 taken back (the dispatcher took the first
+    # token): reading batch 1, the worker finds batch 2's token instead. Batch
+    # 2 is its own now; batch 1 runs elsewhere. With tokens that did not name
+    # their batch, batch 1 ran here too (twice in all) and batch 2 never.
+    import pickle
+
+    slot = Slot(P.SLOT_SIZE)
+    here, there = multiprocessing.Pipe()
+    try:
+        for batch_id in (1, 2):
+            slot.offer(batch_id)
+        assert slot.take() == 1
+        P.send(here, (P.FN, 7, pickle.dumps(square)))
+        for batch_id, x in ((1, 3), (2, 4)):
+            P.send(here, (P.OFFER, batch_id, 7, P.CALL_ONE, False, 0, None, False, P.dumps([x])))
+        P.send(here, (P.STOP,))
+        _worker._serve(there, slot.view, None, None, slot.take)
+        replies = []
+        while here.poll():
+            replies.append(P.recv(here))
+    finally:
+        here.close()
+        there.close()
+        slot.close()
+    assert [(msg[0], msg[1]) for msg in replies] == [(P.RESULTS, 2)]
+    assert pickle.loads(replies[0][-1]) == ([16], None)
 
 
 def test_calls_sent_together_send_their_results_ahead_every_millisecond() -> None:
