@@ -109,8 +109,9 @@ class Batch:
         # segment (see shm.let_go), and whether release() has run.
         self.let_go = False
         self.released = False
-        # Sent ahead of its turn as P.OFFER, and not answered yet: the worker
-        # may not have started it, and the dispatcher may take it back.
+        # Sent as P.OFFER (set at each send; read only while a worker holds it):
+        # until answered, the worker may not have started it, and the
+        # dispatcher may take it back.
         self.offered = False
         # Index of the first task for per-task random seeds (a map's own index,
         # or a single call's sequence number in its pool).

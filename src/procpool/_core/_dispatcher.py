@@ -289,9 +289,8 @@ class Dispatcher(DirectPath):
         # What _send_pending sends, held back to be written per worker at once (_post).
         self._corked: dict[int, tuple[Worker, list[bytes]]] | None = None
         # Workers that were sent a batch ahead as an offer (see _offer_pays), maybe
-        # not started yet; and whether the worker _pick_worker chose takes it so.
+        # not started yet.
         self._offered: set[int] = set()
-        self._offering = False
         self._init_bytes = self._pickle_initializer(initializer, self.inherited_main)
         # initargs go to each worker as it starts, pickled by multiprocessing itself,
         # which allows what only process start-up may carry (a Queue, a Lock).
@@ -610,10 +609,9 @@ class Dispatcher(DirectPath):
         try:
             while pending and not self._terminating:
                 batch = pending[0]
-                worker = self._pick_worker(batch)
+                worker, offer = self._pick_worker(batch)
                 if worker is None:
                     return
-                offer, self._offering = self._offering, False
                 pending.popleft()
                 if batch.on_start is not None:
                     on_start, batch.on_start = batch.on_start, None  # once, even if re-queued
@@ -676,9 +674,10 @@ class Dispatcher(DirectPath):
     def _held_calls(worker: Worker) -> int:
         return sum(len(b.items) if isinstance(b, Calls) else 1 for b in worker.inflight)
 
-    def _pick_worker(self, batch: Batch) -> Worker | None:
+    def _pick_worker(self, batch: Batch) -> tuple[Worker | None, bool]:
         """The worker to send ``batch`` to now, if any: an idle one that is ready,
-        else a busy one it may wait behind (see _ahead), else one still booting.
+        else a busy one it may wait behind (see _ahead), or take as an offer
+        (see _offer_pays: then True with it), else one still booting.
 
         A booting worker comes last, and gets nothing while a ready worker holds
         only work measured short (see _prefetch_pays): a batch in its pipe waits
@@ -706,7 +705,7 @@ class Dispatcher(DirectPath):
             held = len(worker.inflight)
             if held == 0:
                 if worker.ready:
-                    return worker
+                    return worker, False
                 idle_booting += 1
                 # Only a small batch: one too large for the pipe could block this
                 # thread's write to a worker stuck in its start.
@@ -720,18 +719,17 @@ class Dispatcher(DirectPath):
                 best = worker
         if best is not None:
             if self._ahead(best, batch):
-                return best
+                return best, False
             for worker in self._workers.values():
                 if self._offer_pays(worker, batch):
-                    self._offering = True
-                    return worker
+                    return worker, True
         if idle_booting > 1 or self._staggered:
-            return None
+            return None, False
         if booting is not None and any(
             w.ready and w.inflight and self._prefetch_pays(w) for w in self._workers.values()
         ):
-            return None
-        return booting
+            return None, False
+        return booting, False
 
     def _ahead(self, worker: Worker, batch: Batch) -> bool:
         """Whether ``batch`` may wait in busy ``worker``'s pipe."""
@@ -806,7 +804,6 @@ class Dispatcher(DirectPath):
             # Still held: the worker answers only what it ran, and it never will.
             batch = next(b for b in worker.inflight if b.id == token)
             worker.inflight.remove(batch)
-            batch.offered = False
             taken.append(batch)
             idle -= 1
         self._pending.extendleft(reversed(taken))
@@ -937,7 +934,14 @@ class Dispatcher(DirectPath):
                 worker,
                 (
                     P.OFFER if offer else P.BATCH,
-                    *(batch.id, fn.id, batch.star, timed, first, seed, linger, batch.payload),
+                    batch.id,
+                    fn.id,
+                    batch.star,
+                    timed,
+                    first,
+                    seed,
+                    linger,
+                    batch.payload,
                 ),
             )
         except OSError:
@@ -1003,7 +1007,6 @@ class Dispatcher(DirectPath):
             return  # the pool broke while this batch ran, and failed it then
         batch = worker.inflight.popleft()
         assert batch.id == batch_id, (batch.id, batch_id)
-        batch.offered = False
         if self._on_demand:  # only a pool that may grow needs it (_ahead)
             self._answered = _weak(batch.sink)
         worker.tasks_done += len(batch.items)
@@ -1216,8 +1219,6 @@ class Dispatcher(DirectPath):
         """Fail what the dead worker was running; re-queue what it had not started."""
         head = worker.inflight.popleft()
         requeue = list(worker.inflight)
-        for batch in (head, *requeue):
-            batch.offered = False  # its tokens went with the worker
         slot_batch, item, _ = worker.read_slot()
         if slot_batch == head.id:
             self._settle_started(worker, head, item, exitcode, requeue)
