@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
+from collections.abc import Callable
 
 
 def square(x: int) -> int:
@@ -232,6 +233,12 @@ def counted_square(x: int) -> int:
     finally:
         os.close(fd)
     return x * x
+
+
+def pause_then(seconds: float, fn: Callable[[], object]) -> object:
+    """Sleep ``seconds``, then return ``fn()``: a crash that comes once its caller waits."""
+    time.sleep(seconds)
+    return fn()
 
 
 def counted_sleep(task: tuple[int, float]) -> tuple[int, int]:

@@ -23,7 +23,7 @@ import pytest
 
 from procpool import Pool, ProcessPoolExecutor, WorkerCrashedError
 from procpool import testing as crash
-from tests.helpers import fork_holder_then_exit, sleep_return, square
+from tests.helpers import fork_holder_then_exit, pause_then, sleep_return, square
 
 
 def _lendings(pool: Any) -> int:
@@ -91,7 +91,10 @@ def test_a_worker_that_dies_while_its_pipe_is_lent_fails_only_that_call(
         _warm(pool)
         before = _lendings(pool)
         with pytest.raises(WorkerCrashedError, match=pattern):
-            pool.apply(fn)
+            # After a pause: a worker that died at once was, 1 run in ~20, seen
+            # dead by the dispatcher before the caller's thread had borrowed its
+            # pipe, and the call was settled without being lent.
+            pool.apply(pause_then, (0.05, fn))
         assert _lendings(pool) > before
         assert [pool.apply(square, (i,)) for i in range(10)] == [i * i for i in range(10)]
         assert pool.statistics().crashes == 1
