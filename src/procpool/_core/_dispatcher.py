@@ -1517,23 +1517,27 @@ class Dispatcher(DirectPath):
         be long: one has run longer than GROW_ALL_AFTER_S, or a worker has been
         in its initializer GROW_AFTER_START_S (since it reported itself alive:
         timed from its start, a fork slowed 10 ms by a busy machine read as a
-        slow initializer, and started every worker for 1,000 squares). Workers
-        already started that hold no batch take waiting ones first. Weaker
-        evidence warrants one more worker, and not while a fork is under way: a
-        batch that has run GROW_AFTER_S (a busy machine can stall a process
-        that long), or queued work that, at the seconds per task measured so
-        far, would keep each started worker busy GROW_AFTER_S. That estimate
-        may come from few tasks, say an `apply` that included a first import,
-        so it starts one worker and no more until a reply has updated it: an
-        apply's 28 us (a square takes ~1 us) started a second worker for 1,000
-        squares, then a third once the second's fork was done.
+        slow initializer, and started every worker for 1,000 squares), or the
+        batch that has run longest has run GROW_AFTER_S asleep (waiting on
+        I/O, a timer, a lock; see _blocked): there more workers than cores
+        help, and a busy machine leaves a stalled process runnable, not asleep.
+        Asked for one at a time, each after the last fork had ended, 8 workers
+        for sleeping tasks were asked for over ~17 ms on 2 cores; now within
+        ~2 ms. Workers already started that hold no batch take waiting ones
+        first. Weaker evidence warrants one more worker, and not while a fork
+        is under way: a batch that has run GROW_AFTER_S computing (a busy
+        machine can stall a process that long), or queued work that, at the
+        seconds per task measured so far, would keep each started worker busy
+        GROW_AFTER_S. That estimate may come from few tasks, say an `apply`
+        that included a first import, so it starts one worker and no more until
+        a reply has updated it: an apply's 28 us (a square takes ~1 us) started
+        a second worker for 1,000 squares, then a third once the second's fork
+        was done.
 
         Where the started workers fill the cores, one still starting takes a
         core from those running: their batches then run long and measure slow
         (up to 46 us a square, ~1 us alone, in the growths logged on 2 cores).
-        Weak evidence waits for it to be ready there, unless the batch that has
-        run 2 ms waits on something other than a core (see _blocked): there
-        more workers than cores do help.
+        Weak evidence waits for it to be ready there.
 
         A batch whose reply already waits in its worker's pipe is not running:
         its age measures this thread's lateness, not the work. On a loaded
@@ -1578,18 +1582,16 @@ class Dispatcher(DirectPath):
                     longest, oldest = age, worker
         if slow_init or longest > GROW_ALL_AFTER_S:
             return len(pending) - free
+        if (
+            longest > GROW_AFTER_S
+            and oldest is not None
+            and _blocked(oldest.pid)
+            and not self._replied(oldest)  # asleep because done, since looked at
+        ):
+            return len(pending) - free
         if len(pending) <= free or forking:
             return 0
-        if (
-            starting
-            and active >= self._cores
-            and not (
-                longest > GROW_AFTER_S
-                and oldest is not None
-                and _blocked(oldest.pid)
-                and not self._replied(oldest)  # asleep because done, since looked at
-            )
-        ):
+        if starting and active >= self._cores:
             return 0
         if longest > GROW_AFTER_S:
             return 1
