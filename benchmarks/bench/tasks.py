@@ -39,6 +39,12 @@ def spin(seconds: float) -> float:
     return seconds
 
 
+def nap(seconds: float) -> float:
+    """Sleep ``seconds``: a task that holds its worker without holding a core."""
+    time.sleep(seconds)
+    return seconds
+
+
 def double(array: Any) -> Any:
     """Return a NumPy array twice as large: the array travels both ways."""
     return array * 2

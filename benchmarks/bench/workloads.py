@@ -101,9 +101,22 @@ class Workload:
         return self.cases(contender, sizes)
 
 
+# How long each worker's warm-up task sleeps (see _warm).
+WARM_NAP_S = 0.1
+
+
 def _warm(session: Session, workers: int) -> None:
-    """Start every worker before a timed section (some pools start them lazily)."""
+    """Start every worker before a timed section (some pools start them lazily).
+
+    Tiny tasks alone do not: a pool that starts its workers on demand (procpool's
+    default) ran the 4 x workers squares on its first worker, and then started
+    the others inside the timed section. W3 took 814-826 ms that way on 2 cores,
+    against 804-809 with both workers started first (and 806-812 for
+    `multiprocessing.Pool`). So each worker also gets a task that sleeps
+    WARM_NAP_S, one task per chunk: they end together only if they run at once.
+    """
     session.map(tasks.square, list(range(4 * workers)))
+    session.map(tasks.nap, [WARM_NAP_S] * workers, chunksize=1)
 
 
 def _check(condition: bool, what: str) -> None:
