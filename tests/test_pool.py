@@ -274,6 +274,20 @@ def test_map_chunks_of_long_tasks_are_small_but_bounded_in_number() -> None:
     assert map_chunksize(1_000_000, 2, seconds_per_task=0.01) == 8192  # the cap, as before
 
 
+def test_a_small_map_of_a_function_known_to_be_short_gets_one_chunk_per_worker() -> None:
+    from procpool._runner import map_chunksize
+
+    assert map_chunksize(20, 2) == 3  # unmeasured: the standard library's rule
+    assert map_chunksize(20, 2, seconds_per_task=1e-6) == 10
+    assert map_chunksize(200, 2, seconds_per_task=1e-6) == 100
+    assert map_chunksize(2000, 2, seconds_per_task=1e-6) == 250  # 2 ms of work: the rule
+    assert map_chunksize(3, 8, seconds_per_task=1e-6) == 1
+    # Measured short, then run long: the map still spreads over every worker.
+    with Pool(2) as pool:
+        assert len(pool.map(sleep_pid, [0] * 20)) == 20
+        assert len(set(pool.map(sleep_pid, [0.2] * 4))) == 2
+
+
 def test_an_object_every_item_shares_does_not_make_map_chunks_small() -> None:
     # Chunks carry about a megabyte, as what each item adds counts: a large
     # object all items share is pickled once per chunk (the standard library's

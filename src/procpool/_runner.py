@@ -234,6 +234,9 @@ MAX_MAP_CHUNK = 8192
 LONG_TASK_S = 0.001
 CHUNK_WORK_S = 0.005
 MAX_CHUNKS_PER_WORKER = 32
+# A map whose whole work, at its function's measured seconds per task, is at
+# most SMALL_MAP_S gets one chunk per worker, not four (see map_chunksize).
+SMALL_MAP_S = 0.001
 _NO_ITEM = object()  # map_chunksize's ``other`` when the map has no second item to show
 
 
@@ -259,8 +262,17 @@ def map_chunksize(
     microseconds) is small beside it, and never beyond MAX_CHUNKS_PER_WORKER
     chunks per worker, so that an estimate that no longer holds (a function
     that was slow on earlier inputs) costs at most that many batches.
+
+    A map whose whole work, at ``seconds_per_task``, is SMALL_MAP_S or less gets
+    one chunk per worker instead of four: each batch costs more in hand-offs
+    between threads (~100 us apiece on 2 cores) than such a map's tasks. 20
+    squares on 2 workers took ~650 us a map in 7 chunks, ~410 in 2 (200
+    squares: ~750 -> ~410; `multiprocessing.Pool` ~740 and ~780). Not one
+    chunk: a function measured short on earlier inputs may run long on these,
+    and the map must still use every worker.
     """
-    chunksize, extra = divmod(length, workers * 4)
+    small = seconds_per_task is not None and length * seconds_per_task <= SMALL_MAP_S
+    chunksize, extra = divmod(length, workers if small else workers * 4)
     chunksize = max(1, min(MAX_MAP_CHUNK, chunksize + (1 if extra else 0)))
     if chunksize > 1 and seconds_per_task is not None and seconds_per_task >= LONG_TASK_S:
         fewest = -(-length // (workers * MAX_CHUNKS_PER_WORKER))
