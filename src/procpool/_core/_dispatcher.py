@@ -1540,16 +1540,16 @@ class Dispatcher(DirectPath):
         Weak evidence waits for it to be ready there.
 
         A batch whose reply already waits in its worker's pipe is not running:
-        its age measures this thread's lateness, not the work. Nor is one whose
-        worker has run its last task (the slot says so): the direct path's
-        caller may have read its reply and not yet handled it, and its worker
-        waits, asleep, for the next (that grew pools of 4 to 4 workers on 1,000
-        squares, 1 time in ~40 on a loaded machine, once a sleeping batch
-        warranted a worker per waiting one). On a loaded
+        its age measures this thread's lateness, not the work. On a loaded
         2-core machine that was most of the evidence that grew a pool past two
         workers on 1,000 squares (the reply was there in 4 of the 5 growths
-        logged). Nor is a worker still booting evidence of anything but a busy
-        machine, which one more process makes busier; it used to warrant one.
+        logged). Nor is one whose worker has run its last task (the slot says
+        so): the direct path's caller may have read its reply and not yet
+        handled it, while its worker waits, asleep, for the next (that grew
+        pools of 4 to 4 workers on 1,000 squares, 2 times in 75 on a loaded
+        machine, once a sleeping batch warranted a worker per waiting one). Nor
+        is a worker still booting evidence of anything but a busy machine,
+        which one more process makes busier; it used to warrant one.
         """
         pending = self._pending
         if not pending:
