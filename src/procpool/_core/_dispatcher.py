@@ -796,8 +796,6 @@ class Dispatcher(DirectPath):
             if worker is not None and any(b.offered for b in worker.inflight):
                 token = worker.slot.take()
             if token is None:  # no token left: it started them all
-                for b in worker.inflight if worker is not None else ():
-                    b.offered = False
                 self._offered.discard(wid)
                 continue
             assert worker is not None
