@@ -755,7 +755,7 @@ class Dispatcher(DirectPath):
         never keeps a task waiting behind a long one while another worker has
         nothing to do: that worker gets it back first. (Where the tasks keep
         every core busy, the worker that replies waits for this thread's core
-        anyway: level there, see docs/performance.md.)
+        anyway: level there, see docs/performance-journal.md, "Offers".)
 
         Only a plain batch that another worker could take as it is: no task
         timeout (its clock is the slot's), no shared-memory segment sent with

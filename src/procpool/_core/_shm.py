@@ -432,7 +432,7 @@ def _write(fd: int, buffers: list[memoryview], layout: list[tuple[int, int]]) ->
     # Written with pwrite, not through a mapping: the kernel copies straight into
     # the file's pages, where a mapping of a fresh file first zeroes each page,
     # then takes a fault (or MAP_POPULATE's walk) for it, then tears the page
-    # tables down at munmap. 8 MB: 3.2 ms against 6.6 here (docs/performance.md,
+    # tables down at munmap. 8 MB: 3.2 ms against 6.6 here (docs/performance-journal.md,
     # fourth session).
     for (start, _), buf in zip(layout, buffers):
         data = buf.cast("B")
