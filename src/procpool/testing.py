@@ -151,7 +151,8 @@ def check_backend(backend: Any, *, workers: int = 2) -> None:
 
     ``backend`` is what ``Pool(backend=...)`` accepts: a built-in name or a factory.
     Checks results and their order, errors in place and raised with their type,
-    lazy bounded input, close/join, terminate (nothing waits forever), and the
+    lazy bounded input, adaptive chunking (the backend reports each batch's busy
+    time to its sink), close/join, terminate (nothing waits forever), and the
     statistics counts.
     """
     from procpool import Pool
@@ -163,6 +164,7 @@ def check_backend(backend: Any, *, workers: int = 2) -> None:
         stats = pool.statistics()
         assert stats.tasks_completed >= 200, stats
         assert stats.workers == workers, stats
+    _check_adaptive_chunking(backend, workers)
     pool = Pool(workers, backend=backend)
     pool.close()
     try:
@@ -210,6 +212,34 @@ def _check_errors(pool: Any) -> None:
     out = pool.map(_raise_if_three, range(6), return_exceptions=True)
     assert out[:3] == [0, 1, 2] and out[4:] == [4, 5], out
     assert isinstance(out[3], CrasherError), out
+
+
+def _check_adaptive_chunking(backend: Any, workers: int) -> None:
+    from procpool import Pool
+    from procpool.backends import make_backend
+
+    batches = 0
+
+    def counting(n: int, options: Any) -> Any:
+        made: Any = make_backend(backend, n, options)
+        submit = made.submit
+
+        def counted(batch_list: list[Any]) -> None:
+            nonlocal batches
+            batches += len(batch_list)
+            submit(batch_list)
+
+        made.submit = counted
+        return made
+
+    tasks = 20_000
+    with Pool(workers, backend=counting) as pool:
+        assert list(pool.imap(_double, range(tasks))) == [2 * x for x in range(tasks)]
+    assert batches < tasks // 10, (
+        f"imap sent {tasks:,} tiny tasks in {batches:,} batches: the backend does not "
+        f"call batch.sink.observe(count, busy_seconds, nbytes) as each batch runs "
+        f"(see procpool.backends.Backend)"
+    )
 
 
 def _check_laziness(pool: Any) -> None:

@@ -43,6 +43,9 @@ class Sink(Protocol):
 # that takes it calls deliver() on that thread, so it takes it only if
 # deliver() runs no user code that expects the dispatcher's thread. A sink
 # whose outcome will go to a callback instead calls its ``not_coming()``.
+# A sink may also offer ``observe(count, busy_seconds, nbytes)``, which every
+# backend calls, one call at a time, when a batch has run and before its
+# deliver(): the lazy maps (imap, Executor.map) size their next chunks by it.
 
 
 # Items whose pickles (large buffers included) are bigger than this go in

@@ -76,6 +76,10 @@ class Backend(abc.ABC):
     * every task of every submitted batch gets exactly one outcome through
       ``batch.sink.deliver`` (a value, or an exception in place), unless its
       ``on_start`` hook returned False; nothing waits forever, terminate included;
+    * a backend that runs a batch calls ``batch.sink.observe(count, busy_seconds,
+      nbytes)`` first where the sink has it, one call at a time: adaptive chunking
+      (``imap``, ``Executor.map``) sizes the next batches from it, and without it
+      stays at one task a batch;
     * ``join`` returns once every worker is gone.
     """
 

@@ -158,7 +158,15 @@ class ThreadBackend(Backend):
                 continue
             started = time.perf_counter()
             values, errors = self._run(batch)
-            self._account(len(values), len(errors or ()), time.perf_counter() - started)
+            busy = time.perf_counter() - started
+            self._account(len(values), len(errors or ()), busy)
+            observe = getattr(batch.sink, "observe", None)
+            if observe is not None:
+                # The sink sizes the next chunks from this (adaptive chunking);
+                # it expects one caller at a time, as the processes backend's
+                # dispatcher thread is. No bytes: nothing was copied to send.
+                with self._lock:
+                    observe(len(batch.items), busy, 0)
             batch.sink.deliver(batch.first_index, values, errors)
 
     def _run_initializer(self) -> bool:
