@@ -51,3 +51,32 @@ def test_threads_initializer_failure_breaks_the_pool_clearly() -> None:
 
     with Pool(2, backend="threads", initializer=bad) as pool, pytest.raises(InitializerError):
         pool.map(square, range(10))
+
+
+def test_threads_run_each_task_once_and_retry_only_what_is_due() -> None:
+    # A batch runs in C (map, starmap) up to a task that raises; that task's
+    # exception is its first attempt, never a reason to run it again unasked.
+    runs: dict[int, int] = {}
+    lock = threading.Lock()
+
+    def flaky(x: int, fail_first: bool) -> int:
+        with lock:
+            runs[x] = runs.get(x, 0) + 1
+            attempt = runs[x]
+        if x % 7 == 3 and (attempt == 1 or not fail_first):
+            raise KeyError(x)
+        return x * 2
+
+    with Pool(2, backend="threads") as pool:
+        out = pool.starmap(flaky, [(x, False) for x in range(100)], return_exceptions=True)
+        assert runs == dict.fromkeys(range(100), 1)
+        for x, got in enumerate(out):
+            if x % 7 == 3:
+                assert isinstance(got, KeyError) and got.args == (x,), (x, got)
+            else:
+                assert got == x * 2, (x, got)
+        runs.clear()
+        assert pool.starmap(
+            flaky, [(x, True) for x in range(100)], retries=1, retry_on=(KeyError,)
+        ) == [x * 2 for x in range(100)]
+        assert runs == {x: 2 if x % 7 == 3 else 1 for x in range(100)}

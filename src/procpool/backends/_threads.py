@@ -10,6 +10,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from itertools import islice, starmap
 
 from .._core import _protocol as P
 from .._core._dispatcher import PoolClosedError
@@ -214,24 +215,60 @@ class ThreadBackend(Backend):
         self, batch: Batch, me: _ThreadWorker
     ) -> tuple[list[Any], dict[int, BaseException] | None]:
         fn = batch.fn.obj
+        items = batch.items
         values: list[Any] = []
         errors: dict[int, BaseException] | None = None
-        for i, item in enumerate(batch.items):
-            attempts = batch.attempts
-            while True:
+        # The items run in C (map, starmap) up to the first that raises, which
+        # list.extend leaves out: its index is len(values). Its exception counts
+        # as its first attempt (it is not run again unless a retry is due), and
+        # the rest resumes after it. A loop in Python per item took 1.3-1.5x
+        # ThreadPool's time for tiny tasks.
+        mapper = _MAPPERS.get(batch.star)
+        i = 0
+        while i < len(items):
+            raised: BaseException | None = None
+            if mapper is not None:
                 try:
-                    values.append(_call(fn, batch.star, item))
+                    values.extend(mapper(fn, items if i == 0 else islice(items, i, None)))
                     break
                 except BaseException as exc:
-                    if batch.policy.should_retry(exc, attempts):
-                        attempts += 1
-                        me.retried += 1
-                        continue
-                    values.append(None)
-                    errors = errors if errors is not None else {}
-                    errors[i] = exc
-                    break
+                    i, raised = len(values), exc
+            error = self._settle(fn, batch, items[i], me, values, raised)
+            if error is not None:
+                errors = errors if errors is not None else {}
+                errors[i] = error
+            i += 1
         return values, errors
+
+    @staticmethod
+    def _settle(
+        fn: Any,
+        batch: Batch,
+        item: Any,
+        me: _ThreadWorker,
+        values: list[Any],
+        raised: BaseException | None,
+    ) -> BaseException | None:
+        """Finish one item: ``raised`` is its first attempt's exception (None: not run
+        yet). Run it (again) while retries are due; append its value, or None and
+        return the exception it failed with."""
+        attempts = batch.attempts
+        while True:
+            if raised is None:
+                try:
+                    values.append(_call(fn, batch.star, item))
+                    return None
+                except BaseException as exc:
+                    raised = exc
+            if not batch.policy.should_retry(raised, attempts):
+                values.append(None)
+                return raised
+            attempts += 1
+            me.retried += 1
+            raised = None
+
+
+_MAPPERS = {P.CALL_ONE: map, P.CALL_STAR: starmap}
 
 
 def _call(fn: Any, star: int, item: Any) -> Any:
