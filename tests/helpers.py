@@ -20,6 +20,14 @@ def pid(_: object = None) -> int:
     return os.getpid()
 
 
+def next_of_nothing_on(x: int, bad: int = 100) -> int:
+    """Return x, but fail on ``bad`` as a task that calls next() on an exhausted
+    iterator does: with StopIteration, which map() takes for its own end."""
+    if x == bad:
+        return int(next(iter(())))
+    return x
+
+
 def fail_on(x: int, bad: int = 3) -> int:
     if x == bad:
         raise ValueError(f"bad input {x}")

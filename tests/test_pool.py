@@ -28,6 +28,7 @@ from tests.helpers import (
     keep_barrier,
     length_plus_index,
     loaded,
+    next_of_nothing_on,
     pid,
     pid_after_barrier,
     references_to_first,
@@ -465,6 +466,21 @@ def test_a_spawned_worker_loads_traceback_only_for_an_error() -> None:
 def test_map_raises_the_lowest_indexed_error_after_all_finished() -> None:
     with Pool(2) as pool, pytest.raises(ValueError, match="bad input 3"):
         pool.map(fail_on, range(10), chunksize=1)
+
+
+@pytest.mark.parametrize("backend", ["processes", "threads"])
+def test_a_task_raising_stop_iteration_in_a_long_map_fails_alone(backend: str) -> None:
+    # Long maps run their tasks through map() in C, which takes a StopIteration
+    # raised by a task for its own end: the batch came back short, and the map
+    # waited for the missing results for ever.
+    with Pool(2, backend=backend) as pool:
+        with pytest.raises(StopIteration):
+            pool.map(next_of_nothing_on, range(1000))
+        out = pool.map(next_of_nothing_on, range(1000), return_exceptions=True)
+        assert isinstance(out[100], StopIteration), out[100]
+        assert out[:100] == list(range(100)) and out[101:] == list(range(101, 1000))
+        got = list(pool.imap(next_of_nothing_on, range(1000), return_exceptions=True))
+        assert isinstance(got[100], StopIteration) and got[101:] == list(range(101, 1000))
 
 
 def test_return_exceptions_puts_errors_in_place() -> None:

@@ -328,6 +328,16 @@ def _rebuild_exc(exc: BaseException, cause: BaseException | None) -> BaseExcepti
     return exc
 
 
+def stop_iteration_lost() -> StopIteration:
+    """The error of a task whose StopIteration a C loop (map, starmap) took for its
+    own end: the loop stopped short of its items, and the exception is gone."""
+    return StopIteration(
+        "the task raised StopIteration (next() on an exhausted iterator?); its message "
+        "and traceback were lost: the tasks ran through map(), which takes a "
+        "StopIteration for the end of its input"
+    )
+
+
 def portable_error(exc: BaseException, what: str) -> BaseException:
     """Return ``exc`` prepared to cross the pipe, or a stand-in that will.
 

@@ -494,6 +494,8 @@ def _call_fast(
         slot[P.SLOT_ITEM] = start
         try:
             extend(apply(fn, items[start:end]))
+            if len(values) < end:  # map() took a task's StopIteration for its end
+                raise P.stop_iteration_lost()
         except BaseException as exc:
             failed = len(values)
             values.append(None)

@@ -230,7 +230,9 @@ class ThreadBackend(Backend):
             if mapper is not None:
                 try:
                     values.extend(mapper(fn, items if i == 0 else islice(items, i, None)))
-                    break
+                    if len(values) == len(items):
+                        break
+                    raise P.stop_iteration_lost()  # map() took it for its end
                 except BaseException as exc:
                     i, raised = len(values), exc
             error = self._settle(fn, batch, items[i], me, values, raised)
