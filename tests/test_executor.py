@@ -144,3 +144,23 @@ def test_invalid_arguments() -> None:
         ProcessPoolExecutor(1, initializer=42)  # type: ignore[arg-type]
     with ProcessPoolExecutor(1) as ex, pytest.raises(ValueError):
         ex.map(square, [1], chunksize=0)
+
+
+def test_a_done_callback_that_waits_for_its_own_executor_gets_an_error_not_a_hang() -> None:
+    # Done callbacks run on the thread that settles the executor's futures: a
+    # wait there for another of its futures could never end, and hung.
+    with ProcessPoolExecutor(2) as ex:
+        errors: list[BaseException] = []
+
+        def wait_inside(future: cf.Future[int]) -> None:
+            try:
+                ex.submit(square, future.result()).result(timeout=30)
+            except RuntimeError as exc:
+                errors.append(exc)
+
+        ex.submit(square, 3).add_done_callback(wait_inside)
+        deadline = time.monotonic() + 30
+        while not errors and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert errors and "the pool's own thread" in str(errors[0])
+        assert ex.submit(square, 4).result(timeout=30) == 16  # and it serves on

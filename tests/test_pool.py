@@ -483,6 +483,37 @@ def test_a_task_raising_stop_iteration_in_a_long_map_fails_alone(backend: str) -
         assert isinstance(got[100], StopIteration) and got[101:] == list(range(101, 1000))
 
 
+def test_a_callback_that_waits_for_its_own_pool_gets_an_error_not_a_hang() -> None:
+    # Callbacks run on the thread that delivers the pool's results: waiting
+    # there for another of them (apply, get, imap) could never end, and hung.
+    with Pool(2) as pool:
+        for wait in (
+            lambda v: pool.apply(square, (v,)),
+            lambda v: pool.map(square, [v] * 100),
+            lambda v: list(pool.imap(square, range(v))),
+        ):
+            result = pool.apply_async(square, (3,), callback=wait)
+            with pytest.raises(RuntimeError, match="the pool's own thread"):
+                result.get(timeout=30)
+        # Chaining without waiting still works, and so does waiting for another pool.
+        chained: list[int] = []
+        done = threading.Event()
+
+        def then(v: int) -> None:
+            pool.apply_async(square, (v,), callback=lambda w: (chained.append(w), done.set()))
+
+        pool.apply_async(square, (2,), callback=then)
+        assert done.wait(30) and chained == [16]
+        with Pool(1) as other:
+            got: list[int] = []
+            pool.apply_async(square, (5,), callback=lambda v: got.append(other.apply(square, (v,))))
+            pool.apply(square, (0,))  # a call after it: its callback has run by then
+            deadline = time.monotonic() + 30
+            while not got and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert got == [625]
+
+
 def test_return_exceptions_puts_errors_in_place() -> None:
     with Pool(2) as pool:
         out = pool.map(fail_on, range(6), return_exceptions=True)

@@ -55,6 +55,7 @@ class _Future(cf.Future[T]):
     """
 
     _waiter: DirectWaiter | None = None
+    _engine: Backend | None = None  # the backend that settles it (see refuse_own_thread)
 
     def __init__(self) -> None:
         _future_init(self)
@@ -248,6 +249,7 @@ class ProcessPoolExecutor(cf.Executor):
             if broken is not None:
                 raise broken
             future: _Future[T] = _Future()
+            future._engine = self._runner.engine
             self._pending[future] = None
         sink = _FutureSink(future, self)
         try:
@@ -305,6 +307,7 @@ class ProcessPoolExecutor(cf.Executor):
             buffersize,
             workers=self._max_workers,
             ordered=True,
+            engine=self._runner.engine,
         )
         return _map_results(it, end)
 

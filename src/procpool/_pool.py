@@ -179,7 +179,7 @@ class Pool:
             SerializationError: if ``func`` cannot be pickled.
         """
         self._check_running()
-        result: _ApplySink[R] = _ApplySink(callback, error_callback)
+        result: _ApplySink[R] = _ApplySink(callback, error_callback, engine=self._runner.engine)
         policy = self._runner.policy_for(task_timeout, retries, retry_on)
         self._runner.submit_call(func, tuple(args), dict(kwds), result, policy)
         return result
@@ -292,7 +292,11 @@ class Pool:
                 measured = self._runner.seconds_per_task(func)
                 chunksize = map_chunksize(len(items), self._processes, sample, measured, other)
         result: MapResult[Any] = MapResult(
-            len(items), callback, error_callback, return_exceptions=return_exceptions
+            len(items),
+            callback,
+            error_callback,
+            return_exceptions=return_exceptions,
+            engine=self._runner.engine,
         )
         result.progress = self._reporter(progress, len(items))
         for start in range(0, len(items), chunksize):
@@ -330,6 +334,7 @@ class Pool:
             workers=self._processes,
             ordered=ordered,
             return_exceptions=return_exceptions,
+            engine=self._runner.engine,
         )
         it.progress = self._reporter(progress, _length_hint(iterable))
         self._iterators.add(it)

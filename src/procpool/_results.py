@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
     from ._core._direct import DirectWaiter
     from ._progress import Progress
+    from .backends._base import Backend
 
 T = TypeVar("T")
 
@@ -68,6 +69,8 @@ class AsyncResult(Generic[T]):
         self,
         callback: Callable[[T], object] | None = None,
         error_callback: Callable[[BaseException], object] | None = None,
+        *,
+        engine: Backend | None = None,
     ) -> None:
         self._event = _Latch()
         self._callback = callback
@@ -75,6 +78,7 @@ class AsyncResult(Generic[T]):
         self._value: Any = None
         self._success = False
         self._waiter: DirectWaiter | None = None
+        self._engine = engine  # the backend that delivers it (see refuse_own_thread)
 
     def ready(self) -> bool:
         """Return whether the call has completed."""
@@ -140,14 +144,38 @@ ApplyResult = AsyncResult
 
 class _Helped(Protocol):
     _waiter: DirectWaiter | None
+    _engine: Backend | None
+
+
+OWN_THREAD_WAIT = (
+    "cannot wait for a result of this pool on the pool's own thread, which runs its "
+    "callbacks and delivers its results: the wait could never end. From a callback, "
+    "chain the next call (apply_async(..., callback=...), add_done_callback) instead "
+    "of waiting for it, or wait in another thread"
+)
+
+
+def refuse_own_thread(engine: Backend | None, timeout: float | None) -> None:
+    """Raise RuntimeError rather than block the thread that would end the wait.
+
+    A callback runs on the thread that delivers the pool's results; one that
+    waits there for another result of the same pool (``pool.apply``, ``get``,
+    ``result``, iterating an ``imap``) waited for ever, as with the standard
+    library's pools. A wait of 0 s is a poll, and allowed.
+    """
+    if engine is not None and (timeout is None or timeout > 0) and engine.on_own_thread():
+        raise RuntimeError(OWN_THREAD_WAIT)
 
 
 def wait_helped(owner: _Helped, done: Callable[[], bool], timeout: float | None) -> float | None:
     """Run the waiter ``owner`` (a sink) was given, if it has one and is not ``done()``
     (see ``_batch.Sink``); return what is left of ``timeout``. A wait that times out
     leaves the waiter for the next one."""
+    if done():
+        return timeout
+    refuse_own_thread(owner._engine, timeout)
     waiter, owner._waiter = owner._waiter, None
-    if waiter is None or done():
+    if waiter is None:
         return timeout
     deadline = None if timeout is None else time.monotonic() + timeout
     waiter(timeout)
@@ -176,8 +204,9 @@ class MapResult(AsyncResult[list[T]]):
         error_callback: Callable[[BaseException], object] | None = None,
         *,
         return_exceptions: bool = False,
+        engine: Backend | None = None,
     ) -> None:
-        super().__init__(callback, error_callback)
+        super().__init__(callback, error_callback, engine=engine)
         self._lock = threading.Lock()
         self._values: list[Any] = [None] * length
         self._left = length
@@ -191,7 +220,8 @@ class MapResult(AsyncResult[list[T]]):
 
     def get(self, timeout: float | None = None) -> list[T]:
         """Like :meth:`AsyncResult.get`; also drives the progress reporter, if any."""
-        if self.progress is not None:
+        if self.progress is not None and not self.ready():
+            refuse_own_thread(self._engine, timeout)
             self._wait_reporting(self.progress, timeout)
         return super().get(timeout)
 
@@ -263,8 +293,10 @@ class IMapIterator(Iterator[T]):
         workers: int,
         ordered: bool,
         return_exceptions: bool = False,
+        engine: Backend | None = None,
     ) -> None:
         self._submit = submit
+        self._engine = engine  # the backend that delivers it (see refuse_own_thread)
         self._input = iter(iterable)
         # chunksize None: adaptive (see observe); buffersize None: a few chunks per worker.
         self._adaptive = chunksize is None
@@ -370,6 +402,7 @@ class IMapIterator(Iterator[T]):
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise MPTimeoutError
+                refuse_own_thread(self._engine, remaining)
                 self._cond.wait(remaining)
         values, errors = chunk
         self._ready = values[::-1]

@@ -334,6 +334,10 @@ class Dispatcher(DirectPath):
     def size(self) -> int:
         return self._size
 
+    def on_own_thread(self) -> bool:
+        """Whether the caller is this pool's thread (a callback runs on it)."""
+        return threading.get_ident() == self._thread.ident
+
     @property
     def broken(self) -> BaseException | None:
         """The error that stopped the pool from running tasks (a failed initializer), if any."""

@@ -128,6 +128,12 @@ class Backend(abc.ABC):
     def statistics(self) -> PoolStatistics:
         """Task counts, faults and per-worker time use, as of now."""
 
+    def on_own_thread(self) -> bool:
+        """Whether the calling thread is the one that delivers this backend's
+        outcomes and runs their callbacks: a wait there for one of them could
+        never end, and raises instead. False where no single thread does."""
+        return False
+
     def seconds_per_task(self, fn_id: int) -> float | None:
         """Seconds a task of the callable ``fn_id`` (a ``CallableRef.id``) has
         taken so far, or None where nothing was measured. ``Pool.map`` sizes
