@@ -80,3 +80,17 @@ def test_threads_run_each_task_once_and_retry_only_what_is_due() -> None:
             flaky, [(x, True) for x in range(100)], retries=1, retry_on=(KeyError,)
         ) == [x * 2 for x in range(100)]
         assert runs == {x: 2 if x % 7 == 3 else 1 for x in range(100)}
+
+
+def test_a_one_thread_pool_refuses_a_wait_for_itself_instead_of_hanging() -> None:
+    # Its only thread runs the tasks and delivers the results: a task or a
+    # callback there that waits for another result of the pool waited for ever.
+    with Pool(1, backend="threads") as pool:
+        with pytest.raises(RuntimeError, match="the pool's own thread"):
+            pool.apply(lambda: pool.apply(square, (3,)))
+        result = pool.apply_async(square, (2,), callback=lambda v: pool.apply(square, (v,)))
+        with pytest.raises(RuntimeError, match="the pool's own thread"):
+            result.get(timeout=30)
+        assert pool.apply(square, (5,)) == 25  # and it serves on
+    with Pool(2, backend="threads") as pool:  # another thread serves the wait
+        assert pool.apply(lambda: pool.apply(square, (3,))) == 9

@@ -116,6 +116,12 @@ class ThreadBackend(Backend):
             worker.thread.join(left)
         return not any(w.thread.is_alive() for w in self._workers)
 
+    def on_own_thread(self) -> bool:
+        """With one thread, a task or callback on it that waits for another result
+        of this pool waits for itself. With more, another thread may serve the
+        wait (unless all of them wait: thread-pool starvation, not detected)."""
+        return len(self._workers) == 1 and threading.current_thread() is self._workers[0].thread
+
     def statistics(self) -> PoolStatistics:
         from .._statistics import PoolStatistics, WorkerStatistics
 
