@@ -1589,18 +1589,18 @@ class Dispatcher(DirectPath):
                     and (age <= GROW_AFTER_S or not self._replied(worker))
                 ):
                     longest, oldest = age, worker
-        if slow_init or longest > GROW_ALL_AFTER_S:
-            return len(pending) - free
         if (
-            longest > GROW_AFTER_S
-            and oldest is not None
-            and _blocked(oldest.pid)
-            and not self._replied(oldest)  # asleep because done, since looked at
+            slow_init
+            or longest > GROW_ALL_AFTER_S
+            or (
+                longest > GROW_AFTER_S
+                and oldest is not None
+                and _blocked(oldest.pid)
+                and not self._replied(oldest)  # asleep because done, since looked at
+            )
         ):
             return len(pending) - free
-        if len(pending) <= free or forking:
-            return 0
-        if starting and active >= self._cores:
+        if len(pending) <= free or forking or (starting and active >= self._cores):
             return 0
         if longest > GROW_AFTER_S:
             return 1
