@@ -138,6 +138,61 @@ def test_imap_reads_its_input_lazily_and_stopping_early_is_cheap() -> None:
         assert pool.map(square, [3]) == [9]  # still usable
 
 
+def test_imap_with_a_small_fixed_chunksize_keeps_more_short_chunks_ahead() -> None:
+    # Four chunks of ten tiny tasks per worker do not cover a round trip through
+    # the dispatcher: the buffer of a fixed chunksize deepens once its chunks
+    # are measured short (IMapIterator._deepen), and stays bounded.
+    from procpool._results import FIXED_AHEAD_CHUNKS, IMapIterator
+
+    pulled = 0
+
+    def numbers():  # a 10,000,000-item generator
+        nonlocal pulled
+        for i in range(10_000_000):
+            pulled += 1
+            yield i
+
+    with Pool(2) as pool:
+        it = pool.imap(square, numbers(), 10)
+        assert isinstance(it, IMapIterator)
+        for n, value in enumerate(it):
+            assert value == n * n
+            if n == 20_000:
+                break
+        assert it._buffersize > 4 * 2 * 10
+        assert pulled <= 20_001 + 2 * FIXED_AHEAD_CHUNKS * 10
+        assert it._chunksize == 10  # the chunks themselves stay as asked
+
+
+def test_a_fixed_chunksize_buffer_deepens_only_for_short_small_chunks() -> None:
+    from procpool._core._batch import CHUNK_BYTES
+    from procpool._results import FIXED_AHEAD_CHUNKS, IMapIterator
+
+    def make(buffersize: int | None = None) -> IMapIterator[int]:
+        return IMapIterator(
+            lambda items, first, sink: [],
+            iter(range(10**6)),
+            10,
+            buffersize,
+            workers=2,
+            ordered=True,
+        )
+
+    it = make()
+    assert it._buffersize == 4 * 2 * 10
+    it.observe(10, 10e-6, 40)  # 1 us tasks of 4 bytes: as deep as allowed
+    assert it._buffersize == 2 * FIXED_AHEAD_CHUNKS * 10
+    it = make()
+    it.observe(10, 0.1, 40)  # 10 ms tasks: a chunk covers any round trip
+    assert it._buffersize == 4 * 2 * 10
+    it = make()
+    it.observe(10, 10e-6, 10 * CHUNK_BYTES // 4)  # big items: no more arguments held
+    assert it._buffersize == 4 * 2 * 10
+    it = make(buffersize=30)  # the caller's own buffer is kept
+    it.observe(10, 10e-6, 40)
+    assert it._buffersize == 30
+
+
 MEMORY_SCRIPT = """
 import resource, sys, time
 import multiprocessing, procpool

@@ -6,6 +6,7 @@ Each class here is a ``_core._batch.Sink``: the dispatcher thread calls
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -273,6 +274,9 @@ class MapResult(AsyncResult[list[T]]):
 PROGRESS_POLL_SECONDS = 0.1
 TARGET_BATCH_SECONDS = 0.005
 MAX_CHUNK = 8192
+# Chunks a worker that a fixed chunksize's buffer may hold, when they are short
+# (see IMapIterator._deepen): the dispatcher lets a worker hold up to 16.
+FIXED_AHEAD_CHUNKS = 32
 
 
 class IMapIterator(Iterator[T]):
@@ -305,6 +309,8 @@ class IMapIterator(Iterator[T]):
         self._workers = workers
         self._buffersize = self._buffer_for(self._chunksize)
         self._per_item: float | None = None  # seconds per task, as workers measured
+        # The seconds and bytes per task that _deepen last sized the buffer for.
+        self._deepened_for: tuple[float, float] | None = None
         self._ordered = ordered
         self._return_exceptions = return_exceptions
         self._cond = threading.Condition(threading.Lock())
@@ -451,7 +457,8 @@ class IMapIterator(Iterator[T]):
         return max(8 * self._workers, 4 * self._workers * chunksize)
 
     def observe(self, count: int, busy: float, nbytes: int = 0) -> None:
-        """Learn how long tasks take (dispatcher thread); grow or shrink the chunk size.
+        """Learn how long tasks take (dispatcher thread); grow or shrink the chunk size
+        (a fixed ``chunksize``: deepen the buffer instead, see _deepen).
 
         Adaptive chunking aims at batches of about ``TARGET_BATCH_SECONDS`` of work:
         long enough that per-batch overhead (~50 us) is noise for tiny tasks,
@@ -461,11 +468,23 @@ class IMapIterator(Iterator[T]):
         arguments (``nbytes`` for the ``count`` just run), as ``Pool.map`` does:
         four 8 MB arrays in one batch waited for each other, and for one copy.
         """
-        if not self._adaptive or count <= 0:
+        if count <= 0:
             return
         sample = busy / count
         per_item = sample if self._per_item is None else 0.7 * self._per_item + 0.3 * sample
         self._per_item = per_item
+        if not self._adaptive:
+            # Only as the estimate moves: this runs for every batch, on the
+            # dispatcher's thread.
+            item_bytes = nbytes / count
+            last = self._deepened_for
+            if last is None or not (
+                0.8 * last[0] <= per_item <= 1.25 * last[0]
+                and 0.8 * last[1] <= item_bytes <= 1.25 * last[1]
+            ):
+                self._deepened_for = (per_item, item_bytes)
+                self._deepen(per_item, item_bytes)
+            return
         ideal = int(TARGET_BATCH_SECONDS / per_item) if per_item > 0 else MAX_CHUNK
         limit = MAX_CHUNK
         if self._fixed_buffer is not None:
@@ -475,6 +494,29 @@ class IMapIterator(Iterator[T]):
         size = max(1, min(ideal, 2 * self._chunksize, limit))
         self._chunksize = size
         self._buffersize = self._buffer_for(size)
+
+    def _deepen(self, per_item: float, item_bytes: float) -> None:
+        """Size the buffer of a fixed ``chunksize`` by how long its chunks take.
+
+        Four chunks a worker keep a worker busy when a chunk is long enough to
+        cover a round trip through the dispatcher; a chunk of ten tiny tasks
+        (~5 us of work) is not: each worker ran dry and was woken for every
+        chunk, and ``imap_unordered(f, xs, 10)`` of 200,000 squares took 2.9x
+        ``multiprocessing.Pool``'s time. So the buffer holds up to
+        FIXED_AHEAD_CHUNKS chunks a worker, as many as hold 4 x
+        TARGET_BATCH_SECONDS of work (what an adaptive buffer holds), and no
+        more arguments than an adaptive buffer may: 4 x CHUNK_BYTES a worker.
+        """
+        if self._fixed_buffer is not None:
+            return
+        chunk_s = per_item * self._chunksize
+        wanted = FIXED_AHEAD_CHUNKS
+        if chunk_s > 0:
+            wanted = min(wanted, math.ceil(4 * TARGET_BATCH_SECONDS / chunk_s))
+        items = self._workers * max(4, wanted) * self._chunksize
+        if item_bytes > 0:
+            items = min(items, int(4 * self._workers * CHUNK_BYTES / item_bytes))
+        self._buffersize = max(self._buffer_for(self._chunksize), items)
 
     def _feed_all(self) -> None:
         """Submit the rest of the input now, whatever the buffer (Pool.join() needs it)."""
