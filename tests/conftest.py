@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -96,6 +97,37 @@ def merged_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     monkeypatch.setattr(_dispatcher.Dispatcher, "_merge", recording)
     return sizes
+
+
+class Sent:
+    """What the dispatcher sent while a test ran (see the ``sent`` fixture)."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []  # batches the worker held just after each send
+        self.tasks: list[int] = []  # and tasks
+        self.joined: list[bool] = []  # whether each batch sent was a Joined one
+
+
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch) -> Sent:
+    """Records each batch the dispatcher sends, and what its worker then held
+    (the real _send runs: this only records)."""
+    from procpool._core import _dispatcher
+    from procpool._core._batch import Joined
+
+    record = Sent()
+    send = _dispatcher.Dispatcher._send
+
+    def recording(
+        self: _dispatcher.Dispatcher, worker: Any, batch: Any, linger: bool = False, **options: Any
+    ) -> None:
+        send(self, worker, batch, linger, **options)
+        record.batches.append(len(worker.inflight))
+        record.tasks.append(sum(len(b.items) for b in worker.inflight))
+        record.joined.append(isinstance(batch, Joined))
+
+    monkeypatch.setattr(_dispatcher.Dispatcher, "_send", recording)
+    return record
 
 
 START_METHODS = ["fork", "spawn", "forkserver"]

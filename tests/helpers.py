@@ -260,6 +260,13 @@ def counted_sleep(task: tuple[int, float]) -> tuple[int, int]:
     return x, os.getpid()
 
 
+def square_or_exit(x: int) -> int:
+    """``x * x``, except that a negative ``x`` ends the worker (os._exit)."""
+    if x < 0:
+        os._exit(7)
+    return x * x
+
+
 def counted_square_or_exit(x: int) -> int:
     """counted_square(x), except that a negative ``x`` ends the worker (os._exit)
     once its line is written."""

@@ -29,6 +29,7 @@ from procpool._core import _dispatcher, _worker, _zygote
 from procpool._core import _protocol as P
 from procpool._core import _shm as shm
 from procpool._core._slot import Slot
+from tests.conftest import Sent
 from tests.helpers import (
     SleepsWhenUnpickled,
     count_onto_kept_queue,
@@ -41,6 +42,7 @@ from tests.helpers import (
     nested_map,
     sleep_return,
     square,
+    square_or_exit,
 )
 
 
@@ -213,22 +215,13 @@ def test_a_worker_that_dies_among_calls_sent_together_loses_no_call_unannounced(
 
 @pytest.mark.parametrize("ordered", [True, False])
 def test_a_worker_that_dies_among_one_task_chunks_it_holds_fails_only_its_task(
-    ordered: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ordered: bool, tmp_path: Path, sent: Sent
 ) -> None:
     # chunksize=1 promises that a crash fails the task it happened in and no
     # other (docs/faults.md). A worker that answers such chunks quickly holds
-    # several at once (Dispatcher._burst_limit), each still a batch of its own:
-    # those it ran were answered, those it had not started run elsewhere, once.
-    held: list[int] = []
-    send = _dispatcher.Dispatcher._send
-
-    def recording(
-        self: _dispatcher.Dispatcher, worker: Any, batch: Any, linger: bool = False, **options: Any
-    ) -> None:
-        send(self, worker, batch, linger, **options)
-        held.append(len(worker.inflight))
-
-    monkeypatch.setattr(_dispatcher.Dispatcher, "_send", recording)
+    # several at once (Dispatcher._burst_limit), sent together as one batch
+    # (Joined) but each still a task of its own: those it ran were answered,
+    # those it had not started run elsewhere, once.
     runs = tmp_path / "runs"
     arguments = [*range(300), -1, *range(300, 600)]
     with Pool(2, initializer=keep_barrier, initargs=(str(runs),)) as pool:
@@ -247,7 +240,29 @@ def test_a_worker_that_dies_among_one_task_chunks_it_holds_fails_only_its_task(
     assert [o for x, o in zip(arguments, outcomes) if x >= 0] == [x * x for x in range(600)]
     ran = [int(line) for line in runs.read_text().split()][64:]
     assert sorted(ran) == sorted(arguments), "a task ran twice, or not at all"
-    assert max(held) > _dispatcher.WINDOW, "no worker held more than a window"
+    assert max(sent.tasks) > _dispatcher.WINDOW, "no worker held more than a window of tasks"
+    assert any(sent.joined), "no one-task chunks went together"
+
+
+def test_a_worker_holds_several_short_chunks_and_a_crash_costs_only_its_own(sent: Sent) -> None:
+    # Chunks of a few tiny tasks (an explicit small chunksize) go several at a
+    # time to a worker that answers them quickly (Dispatcher._burst_limit), as
+    # one-task chunks and single calls do: two at a time, each worker slept and
+    # woke for every chunk. A crash still costs only the chunk it happened in.
+    arguments = [*range(300), -1, *range(300, 600)]  # -1 ends its worker
+    with Pool(2) as pool:
+        assert pool.map(square, range(64), chunksize=4) == [i * i for i in range(64)]
+        outcomes = list(pool.imap(square_or_exit, arguments, 4, return_exceptions=True))
+        assert pool.apply(square, (7,)) == 49
+    crashed_chunk = set(range(300, 304))  # the positions of -1's chunk
+    for position, (x, outcome) in enumerate(zip(arguments, outcomes)):
+        if isinstance(outcome, BaseException):
+            assert position in crashed_chunk, (position, outcome)
+            assert isinstance(outcome, WorkerCrashedError)
+        else:
+            assert outcome == x * x
+    assert isinstance(outcomes[300], WorkerCrashedError)
+    assert max(sent.batches) > _dispatcher.WINDOW, "no worker held more than a window of chunks"
 
 
 def test_a_worker_skips_an_offer_taken_back_and_runs_the_later_one_whose_token_it_took() -> None:
@@ -302,6 +317,56 @@ def test_calls_sent_together_send_their_results_ahead_every_millisecond() -> Non
     last, errors = shm.unpack(payload)
     assert errors is None
     assert values + last == list(range(10))
+
+
+def test_one_task_chunks_sent_together_answer_each_task_alone() -> None:
+    # A map's one-task chunks as one batch (P.JOINED): each task's own pickle,
+    # unpickled just before it runs, so an argument that will not unpickle fails
+    # its task alone; and each result goes back as its task ends (P.PARTIAL),
+    # so a worker that dies later loses none of them.
+    import pickle
+
+    here, there = multiprocessing.Pipe()
+    with here, there:
+        chunks = [P.dumps([3]), pickle.dumps([crash.FailsOnUnpickle()]), P.dumps([5]), P.dumps([6])]
+        msg = (P.BATCH, 1, 1, P.CALL_ONE | P.JOINED, False, 40, None, False, P.dumps(chunks))
+        fns = collections.OrderedDict({1: square})
+        slot = [0.0] * P.SLOT_SIZE
+        payload, _, _ = _worker._run_batch(msg, fns, slot, None, there)
+        pieces = []
+        while here.poll():
+            pieces.append(P.recv(here))
+    assert [piece[:3] for piece in pieces] == [(P.PARTIAL, 1, 1)] * 3
+    outcomes = [shm.unpack(piece[3]) for piece in pieces] + [shm.unpack(payload)]
+    assert [values for values, _ in outcomes] == [[9], [None], [25], [36]]
+    assert [errors is None for _, errors in outcomes] == [True, False, True, True]
+    error = outcomes[1][1][0]  # type: ignore[index]
+    assert isinstance(error, SerializationError)
+    assert "cannot unpickle the task's arguments" in str(error)
+    assert error.task_index == 41
+
+
+@pytest.mark.parametrize("bad", ["raises", "crashes"])
+def test_a_one_task_chunk_whose_argument_fails_to_unpickle_fails_alone(
+    bad: str, tmp_path: Path, sent: Sent
+) -> None:
+    # chunksize=1 again, with one argument that raises, or ends the worker, as
+    # it is unpickled there. Sent with other chunks or not, it fails alone;
+    # every other task runs once and its result arrives.
+    runs = tmp_path / "runs"
+    poison = crash.FailsOnUnpickle() if bad == "raises" else crash.CrashesOnUnpickle(7)
+    arguments: list[Any] = [*range(300), poison, *range(300, 600)]
+    with Pool(2, initializer=keep_barrier, initargs=(str(runs),)) as pool:
+        assert pool.map(counted_square, range(64), chunksize=1) == [i * i for i in range(64)]
+        outcomes = list(pool.imap(counted_square, arguments, 1, return_exceptions=True))
+        assert pool.apply(square, (7,)) == 49
+    expected = SerializationError if bad == "raises" else WorkerCrashedError
+    assert isinstance(outcomes[300], expected), outcomes[300]
+    assert outcomes[300].task_index == 300
+    assert outcomes[:300] + outcomes[301:] == [x * x for x in range(600)]
+    ran = [int(line) for line in runs.read_text().split()][64:]
+    assert sorted(ran) == list(range(600)), "a task ran twice, or not at all"
+    assert any(sent.joined), "no one-task chunks went together"
 
 
 def test_messages_written_at_once_are_read_one_by_one() -> None:

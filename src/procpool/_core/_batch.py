@@ -77,6 +77,10 @@ class Batch:
         "star",
     )
 
+    # Whether its tasks are calls that each go back on their own (Calls), and so
+    # count one each against a worker's burst (Dispatcher._burst_limit).
+    calls_apart = False
+
     def __init__(
         self,
         fn: CallableRef,
@@ -202,6 +206,7 @@ class Calls(Batch):
     """
 
     __slots__ = ("parts",)
+    calls_apart = True
 
     def __init__(self, parts: list[Batch]) -> None:
         first = parts[0]
@@ -234,6 +239,40 @@ class Calls(Batch):
             return Calls(parts)
         parts[0].alone = True
         return parts[0]
+
+
+class Joined(Batch):
+    """A map's one-task chunks (``chunksize=1``), contiguous, sent to a worker as
+    one batch (see Dispatcher._merge), each still a task of its own.
+
+    The worker unpickles each chunk's own pickle just before running it, and
+    sends each result back as the task ends (P.JOINED): a task that fails to
+    unpickle, or crashes the worker, fails alone, and no result that was
+    computed is lost with a worker, as ``chunksize=1`` promises. Split again
+    (a worker died), it gives back the chunks not yet run, still joined.
+    """
+
+    __slots__ = ("parts",)
+    calls_apart = True
+
+    def __init__(self, parts: list[Batch]) -> None:
+        first = parts[0]
+        super().__init__(
+            first.fn,
+            first.star | P.JOINED,
+            [part.items[0] for part in parts],
+            P.dumps([part.payload for part in parts]),
+            first.first_index,
+            first.sink,
+            first.policy,
+            attempts=first.attempts,
+            seed_base=first.seed_base,
+        )
+        self.parts = parts
+
+    def subset(self, start: int, stop: int, *, attempts: int | None = None) -> Batch:
+        parts = self.parts[start:stop]
+        return Joined(parts) if len(parts) > 1 else parts[0]
 
 
 def for_task(exc: ProcpoolError, index: int) -> ProcpoolError:

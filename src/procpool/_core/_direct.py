@@ -266,9 +266,7 @@ class DirectPath:
         worker.direct_at = 0.0
         self._lendings += 1
         self._mute(worker.fd)  # the sentinel stays: see _on_ready
-        if worker.pipe_wait is None:
-            worker.pipe_wait = PipeWait(worker.fd, worker.process.sentinel)
-        return worker.pipe_wait
+        return worker.waiter()
 
     def _take_back(self, worker: Worker) -> None:
         worker.lent = False

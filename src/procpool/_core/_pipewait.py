@@ -1,4 +1,5 @@
-"""Waiting, on a caller's thread, for a worker's next message (the direct path).
+"""Waiting, on a caller's thread, for a worker's next message (the direct path);
+and reading one on the dispatcher's only if it has begun to arrive.
 
 The dispatcher lends a worker's pipe to the thread that waits for a result
 (see ``_direct.py``). That thread must notice a message, the
@@ -39,7 +40,13 @@ import sys
 import time
 from collections.abc import Callable
 
+from . import _protocol as P
 from . import usable_cpus
+
+TYPE_CHECKING = False  # not typing's (see _core/_generic.py)
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+    from typing import Any
 
 __all__ = ["PipeWait"]
 
@@ -113,6 +120,14 @@ class PipeWait:
                 return False  # the sentinel: the worker exited
             if stop is not None and stop():
                 return False
+
+    def recv_begun(self, conn: Connection) -> tuple[Any, ...] | None:
+        """The next message on ``conn`` (this pipe) if it has begun to arrive, else
+        None at once. The dispatcher reads on so while a worker's replies queue
+        up (Dispatcher._on_message)."""
+        if self._sock is not None:
+            return P.recv_begun(conn, self._sock)
+        return P.recv(conn) if self._conn_poll.poll(0) else None
 
     def close(self) -> None:
         if self._sock is not None:

@@ -88,6 +88,11 @@ CALL_ARGS_KWARGS = 2  # fn(*item[0], **item[1]): one single call (apply_async, s
 # Several single calls sent as one batch (see Dispatcher._merge): the payload is
 # the list of their CALL_ARGS_KWARGS payloads, each pickled when it was submitted.
 CALLS = 3
+# Added to CALL_ONE or CALL_STAR: a map's one-task chunks sent as one batch (see
+# Dispatcher._merge). The payload is the list of their own payloads, each
+# unpickled just before its task runs, and each task's result goes back on its
+# own (P.PARTIAL) as it ends: what each chunk would have been alone.
+JOINED = 4
 
 PROTOCOL = 5
 
@@ -191,7 +196,30 @@ def write(conn: Connection, buffers: list[bytes]) -> None:
 
 def recv(conn: Connection) -> tuple[Any, ...]:
     """Receive a message sent by :func:`send`."""
-    msg: tuple[Any, ...] = pickle.loads(_recv_frame(conn))
+    return _message(conn, _recv_frame(conn))
+
+
+def recv_begun(conn: Connection, sock: socket.socket) -> tuple[Any, ...] | None:
+    """Receive a message sent by :func:`send` if it has begun to arrive, else
+    return None at once; ``sock`` is a socket on ``conn``'s descriptor.
+
+    One system call where a poll() and then a read would take two: a
+    non-blocking read of the frame's length.
+    """
+    try:
+        head = sock.recv(_LENGTH.size, socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return None
+    if not head:
+        raise EOFError
+    fd = conn.fileno()
+    if len(head) < _LENGTH.size:  # the rest of the length is on its way
+        head += _read_exactly(fd, _LENGTH.size - len(head))
+    return _message(conn, _frame_after(fd, head))
+
+
+def _message(conn: Connection, frame: bytes | bytearray) -> tuple[Any, ...]:
+    msg: tuple[Any, ...] = pickle.loads(frame)
     if msg[0] not in _WITH_PAYLOAD:
         return msg
     if msg[-1] is None:
@@ -216,9 +244,14 @@ def _recv_frame(conn: Connection) -> bytes | bytearray:
     if not _READV:
         return conn.recv_bytes()  # Windows: a pipe handle, not a descriptor
     fd = conn.fileno()  # OSError if closed, as recv_bytes
-    (size,) = _LENGTH.unpack(_read_exactly(fd, 4))
+    return _frame_after(fd, _read_exactly(fd, _LENGTH.size))
+
+
+def _frame_after(fd: int, head: bytes | bytearray) -> bytes | bytearray:
+    """The rest of a frame whose length ``head`` was read from ``fd``."""
+    (size,) = _LENGTH.unpack(head)
     if size == -1:  # Connection's frame for 2 GiB or more: the length follows
-        (size,) = _LONG_LENGTH.unpack(_read_exactly(fd, 8))
+        (size,) = _LONG_LENGTH.unpack(_read_exactly(fd, _LONG_LENGTH.size))
     return _read_exactly(fd, size)
 
 

@@ -282,6 +282,7 @@ def _run_batch(
         err.__cause__ = exc
         return P.dumps((None, P.portable_error(err, "unpickling the callable"))), 0.0, None
     calls = star == P.CALLS  # single calls sent as one batch: run as each alone would
+    joined = star & P.JOINED  # a map's one-task chunks sent as one batch: the same
     try:
         items, mapping = shm.unpack_arguments(payload)
         if calls:  # each call's own pickle, as it was submitted
@@ -291,14 +292,18 @@ def _run_batch(
         err.__cause__ = exc
         return P.dumps((None, P.portable_error(err, "unpickling the arguments"))), 0.0, None
     stream = (
-        _Stream(conn, slot, batch_id, segments, first_index, len(items), calls)
+        _Stream(conn, slot, batch_id, segments, first_index, len(items), calls, bool(joined))
         if len(items) > 1
         else None
     )
     if calls:
         star = P.CALL_ARGS_KWARGS
+    elif joined:
+        star ^= P.JOINED
     started = time.perf_counter()
-    values, errors = _call_all(fn, star, timed, first_index, seed, items, slot, stream)
+    values, errors = _call_all(
+        fn, star, timed, first_index, seed, items, slot, stream, bool(joined)
+    )
     running = time.perf_counter() - started
     slot[P.SLOT_SPAN] = 1
     slot[P.SLOT_ITEM] = len(items)  # from here on, a crash is in sending the results
@@ -314,7 +319,8 @@ def _run_batch(
 
 class _Stream:
     """Sends a batch's first results ahead (P.PARTIAL) once they add up to P.PIECE_BYTES,
-    and, for single calls sent as one batch (P.CALLS), once P.CALLS_PIECE_S has passed.
+    and, for single calls sent as one batch (P.CALLS), once P.CALLS_PIECE_S has passed;
+    for a map's one-task chunks sent as one (P.JOINED), each as its task ends.
 
     Sizes are estimates (see _result_size). Without this, 25 results of 1 MB
     wait for each other and travel as one 25 MB message; the parent delivers
@@ -329,6 +335,7 @@ class _Stream:
         "by_time",
         "conn",
         "due",
+        "each",
         "first_index",
         "n",
         "segments",
@@ -346,6 +353,7 @@ class _Stream:
         first_index: int,
         n: int,
         calls: bool = False,
+        each: bool = False,
     ) -> None:
         self.conn = conn
         self.slot = slot
@@ -358,6 +366,8 @@ class _Stream:
         # Single calls sent as one batch: their results also go ahead by time.
         self.by_time = calls
         self.due = time.monotonic() + P.CALLS_PIECE_S if calls else 0.0
+        # A map's one-task chunks sent as one batch (P.JOINED): each result goes alone.
+        self.each = each
 
     def add(
         self, nbytes: int, values: list[Any], errors: dict[int, BaseException] | None, upto: int
@@ -366,7 +376,11 @@ class _Stream:
         self.size += nbytes
         if upto >= self.n:
             return
-        if self.size < P.PIECE_BYTES and not (self.by_time and time.monotonic() >= self.due):
+        if (
+            self.size < P.PIECE_BYTES
+            and not self.each
+            and not (self.by_time and time.monotonic() >= self.due)
+        ):
             return
         sent, slot = self.sent, self.slot
         # The span first: a dispatcher that sees the item moved on then sees the
@@ -438,8 +452,14 @@ def _call_all(
     items: list[Any],
     slot: Any,
     stream: _Stream | None = None,
+    joined: bool = False,
 ) -> tuple[list[Any], dict[int, BaseException] | None]:
-    fast = star != P.CALL_ARGS_KWARGS and not (timed or seed is not None or _TAG is not None)
+    """Run the tasks; ``joined``: each item is its task's own pickle (P.JOINED),
+    unpickled just before the task, so that a failure to unpickle it is that
+    task's error, and a crash while unpickling it is a crash in that task."""
+    fast = star != P.CALL_ARGS_KWARGS and not (
+        timed or seed is not None or _TAG is not None or joined
+    )
     if fast and len(items) >= P.FAST_MIN_ITEMS:
         return _call_fast(fn, star, first_index, items, slot, stream)
     values: list[Any] = []
@@ -456,6 +476,8 @@ def _call_all(
         if _TAG is not None:
             _tag_output(_TAG, first_index, i)
         try:
+            if joined:
+                item = _task_argument(item, first_index + i)
             if star == P.CALL_ONE:
                 append(fn(item))
             elif star == P.CALL_STAR:
@@ -470,6 +492,16 @@ def _call_all(
         if stream is not None:
             stream.add(_result_size(values[i]), values, errors, i + 1)
     return values, errors
+
+
+def _task_argument(pickled: bytes, index: int) -> Any:
+    """Task ``index``'s argument, from its chunk's own pickle (P.JOINED, see _call_all)."""
+    try:
+        return pickle.loads(pickled)[0]
+    except BaseException as exc:
+        err = SerializationError(f"cannot unpickle the task's arguments in the worker: {exc!r}")
+        err.task_index = index
+        raise err from exc
 
 
 def _call_fast(

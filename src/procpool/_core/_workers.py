@@ -13,6 +13,7 @@ import time
 from collections import OrderedDict, deque
 
 from . import _protocol as P
+from ._pipewait import PipeWait
 
 TYPE_CHECKING = False  # not typing's (see _core/_generic.py)
 if TYPE_CHECKING:
@@ -20,9 +21,49 @@ if TYPE_CHECKING:
 
     from .._statistics import WorkerStatistics
     from ._batch import Batch
-    from ._pipewait import PipeWait
 
-__all__ = ["Worker", "WorkerRecord", "fold", "kill", "record", "worker_statistics"]
+__all__ = ["Held", "Worker", "WorkerRecord", "fold", "kill", "record", "worker_statistics"]
+
+
+class Held(deque["Batch"]):
+    """The batches a worker holds, oldest first, with running totals of them.
+
+    The dispatcher weighs these totals for every batch it may send ahead
+    (_pick_worker, _ahead); summed afresh over the up to BURST batches a worker
+    may hold, they cost more than the rest of a one-task batch's scheduling.
+    Only ``append``, ``popleft``, ``remove`` and ``clear`` change it.
+    """
+
+    __slots__ = ("calls", "nbytes", "tasks")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nbytes = 0  # bytes of their pickled arguments (Batch.size)
+        self.tasks = 0  # tasks in them
+        self.calls = 0  # of which go one at a time (Dispatcher._held_calls)
+
+    def append(self, batch: Batch) -> None:
+        super().append(batch)
+        self._count(batch, 1)
+
+    def popleft(self) -> Batch:
+        batch = super().popleft()
+        self._count(batch, -1)
+        return batch
+
+    def remove(self, batch: Batch) -> None:
+        super().remove(batch)
+        self._count(batch, -1)
+
+    def clear(self) -> None:
+        super().clear()
+        self.nbytes = self.tasks = self.calls = 0
+
+    def _count(self, batch: Batch, sign: int) -> None:
+        tasks = len(batch.items)
+        self.nbytes += sign * batch.size
+        self.tasks += sign * tasks
+        self.calls += sign * (tasks if batch.calls_apart else 1)
 
 
 class Worker:
@@ -61,7 +102,7 @@ class Worker:
         self.conn = conn
         self.fd: int = conn.fileno()  # still known once conn is closed
         self.slot = slot
-        self.inflight: deque[Batch] = deque()
+        self.inflight = Held()
         self.fns: OrderedDict[int, None] = OrderedDict()  # mirror of the worker's cache
         # Its result segments nothing maps here any more, to tell it (P.FREED);
         # appended to from whichever thread drops a result (see shm.unpack).
@@ -81,7 +122,7 @@ class Worker:
         self.direct_at = 0.0  # when a call was sent to it on the direct path, not yet waited for
         self.unwaited = False  # and no thread will wait to read that call's reply (_not_coming)
         self.eof = False  # its pipe reported end of file to that thread
-        self.pipe_wait: PipeWait | None = None  # how that thread waits
+        self.pipe_wait: PipeWait | None = None  # how that thread waits (see waiter)
 
     @property
     def pid(self) -> int:
@@ -99,6 +140,13 @@ class Worker:
         """Under a zygote: asked for, and its pid not known yet (the fork may be under way)."""
         pid_pending = getattr(self.process._popen, "pid_pending", None)
         return pid_pending is not None and bool(pid_pending())
+
+    def waiter(self) -> PipeWait:
+        """What waits for its messages on a thread its pipe is lent to, and reads
+        them without waiting on the dispatcher's (made at first use)."""
+        if self.pipe_wait is None:
+            self.pipe_wait = PipeWait(self.fd, self.process.sentinel)
+        return self.pipe_wait
 
     def alive(self) -> bool:
         """Whether the worker got through start-up (it may still be in its initializer)."""
