@@ -6,6 +6,7 @@ import collections
 import multiprocessing
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -32,6 +33,7 @@ from procpool._core._slot import Slot
 from tests.conftest import Sent
 from tests.helpers import (
     SleepsWhenUnpickled,
+    blob,
     count_onto_kept_queue,
     counted_square,
     counted_square_or_exit,
@@ -263,6 +265,25 @@ def test_a_worker_holds_several_short_chunks_and_a_crash_costs_only_its_own(sent
             assert outcome == x * x
     assert isinstance(outcomes[300], WorkerCrashedError)
     assert max(sent.batches) > _dispatcher.WINDOW, "no worker held more than a window of chunks"
+
+
+def test_a_default_socket_timeout_does_not_cut_the_pools_pipes() -> None:
+    # socket.setdefaulttimeout(), which network code sets, made the socket the
+    # pool waits for a reply with (_pipewait.PipeWait) non-blocking, and with it
+    # the worker's pipe: a reply that came after the timeout was lost, and get()
+    # waited forever.
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(0.2)
+    try:
+        with Pool(2) as pool:
+            assert pool.apply(square, (3,)) == 9
+            assert pool.apply_async(sleep_return, (0.6, 5)).get(timeout=10) == 5
+            lengths = [len(b) for b in pool.map(blob, [300_000] * 8, chunksize=1)]
+            assert lengths == [300_000] * 8
+            assert list(pool.imap(square, range(2_000), 1)) == [x * x for x in range(2_000)]
+            assert pool.apply_async(sleep_return, (0.6, 6)).get(timeout=10) == 6
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 def test_a_worker_skips_an_offer_taken_back_and_runs_the_later_one_whose_token_it_took() -> None:

@@ -80,6 +80,13 @@ class PipeWait:
                 self._sock = socket.socket(fileno=dup)
             except OSError:
                 os.close(dup)  # not a socket: poll() then
+            else:
+                # Blocking, whatever socket.setdefaulttimeout() says: a socket made
+                # with a default timeout turns O_NONBLOCK on for the descriptor it
+                # shares with the pipe. The pipe's blocking reads then failed
+                # mid-wait (EAGAIN, taken for the worker's end), and a reply
+                # that came after the timeout was lost: get() waited forever.
+                self._sock.setblocking(True)
         if self._sock is None:
             self._poll.register(conn_fd, select.POLLIN)
 
