@@ -103,8 +103,10 @@ class Sent:
     """What the dispatcher sent while a test ran (see the ``sent`` fixture)."""
 
     def __init__(self) -> None:
-        self.batches: list[int] = []  # batches the worker held just after each send
-        self.tasks: list[int] = []  # and tasks
+        # What the worker held just after each send: chunks (or calls, Batch.units)
+        # and tasks.
+        self.chunks: list[int] = []
+        self.tasks: list[int] = []
         self.joined: list[bool] = []  # whether each batch sent was a Joined one
 
 
@@ -122,7 +124,7 @@ def sent(monkeypatch: pytest.MonkeyPatch) -> Sent:
         self: _dispatcher.Dispatcher, worker: Any, batch: Any, linger: bool = False, **options: Any
     ) -> None:
         send(self, worker, batch, linger, **options)
-        record.batches.append(len(worker.inflight))
+        record.chunks.append(sum(b.units() for b in worker.inflight))
         record.tasks.append(sum(len(b.items) for b in worker.inflight))
         record.joined.append(isinstance(batch, Joined))
 

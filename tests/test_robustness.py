@@ -249,8 +249,9 @@ def test_a_worker_that_dies_among_one_task_chunks_it_holds_fails_only_its_task(
 def test_a_worker_holds_several_short_chunks_and_a_crash_costs_only_its_own(sent: Sent) -> None:
     # Chunks of a few tiny tasks (an explicit small chunksize) go several at a
     # time to a worker that answers them quickly (Dispatcher._burst_limit), as
-    # one-task chunks and single calls do: two at a time, each worker slept and
-    # woke for every chunk. A crash still costs only the chunk it happened in.
+    # one batch (Joined), as one-task chunks and single calls do: two at a
+    # time, each worker slept and woke for every chunk. A crash still costs
+    # only the chunk it happened in.
     arguments = [*range(300), -1, *range(300, 600)]  # -1 ends its worker
     with Pool(2) as pool:
         assert pool.map(square, range(64), chunksize=4) == [i * i for i in range(64)]
@@ -264,7 +265,8 @@ def test_a_worker_holds_several_short_chunks_and_a_crash_costs_only_its_own(sent
         else:
             assert outcome == x * x
     assert isinstance(outcomes[300], WorkerCrashedError)
-    assert max(sent.batches) > _dispatcher.WINDOW, "no worker held more than a window of chunks"
+    assert max(sent.chunks) > _dispatcher.WINDOW, "no worker held more than a window of chunks"
+    assert any(sent.joined), "no chunks went together"
 
 
 def test_a_default_socket_timeout_does_not_cut_the_pools_pipes() -> None:
@@ -340,54 +342,73 @@ def test_calls_sent_together_send_their_results_ahead_every_millisecond() -> Non
     assert values + last == list(range(10))
 
 
-def test_one_task_chunks_sent_together_answer_each_task_alone() -> None:
-    # A map's one-task chunks as one batch (P.JOINED): each task's own pickle,
-    # unpickled just before it runs, so an argument that will not unpickle fails
-    # its task alone; and each result goes back as its task ends (P.PARTIAL),
-    # so a worker that dies later loses none of them.
+def test_chunks_sent_together_are_answered_each_on_its_own() -> None:
+    # A map's chunks as one batch (P.JOINED): each chunk's own pickle, unpickled
+    # just before its first task, and each chunk's results back (P.PARTIAL) as
+    # its last task ends, so a worker that dies later loses none of them. A
+    # chunk that will not unpickle ends the batch: the reply says so, as for a
+    # batch that would not unpickle, and the pool takes it from there.
     import pickle
 
-    here, there = multiprocessing.Pipe()
-    with here, there:
-        chunks = [P.dumps([3]), pickle.dumps([crash.FailsOnUnpickle()]), P.dumps([5]), P.dumps([6])]
-        msg = (P.BATCH, 1, 1, P.CALL_ONE | P.JOINED, False, 40, None, False, P.dumps(chunks))
-        fns = collections.OrderedDict({1: square})
-        slot = [0.0] * P.SLOT_SIZE
-        payload, _, _ = _worker._run_batch(msg, fns, slot, None, there)
-        pieces = []
-        while here.poll():
-            pieces.append(P.recv(here))
-    assert [piece[:3] for piece in pieces] == [(P.PARTIAL, 1, 1)] * 3
-    outcomes = [shm.unpack(piece[3]) for piece in pieces] + [shm.unpack(payload)]
-    assert [values for values, _ in outcomes] == [[9], [None], [25], [36]]
-    assert [errors is None for _, errors in outcomes] == [True, False, True, True]
-    error = outcomes[1][1][0]  # type: ignore[index]
-    assert isinstance(error, SerializationError)
+    def run(chunks: list[tuple[int, bytes]]) -> tuple[list[tuple[Any, ...]], Any]:
+        here, there = multiprocessing.Pipe()
+        with here, there:
+            msg = (P.BATCH, 1, 1, P.CALL_ONE | P.JOINED, False, 40, None, False, P.dumps(chunks))
+            fns = collections.OrderedDict({1: square})
+            slot = [0.0] * P.SLOT_SIZE
+            payload, _, _ = _worker._run_batch(msg, fns, slot, None, there)
+            pieces = []
+            while here.poll():
+                pieces.append(P.recv(here))
+        return pieces, shm.unpack(payload)
+
+    good = [(2, P.dumps([3, 4])), (1, P.dumps([5])), (3, P.dumps([6, 7, 8]))]
+    pieces, reply = run(good)
+    assert [piece[:3] for piece in pieces] == [(P.PARTIAL, 1, 2), (P.PARTIAL, 1, 1)]
+    assert [shm.unpack(piece[3]) for piece in pieces] == [([9, 16], None), ([25], None)]
+    assert reply == ([36, 49, 64], None)
+
+    bad = pickle.dumps([crash.FailsOnUnpickle()])
+    pieces, reply = run([(2, P.dumps([3, 4])), (1, bad), (1, P.dumps([6]))])
+    assert [piece[:3] for piece in pieces] == [(P.PARTIAL, 1, 2)]
+    values, error = reply
+    assert values is None and isinstance(error, SerializationError)
     assert "cannot unpickle the task's arguments" in str(error)
-    assert error.task_index == 41
 
 
+@pytest.mark.parametrize("chunksize", [1, 4])
 @pytest.mark.parametrize("bad", ["raises", "crashes"])
-def test_a_one_task_chunk_whose_argument_fails_to_unpickle_fails_alone(
-    bad: str, tmp_path: Path, sent: Sent
+def test_a_chunk_whose_argument_fails_to_unpickle_costs_what_it_would_alone(
+    bad: str, chunksize: int, tmp_path: Path, sent: Sent
 ) -> None:
-    # chunksize=1 again, with one argument that raises, or ends the worker, as
-    # it is unpickled there. Sent with other chunks or not, it fails alone;
-    # every other task runs once and its result arrives.
+    # Chunks sent together (Joined), one of them with an argument that raises,
+    # or ends the worker, as it is unpickled there. As for a chunk sent alone:
+    # one that raises is tried task by task, so only the bad task fails; one
+    # that crashes fails its own chunk (one of its tasks was being unpickled).
+    # Every other task runs once and its result arrives.
     runs = tmp_path / "runs"
     poison = crash.FailsOnUnpickle() if bad == "raises" else crash.CrashesOnUnpickle(7)
-    arguments: list[Any] = [*range(300), poison, *range(300, 600)]
+    arguments: list[Any] = [*range(300), poison, *range(300, 599)]
     with Pool(2, initializer=keep_barrier, initargs=(str(runs),)) as pool:
-        assert pool.map(counted_square, range(64), chunksize=1) == [i * i for i in range(64)]
-        outcomes = list(pool.imap(counted_square, arguments, 1, return_exceptions=True))
+        assert pool.map(counted_square, range(64), chunksize=chunksize) == [
+            i * i for i in range(64)
+        ]
+        outcomes = list(pool.imap(counted_square, arguments, chunksize, return_exceptions=True))
         assert pool.apply(square, (7,)) == 49
-    expected = SerializationError if bad == "raises" else WorkerCrashedError
-    assert isinstance(outcomes[300], expected), outcomes[300]
-    assert outcomes[300].task_index == 300
-    assert outcomes[:300] + outcomes[301:] == [x * x for x in range(600)]
+    if bad == "raises":
+        failed = {300}
+        assert isinstance(outcomes[300], SerializationError), outcomes[300]
+    else:
+        failed = set(range(300, 300 + chunksize))  # the poison's chunk
+        assert all(isinstance(outcomes[i], WorkerCrashedError) for i in failed), outcomes[300]
+    assert all(outcomes[i].task_index == i for i in failed)  # type: ignore[union-attr]
+    for i, (x, outcome) in enumerate(zip(arguments, outcomes)):
+        if i not in failed:
+            assert outcome == x * x, (i, outcome)
     ran = [int(line) for line in runs.read_text().split()][64:]
-    assert sorted(ran) == list(range(600)), "a task ran twice, or not at all"
-    assert any(sent.joined), "no one-task chunks went together"
+    expected_runs = [x for i, x in enumerate(arguments) if i not in failed]
+    assert sorted(ran) == sorted(expected_runs), "a task ran twice, or not at all"
+    assert any(sent.joined), "no chunks went together"
 
 
 def test_messages_written_at_once_are_read_one_by_one() -> None:

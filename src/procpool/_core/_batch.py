@@ -77,10 +77,6 @@ class Batch:
         "star",
     )
 
-    # Whether its tasks are calls that each go back on their own (Calls), and so
-    # count one each against a worker's burst (Dispatcher._burst_limit).
-    calls_apart = False
-
     def __init__(
         self,
         fn: CallableRef,
@@ -123,6 +119,12 @@ class Batch:
         # Index of the first task for per-task random seeds (a map's own index,
         # or a single call's sequence number in its pool).
         self.seed_base = first_index if seed_base is None else seed_base
+
+    def units(self) -> int:
+        """How many batches it stands for, each answered on its own: one, or the
+        parts of a Calls or Joined batch (they count one each against a worker's
+        burst, Dispatcher._burst_limit)."""
+        return 1
 
     @property
     def size(self) -> int:
@@ -206,7 +208,6 @@ class Calls(Batch):
     """
 
     __slots__ = ("parts",)
-    calls_apart = True
 
     def __init__(self, parts: list[Batch]) -> None:
         first = parts[0]
@@ -221,6 +222,9 @@ class Calls(Batch):
             named=False,
         )
         self.parts = parts
+
+    def units(self) -> int:
+        return len(self.parts)
 
     def deliver(
         self, first: int, values: list[Any], errors: dict[int, BaseException] | None
@@ -242,26 +246,27 @@ class Calls(Batch):
 
 
 class Joined(Batch):
-    """A map's one-task chunks (``chunksize=1``), contiguous, sent to a worker as
-    one batch (see Dispatcher._merge), each still a task of its own.
+    """A map's chunks, contiguous, sent to a worker as one batch (see
+    Dispatcher._merge), each still answered on its own.
 
-    The worker unpickles each chunk's own pickle just before running it, and
-    sends each result back as the task ends (P.JOINED): a task that fails to
-    unpickle, or crashes the worker, fails alone, and no result that was
-    computed is lost with a worker, as ``chunksize=1`` promises. Split again
-    (a worker died), it gives back the chunks not yet run, still joined.
+    The worker unpickles each chunk's own pickle just before running its
+    tasks, and sends the chunk's results back as its last task ends (P.JOINED):
+    a chunk whose arguments will not unpickle fails alone, a crash costs what
+    it would have cost the chunk alone, and no chunk's results that were
+    computed die with the worker. For one-task chunks that is what
+    ``chunksize=1`` promises: a crash fails only its own task. Split again (a
+    worker died), it gives back what was not run, the chunks still joined.
     """
 
     __slots__ = ("parts",)
-    calls_apart = True
 
     def __init__(self, parts: list[Batch]) -> None:
         first = parts[0]
         super().__init__(
             first.fn,
             first.star | P.JOINED,
-            [part.items[0] for part in parts],
-            P.dumps([part.payload for part in parts]),
+            [item for part in parts for item in part.items],
+            P.dumps([(len(part.items), part.payload) for part in parts]),
             first.first_index,
             first.sink,
             first.policy,
@@ -270,9 +275,46 @@ class Joined(Batch):
         )
         self.parts = parts
 
+    def units(self) -> int:
+        return len(self.parts)
+
+    def chunk_end(self, start: int) -> int:
+        """Where the chunk that holds task ``start`` (of this batch) ends."""
+        offset = 0
+        for part in self.parts:
+            offset += len(part.items)
+            if start < offset:
+                return offset
+        return offset
+
     def subset(self, start: int, stop: int, *, attempts: int | None = None) -> Batch:
-        parts = self.parts[start:stop]
-        return Joined(parts) if len(parts) > 1 else parts[0]
+        pieces: list[Batch] = []
+        offset = 0
+        for part in self.parts:
+            n = len(part.items)
+            first, last = max(start, offset), min(stop, offset + n)
+            if first < last:
+                whole = first == offset and last == offset + n
+                pieces.append(part if whole else part.subset(first - offset, last - offset))
+            offset += n
+        if len(pieces) == 1:
+            return pieces[0]
+        if any(type(piece.payload) is not bytes for piece in pieces):
+            # A chunk cut short and pickled again went to shared memory, which a
+            # Joined batch does not carry: the tasks go as one chunk instead.
+            items = self.items[start:stop]
+            return Batch(
+                self.fn,
+                self.star & ~P.JOINED,
+                items,
+                shm.pack(items, shm.argument_segments()),
+                self.first_index + start,
+                self.sink,
+                self.policy,
+                attempts=self.attempts if attempts is None else attempts,
+                seed_base=self.seed_base + start,
+            )
+        return Joined(pieces)
 
 
 def for_task(exc: ProcpoolError, index: int) -> ProcpoolError:

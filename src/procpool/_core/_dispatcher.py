@@ -199,11 +199,11 @@ def _single_call(batch: Batch) -> bool:
 
 
 def _calls(batch: Batch) -> int:
-    """How many tasks ``batch`` carries that go one at a time: 1 for a single call
-    or a map's chunk of one task (``chunksize=1``), n for n of them sent as one
-    (Calls, Joined), or 0 for a map's chunk of several."""
-    if batch.calls_apart:
-        return len(batch.items)
+    """How many of ``batch``'s tasks, or chunks, are answered one at a time: 1 for a
+    single call or a map's chunk of one task (``chunksize=1``), n for n calls or
+    chunks sent as one (Calls, Joined), or 0 for a map's chunk of several."""
+    if type(batch) is not Batch:
+        return batch.units()
     return 1 if len(batch.items) == 1 else 0
 
 
@@ -213,9 +213,9 @@ def _mergeable(batch: Batch) -> bool:
 
 
 def _joinable(batch: Batch) -> bool:
-    """Whether ``batch`` is a map's chunk of one task that may go with the chunks
-    after it (see _merge)."""
-    return batch.named and len(batch.items) == 1 and _plain(batch)
+    """Whether ``batch`` is a map's chunk that may go with the chunks after it
+    (see _merge)."""
+    return batch.named and _plain(batch)
 
 
 def _plain(batch: Batch) -> bool:
@@ -647,8 +647,8 @@ class Dispatcher(DirectPath):
     def _merge(self, worker: Worker, batch: Batch) -> Batch:
         """``batch``, a single call for busy ``worker``, and the calls queued right
         after it that the worker may hold too (see _burst_limit), as one batch;
-        or, ``batch`` a map's one-task chunk, the chunks of the same map that
-        follow it (Joined: each task is still answered alone, as it ends).
+        or, ``batch`` a map's chunk, the chunks of the same map that follow it
+        (Joined: each chunk is still answered on its own, as it ends).
 
         Sent one by one, each call of a burst costs this thread a message out,
         a message back and a turn of its loop: ~40 us a call on 2 cores, where
@@ -666,7 +666,7 @@ class Dispatcher(DirectPath):
             room = min(room, self._max_tasks - worker.tasks_done - self._held_items(worker) - 1)
         pending = self._pending
         parts = [batch]
-        joined = batch.named  # a map's one-task chunks (Joined), else single calls
+        joined = batch.named  # a map's chunks (Joined), else single calls
         # What the worker's pipe may hold at most: see _fits_pipe.
         size = batch.size + worker.inflight.nbytes
         if batch.fn.id not in worker.fns:
@@ -683,7 +683,7 @@ class Dispatcher(DirectPath):
                     _joinable(nxt)
                     and nxt.sink is batch.sink
                     and nxt.star == batch.star
-                    and nxt.first_index == last.first_index + 1
+                    and nxt.first_index == last.first_index + len(last.items)
                 ):
                     break
             elif not _mergeable(nxt):
@@ -1142,7 +1142,7 @@ class Dispatcher(DirectPath):
             batch.fail(start, stop, err)
         else:
             if values is None:
-                self._on_unpickle_failure(batch, errors)
+                self._on_unpickle_failure(batch, errors, start)
             else:
                 self._deliver(batch, values, errors, start)
 
@@ -1175,7 +1175,15 @@ class Dispatcher(DirectPath):
                 error = {0: errors[i]} if i in errors else None
                 batch.sink.deliver(first + i, [value], error)
 
-    def _on_unpickle_failure(self, batch: Batch, error: BaseException) -> None:
+    def _on_unpickle_failure(self, batch: Batch, error: BaseException, start: int = 0) -> None:
+        """``batch``'s arguments would not unpickle in the worker, from task ``start``
+        on (0, except for a Joined batch: its chunk at ``start`` would not, and the
+        chunks before it were answered)."""
+        if isinstance(batch, Joined):
+            end = batch.chunk_end(start)
+            if end < len(batch.items):
+                self._pending.appendleft(batch.subset(end, len(batch.items)))  # never ran
+            batch = batch.subset(start, end)  # the chunk itself
         if len(batch.items) > 1:
             # Nothing in it ran: try each item on its own, so only the bad one fails.
             for i in reversed(range(len(batch.items))):

@@ -88,10 +88,11 @@ CALL_ARGS_KWARGS = 2  # fn(*item[0], **item[1]): one single call (apply_async, s
 # Several single calls sent as one batch (see Dispatcher._merge): the payload is
 # the list of their CALL_ARGS_KWARGS payloads, each pickled when it was submitted.
 CALLS = 3
-# Added to CALL_ONE or CALL_STAR: a map's one-task chunks sent as one batch (see
-# Dispatcher._merge). The payload is the list of their own payloads, each
-# unpickled just before its task runs, and each task's result goes back on its
-# own (P.PARTIAL) as it ends: what each chunk would have been alone.
+# Added to CALL_ONE or CALL_STAR: a map's chunks sent as one batch (see
+# Dispatcher._merge). The payload is the list of (tasks, payload) of each chunk,
+# its payload unpickled just before its first task runs, and each chunk's
+# results go back on their own (P.PARTIAL) as its last task ends: what each
+# chunk would have been alone.
 JOINED = 4
 
 PROTOCOL = 5

@@ -282,7 +282,7 @@ def _run_batch(
         err.__cause__ = exc
         return P.dumps((None, P.portable_error(err, "unpickling the callable"))), 0.0, None
     calls = star == P.CALLS  # single calls sent as one batch: run as each alone would
-    joined = star & P.JOINED  # a map's one-task chunks sent as one batch: the same
+    joined = star & P.JOINED  # a map's chunks sent as one batch: each as it would run alone
     try:
         items, mapping = shm.unpack_arguments(payload)
         if calls:  # each call's own pickle, as it was submitted
@@ -291,9 +291,11 @@ def _run_batch(
         err = SerializationError(f"cannot unpickle the task's arguments in the worker: {exc!r}")
         err.__cause__ = exc
         return P.dumps((None, P.portable_error(err, "unpickling the arguments"))), 0.0, None
+    # Joined: the chunks' (tasks, pickle) pairs, each unpickled as its turn comes.
+    tasks = sum(n for n, _ in items) if joined else len(items)
     stream = (
-        _Stream(conn, slot, batch_id, segments, first_index, len(items), calls, bool(joined))
-        if len(items) > 1
+        _Stream(conn, slot, batch_id, segments, first_index, tasks, calls, bool(joined))
+        if tasks > 1
         else None
     )
     if calls:
@@ -301,12 +303,22 @@ def _run_batch(
     elif joined:
         star ^= P.JOINED
     started = time.perf_counter()
-    values, errors = _call_all(
-        fn, star, timed, first_index, seed, items, slot, stream, bool(joined)
-    )
+    if joined:
+        try:
+            values, errors = _call_joined(fn, star, first_index, items, slot, stream)
+        except _ChunkUnpickleError as exc:
+            cause = exc.__cause__
+            err = SerializationError(
+                f"cannot unpickle the task's arguments in the worker: {cause!r}"
+            )
+            err.__cause__ = cause
+            error = P.portable_error(err, "unpickling the arguments")
+            return P.dumps((None, error)), time.perf_counter() - started, mapping
+    else:
+        values, errors = _call_all(fn, star, timed, first_index, seed, items, slot, stream)
     running = time.perf_counter() - started
     slot[P.SLOT_SPAN] = 1
-    slot[P.SLOT_ITEM] = len(items)  # from here on, a crash is in sending the results
+    slot[P.SLOT_ITEM] = tasks  # from here on, a crash is in sending the results
     sent = 0
     if stream is not None and stream.sent:
         sent = stream.sent
@@ -320,7 +332,7 @@ def _run_batch(
 class _Stream:
     """Sends a batch's first results ahead (P.PARTIAL) once they add up to P.PIECE_BYTES,
     and, for single calls sent as one batch (P.CALLS), once P.CALLS_PIECE_S has passed;
-    for a map's one-task chunks sent as one (P.JOINED), each as its task ends.
+    for a map's chunks sent as one (P.JOINED), each chunk's as its last task ends.
 
     Sizes are estimates (see _result_size). Without this, 25 results of 1 MB
     wait for each other and travel as one 25 MB message; the parent delivers
@@ -366,19 +378,26 @@ class _Stream:
         # Single calls sent as one batch: their results also go ahead by time.
         self.by_time = calls
         self.due = time.monotonic() + P.CALLS_PIECE_S if calls else 0.0
-        # A map's one-task chunks sent as one batch (P.JOINED): each result goes alone.
+        # A map's chunks sent as one batch (P.JOINED): each chunk's results go
+        # alone, at its last task (add()'s boundary, see _call_joined).
         self.each = each
 
     def add(
-        self, nbytes: int, values: list[Any], errors: dict[int, BaseException] | None, upto: int
+        self,
+        nbytes: int,
+        values: list[Any],
+        errors: dict[int, BaseException] | None,
+        upto: int,
+        boundary: bool = False,
     ) -> None:
-        """Count ``nbytes`` more of results, which now cover tasks ``0 .. upto-1``."""
+        """Count ``nbytes`` more of results, which now cover tasks ``0 .. upto-1``;
+        ``boundary``: task ``upto - 1`` ended a chunk (see ``each``)."""
         self.size += nbytes
         if upto >= self.n:
             return
         if (
             self.size < P.PIECE_BYTES
-            and not self.each
+            and not (self.each and boundary)
             and not (self.by_time and time.monotonic() >= self.due)
         ):
             return
@@ -452,14 +471,8 @@ def _call_all(
     items: list[Any],
     slot: Any,
     stream: _Stream | None = None,
-    joined: bool = False,
 ) -> tuple[list[Any], dict[int, BaseException] | None]:
-    """Run the tasks; ``joined``: each item is its task's own pickle (P.JOINED),
-    unpickled just before the task, so that a failure to unpickle it is that
-    task's error, and a crash while unpickling it is a crash in that task."""
-    fast = star != P.CALL_ARGS_KWARGS and not (
-        timed or seed is not None or _TAG is not None or joined
-    )
+    fast = star != P.CALL_ARGS_KWARGS and not (timed or seed is not None or _TAG is not None)
     if fast and len(items) >= P.FAST_MIN_ITEMS:
         return _call_fast(fn, star, first_index, items, slot, stream)
     values: list[Any] = []
@@ -476,8 +489,6 @@ def _call_all(
         if _TAG is not None:
             _tag_output(_TAG, first_index, i)
         try:
-            if joined:
-                item = _task_argument(item, first_index + i)
             if star == P.CALL_ONE:
                 append(fn(item))
             elif star == P.CALL_STAR:
@@ -494,14 +505,60 @@ def _call_all(
     return values, errors
 
 
-def _task_argument(pickled: bytes, index: int) -> Any:
-    """Task ``index``'s argument, from its chunk's own pickle (P.JOINED, see _call_all)."""
-    try:
-        return pickle.loads(pickled)[0]
-    except BaseException as exc:
-        err = SerializationError(f"cannot unpickle the task's arguments in the worker: {exc!r}")
-        err.task_index = index
-        raise err from exc
+def _call_joined(
+    fn: Any,
+    star: int,
+    first_index: int,
+    chunks: list[tuple[int, bytes]],
+    slot: Any,
+    stream: _Stream | None,
+) -> tuple[list[Any], dict[int, BaseException] | None]:
+    """Run a map's chunks sent as one batch (P.JOINED), each as it would run alone.
+
+    A chunk's pickle is unpickled just before its first task. One that fails
+    to ends the batch there (_ChunkUnpickleError), and the reply says so as for
+    a batch that would not unpickle (the chunks before it were answered): the
+    pool tries that chunk's tasks one by one, and sends the chunks after it
+    again (Dispatcher._on_unpickle_failure). A crash while unpickling it is a
+    crash in one of its tasks (the slot's span covers the chunk meanwhile).
+    Each chunk's results go back as its last task ends (``stream``, made with
+    ``each``), so a later crash loses none of them. No timeouts, retries or
+    seeds here: such chunks are never joined (Dispatcher._merge).
+    """
+    values: list[Any] = []
+    append = values.append
+    errors: dict[int, BaseException] | None = None
+    i = 0
+    for n, pickled in chunks:
+        slot[P.SLOT_ITEM] = i
+        slot[P.SLOT_SPAN] = n
+        try:
+            items = pickle.loads(pickled)
+        except BaseException as exc:
+            raise _ChunkUnpickleError() from exc
+        slot[P.SLOT_SPAN] = 1
+        end = i + n
+        for item in items:
+            slot[P.SLOT_ITEM] = i
+            if _TAG is not None:
+                _tag_output(_TAG, first_index, i)
+            try:
+                value = fn(item) if star == P.CALL_ONE else fn(*item)
+            except BaseException as exc:
+                value = None
+                if errors is None:
+                    errors = {}
+                errors[i] = P.portable_error(exc, _task_name(first_index, i))
+            append(value)
+            i += 1
+            if stream is not None:
+                stream.add(_result_size(value), values, errors, i, i == end)
+    return values, errors
+
+
+class _ChunkUnpickleError(Exception):
+    """A joined chunk's arguments would not unpickle (see _call_joined); the
+    unpickling error is its ``__cause__``."""
 
 
 def _call_fast(

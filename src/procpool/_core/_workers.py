@@ -40,7 +40,7 @@ class Held(deque["Batch"]):
         super().__init__()
         self.nbytes = 0  # bytes of their pickled arguments (Batch.size)
         self.tasks = 0  # tasks in them
-        self.calls = 0  # of which go one at a time (Dispatcher._held_calls)
+        self.calls = 0  # batches they stand for (Batch.units, Dispatcher._held_calls)
 
     def append(self, batch: Batch) -> None:
         super().append(batch)
@@ -60,10 +60,9 @@ class Held(deque["Batch"]):
         self.nbytes = self.tasks = self.calls = 0
 
     def _count(self, batch: Batch, sign: int) -> None:
-        tasks = len(batch.items)
         self.nbytes += sign * batch.size
-        self.tasks += sign * tasks
-        self.calls += sign * (tasks if batch.calls_apart else 1)
+        self.tasks += sign * len(batch.items)
+        self.calls += sign * batch.units()
 
 
 class Worker:
