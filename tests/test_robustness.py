@@ -376,6 +376,32 @@ def test_chunks_sent_together_are_answered_each_on_its_own() -> None:
     assert "cannot unpickle the task's arguments" in str(error)
 
 
+def test_a_joined_batch_splits_at_any_task_and_keeps_its_chunks() -> None:
+    # After a crash the tasks a worker had not run go back to the queue
+    # (Joined.subset): whole chunks as they were, a chunk cut short pickled
+    # again, still joined where more than one remains.
+    from procpool._core._batch import DEFAULT_POLICY, Batch, CallableRef, Joined
+
+    fn = CallableRef(square)
+    sink = object()
+
+    def chunk(first: int, items: list[int]) -> Batch:
+        return Batch(fn, P.CALL_ONE, items, P.dumps(items), first, sink, DEFAULT_POLICY)  # type: ignore[arg-type]
+
+    parts = [chunk(10, [10, 11]), chunk(12, [12, 13, 14]), chunk(15, [15])]
+    joined = Joined(parts)
+    assert joined.items == list(range(10, 16)) and joined.units() == 3
+    assert [joined.chunk_end(i) for i in range(6)] == [2, 2, 5, 5, 5, 6]
+    tail = joined.subset(1, 6)
+    assert isinstance(tail, Joined) and tail.first_index == 11
+    assert [p.items for p in tail.parts] == [[11], [12, 13, 14], [15]]
+    assert tail.parts[1] is parts[1] and tail.parts[2] is parts[2]
+    assert joined.subset(2, 5) is parts[1]
+    middle = joined.subset(3, 4)
+    assert type(middle) is Batch and middle.items == [13] and middle.first_index == 13
+    assert middle.star == P.CALL_ONE
+
+
 @pytest.mark.parametrize("chunksize", [1, 4])
 @pytest.mark.parametrize("bad", ["raises", "crashes"])
 def test_a_chunk_whose_argument_fails_to_unpickle_costs_what_it_would_alone(

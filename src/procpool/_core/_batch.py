@@ -251,11 +251,12 @@ class Joined(Batch):
 
     The worker unpickles each chunk's own pickle just before running its
     tasks, and sends the chunk's results back as its last task ends (P.JOINED):
-    a chunk whose arguments will not unpickle fails alone, a crash costs what
-    it would have cost the chunk alone, and no chunk's results that were
-    computed die with the worker. For one-task chunks that is what
-    ``chunksize=1`` promises: a crash fails only its own task. Split again (a
-    worker died), it gives back what was not run, the chunks still joined.
+    a chunk whose arguments will not unpickle is tried task by task, as one
+    sent alone (Dispatcher._on_unpickle_failure), a crash costs what it would
+    have cost the chunk alone, and no chunk's results that were computed die
+    with the worker. For one-task chunks that is what ``chunksize=1``
+    promises: a crash fails only its own task. Split again (a worker died), it
+    gives back what was not run, the chunks still joined.
     """
 
     __slots__ = ("parts",)
@@ -299,9 +300,10 @@ class Joined(Batch):
             offset += n
         if len(pieces) == 1:
             return pieces[0]
-        if any(type(piece.payload) is not bytes for piece in pieces):
+        if not pieces or any(type(piece.payload) is not bytes for piece in pieces):
             # A chunk cut short and pickled again went to shared memory, which a
-            # Joined batch does not carry: the tasks go as one chunk instead.
+            # Joined batch does not carry: the tasks go as one chunk instead
+            # (and no tasks as an empty one, as Batch.subset gives).
             items = self.items[start:stop]
             return Batch(
                 self.fn,
