@@ -574,6 +574,24 @@ def test_a_loop_over_imap_can_stop_and_the_rest_comes_by_next_or_another_loop() 
         assert list(it) == [] and list(iter(it)) == []
 
 
+def test_a_paused_loop_over_imap_resumes_after_next_took_later_chunks() -> None:
+    # A loop's generator paused mid-chunk while next(it) pulls past that chunk's
+    # end (into the next chunks, errors among them): when the loop resumes it
+    # carries on from where next() stopped, losing and repeating nothing.
+    with Pool(2) as pool:
+        for chunksize in (1, 7, 64):
+            it = pool.imap(fail_at_3_mod_7, range(300), chunksize, return_exceptions=True)
+            loop, other = iter(it), iter(it)
+            got = [next(loop) for _ in range(5)]
+            got += [next(it) for _ in range(70)]
+            got += [next(other) for _ in range(3)]
+            got += [it.next(timeout=10)]
+            got += list(loop)
+            assert [type(r) if isinstance(r, Exception) else r for r in got] == [
+                ValueError if x % 7 == 3 else x for x in range(300)
+            ]
+
+
 def test_an_ordered_imap_yields_large_results_while_their_batch_runs() -> None:
     # Twelve 50 ms tasks in one batch, 600 KB of result each: their results go
     # ahead in pieces of two, so the first is here long before the last starts.

@@ -8,7 +8,6 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from multiprocessing import TimeoutError as MPTimeoutError
 
 from ._core import _protocol as P
 from ._core._dispatcher import PoolClosedError
@@ -309,7 +308,7 @@ class ProcessPoolExecutor(cf.Executor):
             ordered=True,
             engine=self._runner.engine,
         )
-        return _map_results(it, end)
+        return it._results_until(end, cf.TimeoutError, close=True)
 
     def statistics(self) -> PoolStatistics:
         """Task counts, faults, and how each worker spent its time, as of now."""
@@ -363,15 +362,6 @@ class ProcessPoolExecutor(cf.Executor):
 
     def __repr__(self) -> str:
         return f"<procpool.ProcessPoolExecutor max_workers={self._max_workers}>"
-
-
-def _map_results(it: IMapIterator[T], end: float | None) -> Iterator[T]:
-    try:
-        yield from it._results_until(end)
-    except MPTimeoutError:
-        raise cf.TimeoutError from None
-    finally:
-        it.close()
 
 
 # Public classes say they live in `procpool` (tracebacks, pickles, repr).

@@ -13,6 +13,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from itertools import islice
 from multiprocessing import TimeoutError as MPTimeoutError
+from operator import length_hint
 
 from ._core._batch import CHUNK_BYTES, Batch
 from ._core._generic import Generic, Protocol, TypeVar
@@ -272,6 +273,7 @@ class MapResult(AsyncResult[list[T]]):
 
 
 PROGRESS_POLL_SECONDS = 0.1
+_END: Any = object()  # next()'s default: the chunk being handed out has no value left
 TARGET_BATCH_SECONDS = 0.005
 MAX_CHUNK = 8192
 # Chunks a worker that a fixed chunksize's buffer may hold, when they are short
@@ -316,9 +318,14 @@ class IMapIterator(Iterator[T]):
         self._cond = threading.Condition(threading.Lock())
         self._chunks: dict[int, tuple[list[Any], dict[int, BaseException] | None]] = {}
         self._arrived: deque[tuple[list[Any], dict[int, BaseException] | None]] = deque()
-        # The chunk being handed out: its values not yet returned, last one next
-        # (pop() hands each over without keeping it), and its errors by position.
-        self._ready: list[Any] = []
+        # The chunk being handed out: an iterator over its values, shared by
+        # next(it) and every loop (so each carries on where another stopped), and
+        # its errors by position. A loop hands a chunk's values out with
+        # ``yield from``, in C: 46 against 73 ns a value for a pop() each. The
+        # chunk's list then keeps values the consumer let go until its last is
+        # taken; it held them all on arrival, so the peak is the same (a chunk of
+        # large results arrives in pieces of ~P.PIECE_BYTES, see _core/_worker.py).
+        self._ready: Iterator[Any] = iter(())
         self._errors: dict[int, BaseException] | None = None
         self._chunk_len = 0
         self._taken = 0  # tasks in the chunks taken so far, the current one included
@@ -336,11 +343,12 @@ class IMapIterator(Iterator[T]):
         return self._results_until(None)
 
     def __next__(self) -> T:
-        # next(it) on a chunk without errors (most are): a pop, nothing more.
+        # next(it) on a chunk without errors (most are): one builtin call.
         # Loops do not come here: __iter__ gives them _results_until.
-        ready = self._ready
-        if ready and self._errors is None:
-            return ready.pop()  # type: ignore[no-any-return]
+        if self._errors is None:
+            value = next(self._ready, _END)
+            if value is not _END:
+                return value  # type: ignore[no-any-return]
         return self.next()
 
     def next(self, timeout: float | None = None) -> T:
@@ -350,12 +358,14 @@ class IMapIterator(Iterator[T]):
             multiprocessing.TimeoutError: if no result arrives in time.
             StopIteration: when every result has been returned.
         """
-        if not self._ready and not self._advance(timeout):
-            raise StopIteration
-        value = self._ready.pop()
+        value = next(self._ready, _END)
+        if value is _END:
+            if not self._advance(timeout):
+                raise StopIteration
+            value = next(self._ready)
         errors = self._errors
         if errors is not None:
-            pos = self._chunk_len - len(self._ready) - 1
+            pos = self._chunk_len - length_hint(self._ready) - 1
             exc = errors.pop(pos, None)
             if not errors:
                 self._errors = None
@@ -365,27 +375,44 @@ class IMapIterator(Iterator[T]):
                 raise exc
         return value  # type: ignore[no-any-return]
 
-    def _results_until(self, end: float | None) -> Iterator[T]:
+    def _results_until(
+        self,
+        end: float | None,
+        timeout_error: type[Exception] = MPTimeoutError,
+        close: bool = False,
+    ) -> Iterator[T]:
         """Every result in turn, each wait ending by ``end`` (``time.monotonic()``).
 
         What loops over this iterator (``__iter__``) and ``Executor.map`` use:
-        the results of a chunk without errors go out without a method call each.
+        the results of a chunk without errors go out with ``yield from``, in C.
+        A wait that ends by ``end`` raises ``timeout_error``, and ``close`` closes
+        this iterator as the generator ends, is closed or is collected: the
+        executor's ``map`` needs both, and one generator instead of one around
+        another saves ~30 ns a value.
         """
-        while True:
-            ready = self._ready
-            if not ready:
-                remaining = None if end is None else max(0.0, end - time.monotonic())
-                if not self._advance(remaining):
-                    return
-            elif self._errors is None:
-                while ready:
-                    yield ready.pop()  # no local keeps a result the consumer let go
-            else:
-                yield self.next()  # this chunk has results left: never StopIteration
+        try:
+            while True:
+                if self._errors is None:
+                    yield from self._ready
+                    if self._errors is not None or length_hint(self._ready):
+                        continue  # next(it) took the next chunk while this loop waited
+                    remaining = None if end is None else max(0.0, end - time.monotonic())
+                    try:
+                        if not self._advance(remaining):
+                            return
+                    except MPTimeoutError:
+                        if timeout_error is MPTimeoutError:
+                            raise
+                        raise timeout_error from None
+                else:
+                    yield self.next()  # this chunk has values left: never StopIteration
+        finally:
+            if close:
+                self.close()
 
     @property
     def _yielded(self) -> int:
-        return self._taken - len(self._ready)
+        return self._taken - length_hint(self._ready)
 
     def close(self) -> None:
         """Stop reading the input; tasks not yet started are dropped."""
@@ -411,7 +438,7 @@ class IMapIterator(Iterator[T]):
                 refuse_own_thread(self._engine, remaining)
                 self._cond.wait(remaining)
         values, errors = chunk
-        self._ready = values[::-1]
+        self._ready = iter(values)
         self._errors = errors or None
         self._chunk_len = len(values)
         self._taken += len(values)
