@@ -24,10 +24,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench.measure import figure_in_fresh_process
 
 HERE = Path(__file__).resolve().parent
 PATTERNS = ("burn25", "sleep10", "spin1", "tiny")
@@ -85,18 +86,8 @@ def main() -> None:
                 for name, src in engines.items():
                     path = [src, *filter(None, [os.environ.get("PYTHONPATH")])]
                     env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
-                    out = subprocess.run(
-                        [sys.executable, __file__, "--one", pattern, str(workers)],
-                        env=env,
-                        capture_output=True,
-                        text=True,
-                        timeout=300,
-                    )
-                    if out.returncode != 0:
-                        print(out.stderr, file=sys.stderr)
-                        figures[name].append(float("nan"))
-                    else:
-                        figures[name].append(float(out.stdout.split()[-1]))
+                    argv = [__file__, "--one", pattern, str(workers)]
+                    figures[name].append(figure_in_fresh_process(argv, env))
             unit = {"tiny": "tasks/s", "burn25": "s"}.get(pattern, "x ideal")
             for name, values in figures.items():
                 shown = " ".join(f"{v:.4g}" for v in values)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -113,3 +115,15 @@ def call_with_timeout(fn: Callable[[], Any], timeout_s: float) -> Outcome:
     thread.start()
     thread.join(timeout_s)
     return box[0] if box else Outcome("hang")
+
+
+def figure_in_fresh_process(argv: list[str], env: dict[str, str] | None = None) -> float:
+    """Run ``python argv...`` and return the last number it printed; NaN (with its
+    error output shown) if it failed. The side-by-side scripts' one measurement."""
+    out = subprocess.run(
+        [sys.executable, *argv], env=env, capture_output=True, text=True, timeout=300
+    )
+    if out.returncode != 0:
+        print(out.stderr, file=sys.stderr)
+        return float("nan")
+    return float(out.stdout.split()[-1])
