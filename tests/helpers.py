@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import time
 from collections.abc import Callable
 
@@ -273,6 +274,25 @@ def counted_square_or_exit(x: int) -> int:
     result = counted_square(x)
     if x < 0:
         os._exit(7)
+    return result
+
+
+def counted_fault(task: tuple[int, str]) -> int:
+    """Run task ``(i, kind)`` after counted_square(i) wrote its line: ``"ok"`` gives
+    ``i * i``, ``"slow"`` spins 2 ms first, ``"raise"`` raises ValueError, ``"exit"``
+    ends the worker (os._exit), ``"kill"`` SIGKILLs it."""
+    i, kind = task
+    result = counted_square(i)
+    if kind == "exit":
+        os._exit(3)
+    elif kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif kind == "raise":
+        raise ValueError(i)
+    elif kind == "slow":
+        end = time.perf_counter() + 0.002
+        while time.perf_counter() < end:
+            pass
     return result
 
 

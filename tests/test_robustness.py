@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import multiprocessing
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -35,6 +36,7 @@ from tests.helpers import (
     SleepsWhenUnpickled,
     blob,
     count_onto_kept_queue,
+    counted_fault,
     counted_square,
     counted_square_or_exit,
     echo_bytes,
@@ -267,6 +269,81 @@ def test_a_worker_holds_several_short_chunks_and_a_crash_costs_only_its_own(sent
     assert isinstance(outcomes[300], WorkerCrashedError)
     assert max(sent.chunks) > _dispatcher.WINDOW, "no worker held more than a window of chunks"
     assert any(sent.joined), "no chunks went together"
+
+
+@pytest.mark.parametrize("seed", range(120))
+def test_random_faults_in_small_chunks_cost_each_chunk_only_its_own(
+    seed: int, tmp_path: Path
+) -> None:
+    # Crashes (os._exit, SIGKILL), exceptions and 2 ms tasks scattered at random
+    # among tiny ones, run as small chunks (which go to a worker several at a
+    # time, see the tests above) or single calls, through map, imap,
+    # imap_unordered and apply_async, with options that change the paths taken.
+    # Every task runs exactly once (none is rerun: no retries=); a task that
+    # did not fail itself fails only because a later task of its own chunk (or,
+    # for calls, of the calls sent with it) took its result down with the worker.
+    rng = random.Random(seed)
+    n = rng.choice([300, 1_000, 2_000])
+    chunksize = rng.choice([1, 2, 3, 7])
+    method = ["map", "imap", "imap_unordered", "apply_async"][seed % 4]
+    failing = rng.choice([0.003, 0.01])
+    options = rng.choice([{}, {"maxtasksperchild": 50}, {"context": "fork"}, {"task_timeout": 30}])
+    kinds = [
+        rng.choices(["exit", "kill", "raise", "slow", "ok"], [failing] * 3 + [0.05, 1])[0]
+        for _ in range(n)
+    ]
+    tasks = list(enumerate(kinds))
+    runs = tmp_path / "runs"
+    with Pool(
+        rng.choice([1, 2, 3]), initializer=keep_barrier, initargs=(str(runs),), **options
+    ) as pool:
+        if method == "apply_async":
+            chunksize, pending = 1, [pool.apply_async(counted_fault, (t,)) for t in tasks]
+            outcomes: list[Any] = []
+            for result in pending:
+                try:
+                    outcomes.append(result.get(timeout=60))
+                except Exception as exc:
+                    outcomes.append(exc)
+        elif method == "map":
+            outcomes = pool.map(counted_fault, tasks, chunksize, return_exceptions=True)
+        else:
+            call = getattr(pool, method)
+            outcomes = list(call(counted_fault, tasks, chunksize, return_exceptions=True))
+        assert pool.apply(square, (7,)) == 49
+    ran = collections.Counter(int(line) for line in runs.read_text().split())
+    assert all(ran[i] == 1 for i in range(n)), "a task ran twice, or not at all"
+    assert len(outcomes) == n
+    fatal = {"exit", "kill"}
+    if method == "imap_unordered":
+        # Outcomes come in any order: count them.
+        values = sorted(o for o in outcomes if not isinstance(o, BaseException))
+        assert set(values) <= {i * i for i, k in tasks if k in ("ok", "slow")}
+        assert len(set(values)) == len(values)
+        crashed = sum(isinstance(o, WorkerCrashedError) for o in outcomes)
+        assert sum(isinstance(o, ValueError) for o in outcomes) <= kinds.count("raise")
+        assert crashed >= sum(k in fatal for k in kinds)
+        if chunksize == 1:
+            assert crashed == sum(k in fatal for k in kinds)
+        return
+    taken_down = 0
+    for i, (kind, outcome) in enumerate(zip(kinds, outcomes)):
+        if kind in fatal:
+            assert isinstance(outcome, WorkerCrashedError), (i, kind, outcome)
+        elif isinstance(outcome, WorkerCrashedError):
+            assert outcome.ran_to_completion, (i, kind, outcome)
+            taken_down += 1
+            if method != "apply_async":  # a later task of its chunk crashed
+                end = (i // chunksize + 1) * chunksize
+                assert any(k in fatal for k in kinds[i + 1 : end]), (i, kind, outcome)
+            else:  # calls sent together are not always neighbours: count them
+                assert "a call sent with it was running" in str(outcome), (i, outcome)
+        elif kind == "raise":
+            assert isinstance(outcome, ValueError), (i, kind, outcome)
+        else:
+            assert outcome == i * i, (i, kind, outcome)
+    reach = _dispatcher.BURST if method == "apply_async" else chunksize
+    assert taken_down <= (reach - 1) * sum(k in fatal for k in kinds)
 
 
 def test_a_default_socket_timeout_does_not_cut_the_pools_pipes() -> None:

@@ -1248,17 +1248,21 @@ class Dispatcher(DirectPath):
         self._replenish()
 
     def _drain_messages(self, worker: Worker) -> None:
-        try:
-            while worker.conn.poll():
+        """Handle what a worker that exited sent and the pool had not read yet.
+
+        Every kind of message, READY too: a worker that reported ready and then
+        died in its first task, before the pool read that report, was taken for
+        one that died in the initializer, and the whole pool broke with
+        InitializerError (seen under random crashes in small chunks).
+        """
+        while True:
+            try:
+                if not worker.conn.poll():
+                    return
                 msg = P.recv(worker.conn)
-                if msg[0] == P.RESULTS:
-                    self._on_results(worker, msg)
-                elif msg[0] == P.PARTIAL:
-                    self._on_partial(worker, msg)
-                elif msg[0] == P.INIT_FAILED:
-                    self._on_init_failed(msg[1], msg[2])
-        except (EOFError, OSError):
-            pass
+            except (EOFError, OSError):
+                return
+            self._handle(worker, msg)
 
     def _bury(self, worker: Worker) -> int | None:
         """Forget a worker that has exited, reap it, and return its exit code."""
