@@ -56,6 +56,14 @@ def stamped_blob(nbytes: int) -> tuple[float, bytes]:
     return started, b"x" * nbytes
 
 
+def blob_or_sleep(x: int) -> bytes:
+    """``x`` bytes for a positive ``x``; else sleep ``-x`` seconds and return none."""
+    if x > 0:
+        return b"x" * x
+    time.sleep(-x)
+    return b""
+
+
 class SlowToPickle:
     """Takes ``seconds`` to pickle; unpickles as the string "pickled"."""
 

@@ -23,7 +23,15 @@ from procpool import (
     WorkerCrashedError,
 )
 from procpool import testing as crash
-from tests.helpers import big_then_slow_to_pickle, blob, counted_sleep, keep_barrier, square
+from procpool._core._dispatcher import PoolClosedError
+from tests.helpers import (
+    big_then_slow_to_pickle,
+    blob,
+    blob_or_sleep,
+    counted_sleep,
+    keep_barrier,
+    square,
+)
 
 # (id, function, args, pool options, expected type, message pattern)
 TASK_ROWS: list[tuple[str, Callable[..., Any], tuple[Any, ...], dict[str, Any], type, str]] = [
@@ -277,6 +285,25 @@ def test_results_sent_ahead_keep_errors_and_retries_in_place() -> None:
     assert isinstance(out[1], ResultSerializationError) and "result of task 1 " in str(out[1])
     assert isinstance(out[3], crash.CrasherError) and "task 3 says no" in str(out[3])
     assert out[6:] == ["second try", 49]
+
+
+def test_terminate_fails_only_what_a_batch_had_not_sent_ahead() -> None:
+    # Tasks 0 and 1 return 1.2 MB each: their results go ahead of their batch,
+    # and the first has reached the caller when the pool is terminated while
+    # task 2 sleeps. terminate() failed the whole batch again, results sent ahead
+    # included: imap then waited forever for task 2, and a map's result (which
+    # counts its tasks down) passed zero and was never ready.
+    pool = Pool(1)
+    try:
+        it = pool.imap(blob_or_sleep, [1_200_000, 1_200_000, -30], chunksize=3)
+        assert it.next(timeout=30) == b"x" * 1_200_000
+    finally:
+        pool.terminate()
+    assert it.next(timeout=10) == b"x" * 1_200_000
+    with pytest.raises(PoolClosedError, match="terminated"):
+        it.next(timeout=10)
+    with pytest.raises(StopIteration):
+        it.next(timeout=10)
 
 
 def test_sigkill_from_outside_fails_only_that_worker_s_task(tmp_path: Any) -> None:

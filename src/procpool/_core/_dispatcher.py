@@ -1765,13 +1765,17 @@ class Dispatcher(DirectPath):
             close()
 
     def _fail_everything(self, exc: BaseException) -> None:
+        """Fail every task not answered yet. Of a batch that sent results ahead
+        (P.PARTIAL: large results, a Joined batch's chunks, calls sent together),
+        only the tasks after them: failing those again delivered them twice, and a
+        result counting down its tasks (MapResult) passed zero and never ended."""
         pending, self._pending = list(self._pending), deque()
         for batch in pending:
-            batch.fail(0, len(batch.items), exc)
+            batch.fail(batch.done, len(batch.items), exc)
         for worker in self._workers.values():
             while worker.inflight:
                 batch = worker.inflight.popleft()
-                batch.fail(0, len(batch.items), exc)
+                batch.fail(batch.done, len(batch.items), exc)
 
     @staticmethod
     def _pickle_initializer(
