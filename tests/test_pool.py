@@ -9,13 +9,13 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from procpool import Pool, RemoteTraceback, SerializationError
+from procpool import Pool, ProcessPoolExecutor, RemoteTraceback, SerializationError
 from procpool._core import _dispatcher
 from procpool._core._slot import Slot
 from procpool.testing import Unpicklable, return_unpicklable
@@ -590,6 +590,38 @@ def test_a_paused_loop_over_imap_resumes_after_next_took_later_chunks() -> None:
             assert [type(r) if isinstance(r, Exception) else r for r in got] == [
                 ValueError if x % 7 == 3 else x for x in range(300)
             ]
+
+
+@pytest.mark.parametrize("chunksize", [1, 4, None])
+def test_an_input_that_raises_ends_imap_in_its_place_and_loses_no_item_read(
+    chunksize: int | None,
+) -> None:
+    # Items 0..36 come, then the input itself raises. Those read before it run,
+    # the ones of the chunk being read included (the standard library's imap
+    # drops that chunk), and the error comes in the place of item 37.
+    def items() -> Iterator[int]:
+        yield from range(37)
+        raise KeyError("input broke")
+
+    expected = [x * x for x in range(37)]
+    with Pool(2) as pool:
+        got = []
+        with pytest.raises(KeyError, match="input broke"):
+            for r in pool.imap(square, items(), chunksize):
+                got.append(r)
+        assert got == expected
+        out = list(pool.imap(square, items(), chunksize, return_exceptions=True))
+        assert out[:37] == expected and isinstance(out[37], KeyError) and len(out) == 38
+        unordered = list(pool.imap_unordered(square, items(), chunksize, return_exceptions=True))
+        assert sorted(r for r in unordered if not isinstance(r, KeyError)) == expected
+        assert sum(isinstance(r, KeyError) for r in unordered) == 1 and len(unordered) == 38
+        assert pool.map(square, range(3)) == [0, 1, 4]
+    with ProcessPoolExecutor(2) as executor:
+        got = []
+        with pytest.raises(KeyError, match="input broke"):
+            for r in executor.map(square, items(), chunksize=chunksize):
+                got.append(r)
+        assert got == expected
 
 
 def test_an_ordered_imap_yields_large_results_while_their_batch_runs() -> None:

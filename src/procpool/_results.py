@@ -461,11 +461,11 @@ class IMapIterator(Iterator[T]):
             if room < self._chunksize and self._submitted > self._yielded:
                 return
             start = self._submitted
+            items: list[Any] = []
             try:
-                items = list(islice(self._input, self._chunksize))
+                items.extend(islice(self._input, self._chunksize))
             except BaseException as exc:
-                self._end_input(start + 1)
-                self.deliver(start, [None], {0: exc})
+                self._input_failed(start, items, exc)
                 return
             if not items:
                 self._end_input(start)
@@ -477,6 +477,25 @@ class IMapIterator(Iterator[T]):
                 self._end_input(start + len(items))
                 self.deliver(start, [None] * len(items), dict.fromkeys(range(len(items)), exc))
                 return
+
+    def _input_failed(self, start: int, items: list[Any], exc: BaseException) -> None:
+        """Reading the input raised ``exc`` after ``items`` of a chunk from ``start``.
+
+        Those items still run, as a chunk of their own, and the error takes the
+        place of the item that failed, where the input ends: nothing read is
+        dropped (the standard library's ``imap`` drops the chunk being read).
+        ``list.extend`` keeps what it appended before its iterator raised.
+        """
+        failed_at = start + len(items)
+        self._end_input(failed_at + 1)
+        if items:
+            try:
+                self._submit(items, start, self)
+            except BaseException as submit_exc:
+                self.deliver(
+                    start, [None] * len(items), dict.fromkeys(range(len(items)), submit_exc)
+                )
+        self.deliver(failed_at, [None], {0: exc})
 
     def _buffer_for(self, chunksize: int) -> int:
         if self._fixed_buffer is not None:
