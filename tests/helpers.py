@@ -7,6 +7,9 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from typing import Any
+
+from procpool.testing import Unpicklable
 
 
 def square(x: int) -> int:
@@ -285,10 +288,11 @@ def counted_square_or_exit(x: int) -> int:
     return result
 
 
-def counted_fault(task: tuple[int, str]) -> int:
+def counted_fault(task: tuple[int, str]) -> Any:
     """Run task ``(i, kind)`` after counted_square(i) wrote its line: ``"ok"`` gives
     ``i * i``, ``"slow"`` spins 2 ms first, ``"raise"`` raises ValueError, ``"exit"``
-    ends the worker (os._exit), ``"kill"`` SIGKILLs it."""
+    ends the worker (os._exit), ``"kill"`` SIGKILLs it, ``"big"`` returns 700 KB,
+    ``"unpicklable"`` a result that cannot be pickled, ``"hang"`` sleeps a minute."""
     i, kind = task
     result = counted_square(i)
     if kind == "exit":
@@ -301,7 +305,23 @@ def counted_fault(task: tuple[int, str]) -> int:
         end = time.perf_counter() + 0.002
         while time.perf_counter() < end:
             pass
+    elif kind == "big":
+        return b"x" * 700_000
+    elif kind == "unpicklable":
+        return Unpicklable()
+    elif kind == "hang":
+        time.sleep(60)
     return result
+
+
+def failing_initializer(log: str, failing_from: int) -> None:
+    """keep_barrier(log); then raise in the ``failing_from``-th worker that starts,
+    and in every later one (they count themselves in ``log + ".init"``)."""
+    keep_barrier(log)
+    with open(log + ".init", "a") as starts:
+        starts.write("x")
+    if os.path.getsize(log + ".init") >= failing_from:
+        raise RuntimeError("the initializer fails from now on")
 
 
 def family_after_barrier(_: object = None) -> tuple[int, int | None]:
