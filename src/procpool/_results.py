@@ -13,7 +13,6 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from itertools import islice
 from multiprocessing import TimeoutError as MPTimeoutError
-from operator import length_hint
 
 from ._core._batch import CHUNK_BYTES, Batch
 from ._core._generic import Generic, Protocol, TypeVar
@@ -273,7 +272,6 @@ class MapResult(AsyncResult[list[T]]):
 
 
 PROGRESS_POLL_SECONDS = 0.1
-_END: Any = object()  # next()'s default: the chunk being handed out has no value left
 TARGET_BATCH_SECONDS = 0.005
 MAX_CHUNK = 8192
 # Chunks a worker that a fixed chunksize's buffer may hold, when they are short
@@ -318,14 +316,12 @@ class IMapIterator(Iterator[T]):
         self._cond = threading.Condition(threading.Lock())
         self._chunks: dict[int, tuple[list[Any], dict[int, BaseException] | None]] = {}
         self._arrived: deque[tuple[list[Any], dict[int, BaseException] | None]] = deque()
-        # The chunk being handed out: an iterator over its values, shared by
-        # next(it) and every loop (so each carries on where another stopped), and
-        # its errors by position. A loop hands a chunk's values out with
-        # ``yield from``, in C: 46 against 73 ns a value for a pop() each. The
-        # chunk's list then keeps values the consumer let go until its last is
-        # taken; it held them all on arrival, so the peak is the same (a chunk of
-        # large results arrives in pieces of ~P.PIECE_BYTES, see _core/_worker.py).
-        self._ready: Iterator[Any] = iter(())
+        # The chunk being handed out: its values not yet returned, last one next
+        # (pop() hands each over without keeping it: an iterator must not keep a
+        # result the consumer let go, as CPython's test_free_reference checks;
+        # ``yield from`` a list, 46 against 73 ns a value, would), and its
+        # errors by position.
+        self._ready: list[Any] = []
         self._errors: dict[int, BaseException] | None = None
         self._chunk_len = 0
         self._taken = 0  # tasks in the chunks taken so far, the current one included
@@ -343,12 +339,11 @@ class IMapIterator(Iterator[T]):
         return self._results_until(None)
 
     def __next__(self) -> T:
-        # next(it) on a chunk without errors (most are): one builtin call.
+        # next(it) on a chunk without errors (most are): a pop, nothing more.
         # Loops do not come here: __iter__ gives them _results_until.
-        if self._errors is None:
-            value = next(self._ready, _END)
-            if value is not _END:
-                return value  # type: ignore[no-any-return]
+        ready = self._ready
+        if ready and self._errors is None:
+            return ready.pop()  # type: ignore[no-any-return]
         return self.next()
 
     def next(self, timeout: float | None = None) -> T:
@@ -358,14 +353,12 @@ class IMapIterator(Iterator[T]):
             multiprocessing.TimeoutError: if no result arrives in time.
             StopIteration: when every result has been returned.
         """
-        value = next(self._ready, _END)
-        if value is _END:
-            if not self._advance(timeout):
-                raise StopIteration
-            value = next(self._ready)
+        if not self._ready and not self._advance(timeout):
+            raise StopIteration
+        value = self._ready.pop()
         errors = self._errors
         if errors is not None:
-            pos = self._chunk_len - length_hint(self._ready) - 1
+            pos = self._chunk_len - len(self._ready) - 1
             exc = errors.pop(pos, None)
             if not errors:
                 self._errors = None
@@ -384,7 +377,7 @@ class IMapIterator(Iterator[T]):
         """Every result in turn, each wait ending by ``end`` (``time.monotonic()``).
 
         What loops over this iterator (``__iter__``) and ``Executor.map`` use:
-        the results of a chunk without errors go out with ``yield from``, in C.
+        the results of a chunk without errors go out without a method call each.
         A wait that ends by ``end`` raises ``timeout_error``, and ``close`` closes
         this iterator as the generator ends, is closed or is collected: the
         executor's ``map`` needs both, and one generator instead of one around
@@ -392,10 +385,8 @@ class IMapIterator(Iterator[T]):
         """
         try:
             while True:
-                if self._errors is None:
-                    yield from self._ready
-                    if self._errors is not None or length_hint(self._ready):
-                        continue  # next(it) took the next chunk while this loop waited
+                ready = self._ready
+                if not ready:
                     remaining = None if end is None else max(0.0, end - time.monotonic())
                     try:
                         if not self._advance(remaining):
@@ -404,15 +395,18 @@ class IMapIterator(Iterator[T]):
                         if timeout_error is MPTimeoutError:
                             raise
                         raise timeout_error from None
+                elif self._errors is None:
+                    while ready:
+                        yield ready.pop()  # no local keeps a result the consumer let go
                 else:
-                    yield self.next()  # this chunk has values left: never StopIteration
+                    yield self.next()  # this chunk has results left: never StopIteration
         finally:
             if close:
                 self.close()
 
     @property
     def _yielded(self) -> int:
-        return self._taken - length_hint(self._ready)
+        return self._taken - len(self._ready)
 
     def close(self) -> None:
         """Stop reading the input; tasks not yet started are dropped."""
@@ -438,7 +432,7 @@ class IMapIterator(Iterator[T]):
                 refuse_own_thread(self._engine, remaining)
                 self._cond.wait(remaining)
         values, errors = chunk
-        self._ready = iter(values)
+        self._ready = values[::-1]
         self._errors = errors or None
         self._chunk_len = len(values)
         self._taken += len(values)
@@ -481,11 +475,17 @@ class IMapIterator(Iterator[T]):
     def _input_failed(self, start: int, items: list[Any], exc: BaseException) -> None:
         """Reading the input raised ``exc`` after ``items`` of a chunk from ``start``.
 
-        Those items still run, as a chunk of their own, and the error takes the
-        place of the item that failed, where the input ends: nothing read is
-        dropped (the standard library's ``imap`` drops the chunk being read).
+        The input ends there. With the adaptive chunk size (the default) those
+        items still run, as a chunk of their own, and the error takes the place
+        of the item that failed: what the standard library's ``imap`` does with
+        its default ``chunksize=1``. With an explicit ``chunksize`` the error
+        takes the place of the chunk being read, and its items do not run, as
+        in the standard library (its own test_imap_handle_iterable_exception
+        pins that: "SayWhenError seen at start of problematic chunk's results").
         ``list.extend`` keeps what it appended before its iterator raised.
         """
+        if not self._adaptive:
+            items = []
         failed_at = start + len(items)
         self._end_input(failed_at + 1)
         if items:
