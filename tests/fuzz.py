@@ -55,7 +55,12 @@ sys.path[:0] = [
 import procpool  # noqa: E402
 from procpool import SerializationError, TaskTimeoutError, WorkerCrashedError  # noqa: E402
 from procpool._core import _dispatcher  # noqa: E402
-from tests.helpers import counted_fault, failing_initializer, keep_barrier  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    counted_fault,
+    failing_initializer,
+    keep_barrier,
+    outcomes_of,
+)
 
 FATAL = {"exit", "kill", "hang"}
 RUNS_TASKS = ("map", "imap", "imap_unordered", "apply_async", "submit", "executor_map")
@@ -73,17 +78,6 @@ def _runs(log: Path) -> collections.Counter[int]:
     if not log.exists():
         return collections.Counter()
     return collections.Counter(int(line) for line in log.read_text().split())
-
-
-def _outcomes(results: list[Any], limit: float = 120.0) -> list[Any]:
-    end = time.monotonic() + limit
-    out: list[Any] = []
-    for result in results:
-        try:
-            out.append(result.get(max(0.0, end - time.monotonic())))
-        except Exception as exc:
-            out.append(exc)
-    return out
 
 
 def _check_outcomes(kinds: list[str], out: list[Any], chunksize: int, calls: bool) -> list[Any]:
@@ -144,7 +138,7 @@ def run_tasks(rng: random.Random, scenario: str, log: Path, workers: int) -> lis
             if scenario == "map":
                 out = pool.map(counted_fault, tasks, chunksize, return_exceptions=True)
             elif scenario == "apply_async":
-                out = _outcomes([pool.apply_async(counted_fault, (t,)) for t in tasks])
+                out = outcomes_of([pool.apply_async(counted_fault, (t,)) for t in tasks])
             else:
                 call = getattr(pool, scenario)
                 out = list(call(counted_fault, tasks, chunksize, return_exceptions=True))
@@ -168,7 +162,7 @@ def run_tasks(rng: random.Random, scenario: str, log: Path, workers: int) -> lis
 
 
 def _ready_soon(results: list[Any], seconds: float) -> list[int]:
-    _outcomes(results, seconds)
+    outcomes_of(results, seconds)
     return [i for i, r in enumerate(results) if not r.ready()]
 
 

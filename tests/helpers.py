@@ -314,6 +314,19 @@ def counted_fault(task: tuple[int, str]) -> Any:
     return result
 
 
+def outcomes_of(results: list[Any], limit: float = 120.0) -> list[Any]:
+    """Each result's value, or the exception its ``get()`` raised, all within
+    ``limit`` seconds (a result still waiting then gives its TimeoutError)."""
+    end = time.monotonic() + limit
+    outcomes: list[Any] = []
+    for result in results:
+        try:
+            outcomes.append(result.get(max(0.0, end - time.monotonic())))
+        except Exception as exc:
+            outcomes.append(exc)
+    return outcomes
+
+
 def failing_initializer(log: str, failing_from: int) -> None:
     """keep_barrier(log); then raise in the ``failing_from``-th worker that starts,
     and in every later one (they count themselves in ``log + ".init"``)."""

@@ -44,6 +44,7 @@ from tests.helpers import (
     keep_barrier,
     kill_self,
     nested_map,
+    outcomes_of,
     sleep_return,
     square,
     square_or_exit,
@@ -190,7 +191,7 @@ def test_a_worker_that_dies_among_calls_sent_together_loses_no_call_unannounced(
         assert pool.map(counted_square_or_exit, range(64), chunksize=1) == [
             i * i for i in range(64)
         ]
-        outcomes = _outcomes([pool.apply_async(counted_square_or_exit, (x,)) for x in arguments])
+        outcomes = outcomes_of([pool.apply_async(counted_square_or_exit, (x,)) for x in arguments])
         assert pool.apply(square, (7,)) == 49
     ran_here = [int(line) for line in runs.read_text().split()][64:]  # after the map's
     assert len(ran_here) == len(set(ran_here)), "a call ran twice"
@@ -265,17 +266,6 @@ def test_a_worker_holds_several_short_chunks_and_a_crash_costs_only_its_own(sent
     assert any(sent.joined), "no chunks went together"
 
 
-def _outcomes(results: list[Any]) -> list[Any]:
-    """Each result's value, or the exception its get() raised."""
-    outcomes: list[Any] = []
-    for result in results:
-        try:
-            outcomes.append(result.get(timeout=60))
-        except Exception as exc:
-            outcomes.append(exc)
-    return outcomes
-
-
 @pytest.mark.parametrize("seed", range(16))
 def test_random_faults_in_small_chunks_cost_each_chunk_only_its_own(
     seed: int, tmp_path: Path
@@ -304,7 +294,7 @@ def test_random_faults_in_small_chunks_cost_each_chunk_only_its_own(
     ) as pool:
         if method == "apply_async":
             chunksize = 1
-            outcomes = _outcomes([pool.apply_async(counted_fault, (t,)) for t in tasks])
+            outcomes = outcomes_of([pool.apply_async(counted_fault, (t,)) for t in tasks])
         elif method == "map":
             outcomes = pool.map(counted_fault, tasks, chunksize, return_exceptions=True)
         else:

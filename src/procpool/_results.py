@@ -465,12 +465,19 @@ class IMapIterator(Iterator[T]):
                 self._end_input(start)
                 return
             self._submitted += len(items)
-            try:
-                self._submit(items, start, self)
-            except BaseException as exc:
+            if not self._send(items, start):
                 self._end_input(start + len(items))
-                self.deliver(start, [None] * len(items), dict.fromkeys(range(len(items)), exc))
                 return
+
+    def _send(self, items: list[Any], start: int) -> bool:
+        """Submit the chunk of ``items`` from ``start``; if that raises, its tasks
+        fail with the error, and False says so (runs on the consumer's thread)."""
+        try:
+            self._submit(items, start, self)
+        except BaseException as exc:
+            self.deliver(start, [None] * len(items), dict.fromkeys(range(len(items)), exc))
+            return False
+        return True
 
     def _input_failed(self, start: int, items: list[Any], exc: BaseException) -> None:
         """Reading the input raised ``exc`` after ``items`` of a chunk from ``start``.
@@ -489,12 +496,7 @@ class IMapIterator(Iterator[T]):
         failed_at = start + len(items)
         self._end_input(failed_at + 1)
         if items:
-            try:
-                self._submit(items, start, self)
-            except BaseException as submit_exc:
-                self.deliver(
-                    start, [None] * len(items), dict.fromkeys(range(len(items)), submit_exc)
-                )
+            self._send(items, start)
         self.deliver(failed_at, [None], {0: exc})
 
     def _buffer_for(self, chunksize: int) -> int:
