@@ -10,12 +10,15 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import psutil
 import pytest
 
-from procpool import Pool, ProcessPoolExecutor, TaskTimeoutError, WorkerCrashedError
+from procpool import IMapIterator, Pool, ProcessPoolExecutor, TaskTimeoutError, WorkerCrashedError
 from procpool import testing as crash
+from procpool._core._dispatcher import PoolClosedError
 from tests.helpers import fail_on, pid, slow_square, square
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -196,6 +199,75 @@ def test_a_fixed_chunksize_buffer_deepens_only_for_short_small_chunks() -> None:
     it = make(buffersize=30)  # the caller's own buffer is kept
     it.observe(10, 10e-6, 40)
     assert it._buffersize == 30
+
+
+def _recording_iterator(
+    calls: list[tuple[int, list[int]]],
+    items: Iterable[int],
+    buffersize: int | None = None,
+    fail_from_call: int | None = None,
+) -> IMapIterator[int]:
+    """An imap iterator over ``items`` in chunks of 1 whose submits are recorded
+    in ``calls`` as (first task, chunk lengths); from call ``fail_from_call`` on
+    they raise, as a pool's submit does once the pool is closed."""
+
+    def submit(chunks: list[list[int]], first: int, sink: object) -> list[Any]:
+        calls.append((first, [len(c) for c in chunks]))
+        if fail_from_call is not None and len(calls) >= fail_from_call:
+            raise PoolClosedError("Pool not running")
+        return []
+
+    return IMapIterator(submit, items, 1, buffersize, workers=2, ordered=True)
+
+
+def test_a_fixed_chunksize_refills_its_buffer_in_bursts() -> None:
+    # The first chunk goes at once (the workers wait for it), the rest of the
+    # buffer (16 chunks of 1 for 2 workers) in one submit; then nothing until
+    # half the buffer has come back, and again one submit to fill it.
+    calls: list[tuple[int, list[int]]] = []
+    it = _recording_iterator(calls, iter(range(1000)))
+    assert calls == [(0, [1]), (1, [1] * 15)]
+    for i in range(16):
+        it.deliver(i, [i * i], None)
+    assert [next(it) for _ in range(8)] == [i * i for i in range(8)]
+    assert len(calls) == 2  # 8 still out of 16: no refill yet
+    assert next(it) == 64
+    assert calls[2] == (16, [1] * 8)
+
+
+def test_a_burst_does_not_wait_for_a_slow_input() -> None:
+    # Each item takes 3 ms to read, past BURST_WAIT_S: every chunk is sent as
+    # soon as it is read, not held for the rest of its burst.
+    from procpool._results import BURST_WAIT_S
+
+    def slow() -> Iterator[int]:
+        for i in range(12):
+            time.sleep(3 * BURST_WAIT_S)
+            yield i
+
+    calls: list[tuple[int, list[int]]] = []
+    it = _recording_iterator(calls, slow(), buffersize=4)
+    for i in range(4):
+        it.deliver(i, [i], None)
+    assert [next(it) for _ in range(3)] == [0, 1, 2]
+    assert calls and all(lengths == [1] for _, lengths in calls), calls
+
+
+def test_a_burst_that_cannot_be_submitted_fails_its_tasks_and_ends_the_input() -> None:
+    calls: list[tuple[int, list[int]]] = []
+    it = _recording_iterator(calls, iter(range(1000)), fail_from_call=2)
+    assert calls == [(0, [1]), (1, [1] * 15)]
+    it.deliver(0, [0], None)
+    outcomes: list[object] = []
+    for _ in range(17):
+        try:
+            outcomes.append(next(it))
+        except PoolClosedError as exc:
+            outcomes.append(exc)
+        except StopIteration:
+            break
+    assert outcomes[0] == 0
+    assert len(outcomes) == 16 and all(isinstance(o, PoolClosedError) for o in outcomes[1:])
 
 
 MEMORY_SCRIPT = """

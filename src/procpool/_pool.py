@@ -301,7 +301,7 @@ class Pool:
         result.progress = self._reporter(progress, len(items))
         for start in range(0, len(items), chunksize):
             chunk = items[start : start + chunksize]  # a new list already, for a list
-            submit(chunk if type(chunk) is list else list(chunk), start, result)
+            submit([chunk if type(chunk) is list else list(chunk)], start, result)
         return result
 
     def _imap(

@@ -277,6 +277,10 @@ MAX_CHUNK = 8192
 # Chunks a worker that a fixed chunksize's buffer may hold, when they are short
 # (see IMapIterator._deepen): the dispatcher lets a worker hold up to 16.
 FIXED_AHEAD_CHUNKS = 32
+# The longest an imap's refill holds chunks read from its input before sending
+# them (see IMapIterator._top_up): an input that is slow to read must not keep
+# the workers waiting for a whole burst.
+BURST_WAIT_S = 0.001
 
 
 class IMapIterator(Iterator[T]):
@@ -289,7 +293,7 @@ class IMapIterator(Iterator[T]):
 
     def __init__(
         self,
-        submit: Callable[[list[Any], int, IMapIterator[T]], list[Batch]],
+        submit: Callable[[list[list[Any]], int, IMapIterator[T]], list[Batch]],
         iterable: Any,
         chunksize: int | None,
         buffersize: int | None,
@@ -449,33 +453,73 @@ class IMapIterator(Iterator[T]):
         return chunk
 
     def _top_up(self) -> None:
-        """Submit more input while the buffer has room (runs on the consumer's thread)."""
+        """Submit more input while the buffer has room (runs on the consumer's thread).
+
+        An explicit ``chunksize`` refills in bursts: only once the tasks
+        submitted and not yet returned are half the buffer or fewer, and then as
+        many chunks as fill it, in one submit. Chunk by chunk, each result taken
+        sent one chunk: with ``chunksize=1`` the consumer's thread pickled and
+        queued every task in a call of its own, and the pool's thread sent each
+        in a write of its own (in a burst, a worker's share goes as one batch,
+        Dispatcher._merge). 20,000 squares through ``imap(f, xs, 1)`` on 2
+        cores: 1.31-1.37 -> 1.16-1.19 s, ``imap_unordered`` 1.35 -> 1.15 s
+        (medians of 5). Half a buffer is still ahead of the workers as the
+        burst is read. The first chunk read while nothing is submitted goes at
+        once (the workers wait for it), and so do the chunks read so far once
+        BURST_WAIT_S has passed (a slow input). The adaptive chunk size
+        (``chunksize=None``) does not need bursts: its chunks grow to
+        milliseconds of work, and its first, small ones must start at once
+        (1M squares: 303 ms as before, 306-328 with bursts).
+        """
+        bursts = not self._adaptive
+        if bursts and self._submitted - self._yielded > self._buffersize // 2:
+            return
+        chunks: list[list[Any]] = []
+        first = self._submitted
+        began = time.perf_counter()
         while self._length is None and not self._closed:
+            if chunks and (
+                not bursts or first == self._yielded or time.perf_counter() - began > BURST_WAIT_S
+            ):
+                if not self._send_burst(chunks, first):
+                    return
+                chunks, first, began = [], self._submitted, time.perf_counter()
             room = self._buffersize - (self._submitted - self._yielded)
             if room < self._chunksize and self._submitted > self._yielded:
-                return
+                break
             start = self._submitted
             items: list[Any] = []
             try:
                 items.extend(islice(self._input, self._chunksize))
             except BaseException as exc:
-                self._input_failed(start, items, exc)
+                if self._send_burst(chunks, first):
+                    self._input_failed(start, items, exc)
                 return
             if not items:
-                self._end_input(start)
+                if self._send_burst(chunks, first):
+                    self._end_input(start)
                 return
             self._submitted += len(items)
-            if not self._send(items, start):
-                self._end_input(start + len(items))
-                return
+            chunks.append(items)
+        self._send_burst(chunks, first)
 
-    def _send(self, items: list[Any], start: int) -> bool:
-        """Submit the chunk of ``items`` from ``start``; if that raises, its tasks
-        fail with the error, and False says so (runs on the consumer's thread)."""
+    def _send_burst(self, chunks: list[list[Any]], start: int) -> bool:
+        """Submit ``chunks``, the first one's task starting at ``start``; if that
+        raises, their tasks fail with the error, the input ends after them, and
+        False says so (runs on the consumer's thread)."""
+        if not chunks or self._send(chunks, start):
+            return True
+        self._end_input(start + sum(map(len, chunks)))
+        return False
+
+    def _send(self, chunks: list[list[Any]], start: int) -> bool:
+        """Submit ``chunks``, the first one's task starting at ``start``; if that
+        raises, their tasks fail with the error, and False says so."""
         try:
-            self._submit(items, start, self)
+            self._submit(chunks, start, self)
         except BaseException as exc:
-            self.deliver(start, [None] * len(items), dict.fromkeys(range(len(items)), exc))
+            count = sum(map(len, chunks))
+            self.deliver(start, [None] * count, dict.fromkeys(range(count), exc))
             return False
         return True
 
@@ -496,7 +540,7 @@ class IMapIterator(Iterator[T]):
         failed_at = start + len(items)
         self._end_input(failed_at + 1)
         if items:
-            self._send(items, start)
+            self._send([items], start)
         self.deliver(failed_at, [None], {0: exc})
 
     def _buffer_for(self, chunksize: int) -> int:

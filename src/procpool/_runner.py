@@ -162,18 +162,26 @@ class Runner:
 
     def chunk_submitter(
         self, fn: Callable[..., Any], star: int, policy: TaskPolicy
-    ) -> Callable[[list[Any], int, Sink], list[Batch]]:
-        """A function that submits one chunk of a map, pickling ``fn`` only once.
+    ) -> Callable[[list[list[Any]], int, Sink], list[Batch]]:
+        """A function that submits chunks of a map, pickling ``fn`` only once.
 
-        A sink with an ``accepting()`` method (a lazy iterator) can drop its
-        batches that have not started yet, once nobody wants their results.
+        ``submit(chunks, first, sink)`` submits consecutive chunks, the first one's
+        task starting at ``first``, in one call of the engine: a burst of chunks
+        (an ``imap`` refilling its buffer) takes the engine's lock and wakes its
+        thread once, and reaches it together, to be sent together (see
+        Dispatcher._merge). A sink with an ``accepting()`` method (a lazy
+        iterator) can drop its batches that have not started yet, once nobody
+        wants their results.
         """
         ref = self.callables.get(fn)
         engine = self.engine
         serialize = engine.serializes
 
-        def submit(items: list[Any], first: int, sink: Sink) -> list[Batch]:
-            batches = make_batches(ref, star, items, first, sink, policy, serialize=serialize)
+        def submit(chunks: list[list[Any]], first: int, sink: Sink) -> list[Batch]:
+            batches: list[Batch] = []
+            for items in chunks:
+                batches += make_batches(ref, star, items, first, sink, policy, serialize=serialize)
+                first += len(items)
             on_start = getattr(sink, "accepting", None)
             if on_start is not None:
                 for batch in batches:
