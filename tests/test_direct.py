@@ -535,3 +535,29 @@ def test_a_worker_spins_for_a_lone_callers_next_call_and_then_sleeps() -> None:
         time.sleep(1.0)
         spent = [sum(p.cpu_times()[:2]) - c for p, c in zip(workers, cpu, strict=True)]
         assert max(spent) < 0.1, spent
+
+
+def test_a_pipe_a_direct_call_took_out_at_its_end_of_file_is_read_to_its_end_once() -> None:
+    # A race the killed-zygote test hit once in CI-like runs: the dispatcher's
+    # select() returned a worker's pipe as readable; before it read it, a call on
+    # the direct path saw the worker's end of file and, giving the pipe back, took
+    # it out of select() for good. The dispatcher then read the same end of file
+    # and took the pipe out again: KeyError, and the pool broke ("procpool's
+    # dispatcher failed"). The interleaving is forced here, under the engine's
+    # lock as the dispatcher's own turn holds it.
+    import selectors
+
+    with Pool(1) as pool:
+        _warm(pool)
+        engine = pool._runner.engine
+        with engine._engine_lock:
+            (worker,) = engine._workers.values()
+            key = engine._sel.get_key(worker.conn)
+            os.kill(worker.pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while not worker.conn.poll() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            engine._sel.unregister(worker.conn)  # what _take_back does at end of file
+            engine._on_ready(selectors.SelectorKey(*key), True)
+        assert pool.apply(square, (4,)) == 16  # a new worker; the pool goes on
+        assert pool.map(square, range(10)) == [i * i for i in range(10)]

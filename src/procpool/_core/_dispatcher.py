@@ -1047,8 +1047,14 @@ class Dispatcher(DirectPath):
             else:
                 if msg is None:
                     return  # nothing more yet
-        # The worker is exiting; its sentinel reports how.
-        self._sel.unregister(worker.conn)
+        # The worker is exiting; its sentinel reports how. A call on the direct
+        # path may have seen the end of file first and taken the pipe out of
+        # select() as it gave it back (_take_back), after this select() had
+        # returned it: then it is out already.
+        try:
+            self._sel.unregister(worker.conn)
+        except (KeyError, ValueError):
+            pass
 
     def _handle(self, worker: Worker, msg: tuple[Any, ...]) -> None:
         tag = msg[0]
