@@ -16,6 +16,7 @@ from multiprocessing import TimeoutError as MPTimeoutError
 
 from ._core._batch import CHUNK_BYTES, Batch
 from ._core._generic import Generic, Protocol, TypeVar
+from ._core._wakeups import wake
 
 TYPE_CHECKING = False  # not typing's (see _core/_generic.py)
 if TYPE_CHECKING:
@@ -630,10 +631,10 @@ class IMapIterator(Iterator[T]):
             if self._ordered:
                 self._chunks[first] = (values, errors)
                 if first == self._next_index:
-                    self._cond.notify()
+                    wake(self._cond)
             else:
                 self._arrived.append((values, errors))
-                self._cond.notify()
+                wake(self._cond)
 
     def accepting(self) -> bool:
         """Whether batches of this iterator should still start (False once closed)."""

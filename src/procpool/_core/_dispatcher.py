@@ -101,6 +101,7 @@ from ._batch import Batch, Calls, Joined, dumps_callable, main_functions
 from ._direct import DirectPath
 from ._slot import Slot
 from ._startmethod import starting_a_process
+from ._wakeups import begin_turn, end_turn
 from ._workers import Worker, WorkerRecord, fold, kill, record, worker_statistics
 
 TYPE_CHECKING = False  # not typing's (see _core/_generic.py)
@@ -505,8 +506,12 @@ class Dispatcher(DirectPath):
                 self._asleep = False
                 with engine:
                     stale = self._lendings != lendings
-                    for key, _ in events:
-                        self._on_ready(key, stale)
+                    begin_turn()  # consumers are woken once, at its end (_wakeups)
+                    try:
+                        for key, _ in events:
+                            self._on_ready(key, stale)
+                    finally:
+                        end_turn()
                     self._enforce_timeouts()
                     if self._held:
                         self._release_held()
