@@ -174,13 +174,13 @@ def test_imap_with_a_small_fixed_chunksize_keeps_more_short_chunks_ahead() -> No
 
 def test_a_fixed_chunksize_buffer_deepens_only_for_short_small_chunks() -> None:
     from procpool._core._batch import CHUNK_BYTES
-    from procpool._results import FIXED_AHEAD_CHUNKS, IMapIterator
+    from procpool._results import FIXED_AHEAD_CHUNKS, FIXED_AHEAD_TASKS
 
-    def make(buffersize: int | None = None) -> IMapIterator[int]:
+    def make(buffersize: int | None = None, chunksize: int = 10) -> IMapIterator[int]:
         return IMapIterator(
             lambda items, first, sink: [],
             iter(range(10**6)),
-            10,
+            chunksize,
             buffersize,
             workers=2,
             ordered=True,
@@ -199,6 +199,11 @@ def test_a_fixed_chunksize_buffer_deepens_only_for_short_small_chunks() -> None:
     it = make(buffersize=30)  # the caller's own buffer is kept
     it.observe(10, 10e-6, 40)
     assert it._buffersize == 30
+    it = make(chunksize=1)  # one-task chunks: up to FIXED_AHEAD_TASKS a worker
+    it.observe(1, 1e-6, 4)
+    assert it._buffersize == 2 * FIXED_AHEAD_TASKS
+    it.observe(1, 0.01, 4)  # a 10 ms task: back to the floor, 8 tasks a worker
+    assert it._buffersize == 2 * 8
 
 
 def _recording_iterator(
