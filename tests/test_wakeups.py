@@ -8,7 +8,7 @@ import time
 import pytest
 
 from procpool import Pool
-from procpool._core._wakeups import begin_turn, end_turn, wake
+from procpool._core._wakeups import begin_turn, end_turn, release, wake
 from tests.helpers import square
 
 
@@ -85,6 +85,51 @@ def test_a_turn_is_this_thread_s_only() -> None:
     finally:
         end_turn()
     waiter.join()
+
+
+def test_a_lock_released_in_a_turn_lets_its_waiter_go_as_the_turn_ends() -> None:
+    lock = threading.Lock()
+    lock.acquire()
+    through = threading.Event()
+
+    def wait() -> None:
+        if lock.acquire(timeout=30):
+            through.set()
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    begin_turn()
+    try:
+        assert release(lock) is False
+        assert not through.wait(0.2)
+    finally:
+        end_turn()
+    assert through.wait(10)
+    waiter.join(10)
+    free = threading.Lock()  # outside a turn: released at once
+    free.acquire()
+    assert release(free) is True and free.acquire(blocking=False)
+
+
+def test_results_waited_for_by_many_threads_all_arrive() -> None:
+    # apply_async and map_async results, each waited for by its own thread, while
+    # the dispatcher releases their waiters at the ends of its turns.
+    with Pool(2) as pool:
+        calls = [pool.apply_async(square, (i,)) for i in range(200)]
+        maps = [pool.map_async(square, range(i, i + 5)) for i in range(50)]
+        got: dict[int, object] = {}
+
+        def get(i: int, result: object) -> None:
+            got[i] = result.get(30)  # type: ignore[attr-defined]
+
+        threads = [threading.Thread(target=get, args=(i, r)) for i, r in enumerate([*calls, *maps])]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    assert [got[i] for i in range(200)] == [i * i for i in range(200)]
+    expected = [[x * x for x in range(i, i + 5)] for i in range(50)]
+    assert [got[200 + i] for i in range(50)] == expected
 
 
 @pytest.mark.parametrize("chunksize", [1, 3, None])

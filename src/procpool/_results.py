@@ -16,7 +16,7 @@ from multiprocessing import TimeoutError as MPTimeoutError
 
 from ._core._batch import CHUNK_BYTES, Batch
 from ._core._generic import Generic, Protocol, TypeVar
-from ._core._wakeups import wake
+from ._core._wakeups import release, wake
 
 TYPE_CHECKING = False  # not typing's (see _core/_generic.py)
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ class _Latch:
         if not self._flag:
             self._flag = True
             try:
-                self._lock.release()
+                release(self._lock)
             except RuntimeError:
                 pass  # set twice at once: released already
 
