@@ -288,6 +288,147 @@ def test_a_child_runs_its_own_copy_of_a_script_function_as_the_stdlib_does(
     ]
 
 
+SCRIPT_BY_NAME = """
+import sys
+import procpool
+
+def show(queue, lock):
+    with lock:
+        queue.put(("cloudpickle" in sys.modules, __name__))
+    return ["not", "a", "plain", "value"]
+
+if __name__ == "__main__":
+    ctx = procpool.get_context(sys.argv[1])
+    queue, lock = ctx.Queue(), ctx.Lock()
+    proc = ctx.Process(target=show, args=(queue, lock))
+    proc.start()
+    print(queue.get(timeout=30))
+    proc.join()
+    print(proc.result(), "cloudpickle" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_a_top_level_target_and_plain_arguments_need_no_cloudpickle(
+    method: str, tmp_path: Path
+) -> None:
+    # The child will define a function at the top of the script itself, so it
+    # goes by name and code alone; the queue, the lock and the list the child
+    # returns pickle as multiprocessing pickles them. Neither side imports
+    # cloudpickle: ~30 ms of the parent's first start before.
+    assert helpers.script_output(tmp_path, SCRIPT_BY_NAME, method).splitlines() == [
+        "(False, '__mp_main__')",
+        "['not', 'a', 'plain', 'value'] False",
+    ]
+
+
+SCRIPT_BY_VALUE_PARTS = """
+import json
+import sys
+import procpool
+
+def call(fn, queue, module):
+    queue.put((fn(2), module.__name__, "cloudpickle" in sys.modules))
+
+if __name__ == "__main__":
+    ctx = procpool.get_context(sys.argv[1])
+    queue = ctx.Queue()
+    for module in (None, json):
+        proc = ctx.Process(target=call, args=(lambda x: x * 21, queue, module or sys))
+        proc.start()
+        print(queue.get(timeout=30))
+        proc.join()
+        print(proc.exitcode)
+"""
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_only_what_needs_cloudpickle_goes_by_value(method: str, tmp_path: Path) -> None:
+    # The lambda goes by value (so the child loads cloudpickle to rebuild it),
+    # the rest as multiprocessing sends it. A module only cloudpickle can send:
+    # the whole payload is pickled again with it, and the queue's pipes, which
+    # the first try had handed to the child already, are handed over once
+    # (twice, spawn refuses to start the child).
+    assert helpers.script_output(tmp_path, SCRIPT_BY_VALUE_PARTS, method).splitlines() == [
+        "(42, 'sys', True)",
+        "0",
+        "(42, 'json', True)",
+        "0",
+    ]
+
+
+SCRIPT_CHANGED = """
+import sys
+import procpool
+
+def target():
+    return "as the program started"
+
+if __name__ == "__main__":
+    with open(__file__) as f:
+        source = f.read()
+    with open(__file__, "w") as f:
+        f.write(source.replace('"as the program started"', '"edited since"'))
+    ctx = procpool.get_context(sys.argv[1])
+    proc = ctx.Process(target=target)
+    proc.start()
+    proc.join()
+    try:
+        proc.result()
+    except procpool.SerializationError as exc:
+        print("SerializationError:", exc)
+    with procpool.Pool(1, context=ctx) as pool:
+        try:
+            pool.apply(target)
+        except procpool.SerializationError as exc:
+            print("SerializationError:", exc)
+"""
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_a_child_whose_script_changed_says_so_instead_of_running_the_new_code(
+    method: str, tmp_path: Path
+) -> None:
+    # Sent by name, the function is the child's own only if its code is the
+    # same: the child of an edited script fails, and says why.
+    lines = helpers.script_output(tmp_path, SCRIPT_CHANGED, method).splitlines()
+    assert len(lines) == 2
+    for line in lines:
+        assert line.startswith("SerializationError:")
+        assert "'target' was sent by name" in line
+        assert "another version of it" in line
+        assert "was the file changed" in line
+
+
+SCRIPT_RERUN = """
+import functools
+import sys
+from procpool._core._script import rerun_by_children
+
+def plain(): pass
+async def coroutine(): pass
+def  spaced (): pass
+@functools.lru_cache
+def decorated(): pass
+def twice(): return 1
+first = twice
+def twice(): return 2
+lam = lambda: 0
+
+if __name__ == "__main__":
+    def guarded(): pass
+    checks = [plain, coroutine, spaced, guarded, decorated.__wrapped__, first, twice, lam]
+    print([rerun_by_children(fn) for fn in checks])
+"""
+
+
+def test_which_functions_a_child_defines_again(tmp_path: Path) -> None:
+    # Only a def at the start of a line of the script that is still the
+    # module's binding of its name: the child's import defines that one.
+    out = helpers.script_output(tmp_path, SCRIPT_RERUN).strip()
+    assert out == "[True, True, True, False, False, False, True, False]"
+
+
 def sized(size: int) -> bytes:
     return bytes(range(256)) * (size // 256) + bytes(size % 256)
 

@@ -133,12 +133,20 @@ import sys, procpool
 def loaded(_):
     return 'cloudpickle' in sys.modules
 
+def init():
+    global READY
+    READY = True
+
+def ready(_):
+    return READY
+
 if __name__ == '__main__':
     def guarded(x):  # not in the script as spawn imports it again
         return x * 3
 
-    with procpool.Pool(2, context=sys.argv[1]) as pool:
-        print(pool.map(loaded, [1, 2], chunksize=1))
+    with procpool.Pool(2, context=sys.argv[1], initializer=init) as pool:
+        print(pool.map(loaded, [1, 2], chunksize=1), pool.map(ready, [1]))
+        print('cloudpickle' in sys.modules)
         print(pool.map(guarded, [1, 2]))
 """
 
@@ -147,13 +155,14 @@ if __name__ == '__main__':
 def test_a_worker_that_imported_the_script_runs_its_functions_without_cloudpickle(
     method: str, tmp_path: Path
 ) -> None:
-    # A function of the script travels with its code and its copy by value; a
-    # worker that has the same function (spawn and the fork server import the
-    # script again) runs its own and never unpickles the copy, which would
-    # import cloudpickle (~13-20 ms of its way to its first task). A function
-    # the worker lacks runs from the copy.
+    # A worker that has a function of the script (spawn and the fork server
+    # import the script again) runs its own and never unpickles a copy by
+    # value, which would import cloudpickle (~13-20 ms of its way to its first
+    # task). A function at the top of the script (an initializer too) goes
+    # with its name and code alone, so the pool's process does not import it
+    # either. A function the worker lacks goes with a copy, and runs from it.
     lines = helpers.script_output(tmp_path, SCRIPT_FUNCTIONS, method).splitlines()
-    assert lines == ["[False, False]", "[3, 6]"]
+    assert lines == ["[False, False] [True]", "False", "[3, 6]"]
 
 
 def test_procpool_does_not_import_typing_at_run_time() -> None:

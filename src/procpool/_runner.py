@@ -88,7 +88,9 @@ class Runner:
         self.engine: Backend = make_backend(backend, workers, options)
         self.policy = policy
         self.callables = CallableCache(
-            serialize=self.engine.serializes, inherited_main=self.engine.inherited_main
+            serialize=self.engine.serializes,
+            inherited_main=self.engine.inherited_main,
+            script_rerun=self.engine.script_rerun,
         )
         self._calls = itertools.count()  # single calls' sequence numbers, for seeds
         try:

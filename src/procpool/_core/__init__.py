@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
+
+TYPE_CHECKING = False  # not typing's (see _generic.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class collector_held:  # lower case: it reads as a statement, ``with collector_held():``
@@ -95,6 +100,21 @@ def _turn_back_on_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_turn_back_on_in_child)
+
+
+def importable_by_name(obj: Any) -> bool:
+    """Whether another process finds ``obj`` (a function or class) by its
+    module and qualified name, which is how plain pickle sends it."""
+    name = getattr(obj, "__module__", None)
+    if name is None or name in ("__main__", "__mp_main__"):
+        return False
+    module = sys.modules.get(name)
+    if module is None or getattr(module, "__spec__", None) is None:
+        return False  # made at run time: another process could not import it
+    found: Any = module
+    for part in obj.__qualname__.split("."):
+        found = getattr(found, part, None)
+    return found is obj
 
 
 def usable_cpus() -> int:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from .._exceptions import ProcpoolError, SerializationError, TaskTimeoutError
 from . import _protocol as P
 from . import _shm as shm
+from . import importable_by_name
 from ._generic import Protocol
 
 TYPE_CHECKING = False  # not typing's (see _core/_generic.py)
@@ -359,7 +360,9 @@ class TaskPolicy:
 DEFAULT_POLICY = TaskPolicy()
 
 
-def dumps_callable(fn: Any, inherited_main: Mapping[str, Any] | None = None) -> bytes:
+def dumps_callable(
+    fn: Any, inherited_main: Mapping[str, Any] | None = None, script_rerun: bool = False
+) -> bytes:
     """Pickle a callable for a worker: by name where that works, else by value.
 
     A builtin, or a function at the top of an importable module, goes by name
@@ -373,9 +376,20 @@ def dumps_callable(fn: Any, inherited_main: Mapping[str, Any] | None = None) -> 
     ``inherited_main`` names the functions of ``__main__`` that the workers
     already have (forked from a copy of this process); those go by name too,
     and so run as they were when the workers' zygote was forked, like fork.
+    ``script_rerun``: the workers import the script again (spawn, forkserver),
+    so a function at its top level goes with its name and code alone
+    (``_script.rerun_by_children``), sparing this process cloudpickle too.
     """
     if inherited_main and _inherited_from_main(fn, inherited_main):
         return pickle.dumps(fn, P.PROTOCOL)
+    if script_rerun and isinstance(fn, types.FunctionType):
+        from ._script import ScriptFunction, of_main, rerun_by_children
+
+        if of_main(fn) and rerun_by_children(fn):
+            try:
+                return pickle.dumps(ScriptFunction(fn, None), P.PROTOCOL)
+            except ValueError:  # a constant marshal cannot write: by value below
+                pass
     if "cloudpickle" not in sys.modules and _importable_by_name(fn):
         return pickle.dumps(fn, P.PROTOCOL)
     import cloudpickle
@@ -413,17 +427,8 @@ def _inherited_from_main(fn: Any, inherited_main: Mapping[str, Any]) -> bool:
 
 
 def _importable_by_name(fn: Any) -> bool:
-    if not isinstance(fn, (types.FunctionType, types.BuiltinFunctionType)):
-        return False
-    module = sys.modules.get(getattr(fn, "__module__", None) or "__main__")
-    if module is None or module.__name__ in ("__main__", "__mp_main__"):
-        return False
-    if getattr(module, "__spec__", None) is None:
-        return False  # made at run time: a worker could not import it
-    found: Any = module
-    for part in fn.__qualname__.split("."):
-        found = getattr(found, part, None)
-    return found is fn
+    kinds = (types.FunctionType, types.BuiltinFunctionType)
+    return isinstance(fn, kinds) and importable_by_name(fn)
 
 
 class CallableRef:
@@ -438,6 +443,7 @@ class CallableRef:
         *,
         serialize: bool = True,
         inherited_main: Mapping[str, Any] | None = None,
+        script_rerun: bool = False,
     ) -> None:
         self.id = next(self._ids)
         # The callable itself, only for backends that run it in this process; a
@@ -448,7 +454,7 @@ class CallableRef:
         if not serialize:
             return
         try:
-            self.data = dumps_callable(fn, inherited_main)
+            self.data = dumps_callable(fn, inherited_main, script_rerun)
         except Exception as exc:
             raise SerializationError(
                 f"cannot pickle the callable {self.name!r} "
@@ -471,10 +477,12 @@ class CallableCache:
         *,
         serialize: bool = True,
         inherited_main: Mapping[str, Any] | None = None,
+        script_rerun: bool = False,
     ) -> None:
         self._limit = limit
         self._serialize = serialize
         self._inherited_main = inherited_main
+        self._script_rerun = script_rerun
         # Weak keys: caching a callable must not keep it (or what it is bound to)
         # alive. Builtins cannot be weakly referenced; they are immortal anyway.
         self._weak: weakref.WeakKeyDictionary[Any, CallableRef] = weakref.WeakKeyDictionary()
@@ -499,14 +507,22 @@ class CallableCache:
         try:
             ref: CallableRef = refs.pop(fn)
         except KeyError:
-            ref = CallableRef(fn, serialize=self._serialize, inherited_main=self._inherited_main)
+            ref = self._ref(fn)
         except TypeError:  # unhashable callable: nothing to cache it by
-            return CallableRef(fn, serialize=self._serialize, inherited_main=self._inherited_main)
+            return self._ref(fn)
         refs[fn] = ref  # re-insert: the dict's order is the LRU order
         if len(refs) > self._limit:
             del refs[next(iter(refs.keys()))]
         self._last = (_weak_or_strong(fn, refs is self._strong), ref)
         return ref
+
+    def _ref(self, fn: Callable[..., Any]) -> CallableRef:
+        return CallableRef(
+            fn,
+            serialize=self._serialize,
+            inherited_main=self._inherited_main,
+            script_rerun=self._script_rerun,
+        )
 
     def known(self, fn: Callable[..., Any]) -> CallableRef | None:
         """``fn``'s ref if one is cached; makes none, and leaves the LRU order."""

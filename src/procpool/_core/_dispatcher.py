@@ -283,6 +283,8 @@ class Dispatcher(DirectPath):
         self.inherited_main = getattr(ctx, "main_functions", None)
         if self.inherited_main is None and ctx.get_start_method() == "fork":
             self.inherited_main = main_functions()
+        # Under spawn and forkserver every worker runs the script again first.
+        self.script_rerun = ctx.get_start_method() in ("spawn", "forkserver")
         # Under a zygote, workers start on demand (see _grow).
         self._on_demand = getattr(ctx, "zygote", None) is not None
         # Under spawn, the first starts alone (see _end_stagger).
@@ -305,7 +307,9 @@ class Dispatcher(DirectPath):
         # Workers that were sent a batch ahead as an offer (see _offer_pays), maybe
         # not started yet.
         self._offered: set[int] = set()
-        self._init_bytes = self._pickle_initializer(initializer, self.inherited_main)
+        self._init_bytes = self._pickle_initializer(
+            initializer, self.inherited_main, self.script_rerun
+        )
         # initargs go to each worker as it starts, pickled by multiprocessing itself,
         # which allows what only process start-up may carry (a Queue, a Lock).
         self._initargs = tuple(initargs)
@@ -1790,12 +1794,14 @@ class Dispatcher(DirectPath):
 
     @staticmethod
     def _pickle_initializer(
-        initializer: Callable[..., Any] | None, inherited_main: Mapping[str, Any] | None
+        initializer: Callable[..., Any] | None,
+        inherited_main: Mapping[str, Any] | None,
+        script_rerun: bool,
     ) -> bytes | None:
         if initializer is None:
             return None
         try:
-            return dumps_callable(initializer, inherited_main)
+            return dumps_callable(initializer, inherited_main, script_rerun)
         except Exception as exc:
             raise SerializationError(
                 f"cannot pickle the initializer {initializer!r}: {exc}"

@@ -92,6 +92,9 @@ class Backend(abc.ABC):
     #: Functions of ``__main__`` that every worker already has, by name (workers
     #: forked from a copy of this process); they are sent by name, not by value.
     inherited_main: Mapping[str, Any] | None = None
+    #: Whether every worker imports the script again as it starts (spawn,
+    #: forkserver): a function at its top level is sent by name and code alone.
+    script_rerun: bool = False
 
     @property
     @abc.abstractmethod
