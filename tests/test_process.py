@@ -357,6 +357,38 @@ def test_only_what_needs_cloudpickle_goes_by_value(method: str, tmp_path: Path) 
     ]
 
 
+SCRIPT_CLASSES = """
+import sys
+import procpool
+
+class Point:
+    def __init__(self, x):
+        self.x = x
+
+class Doubler(procpool.get_context(sys.argv[1]).Process):
+    def __init__(self, point):
+        super().__init__()
+        self.point = point
+
+    def run(self):
+        return Point(self.point.x * 2)
+
+if __name__ == "__main__":
+    proc = Doubler(Point(21))
+    proc.start()
+    proc.join()
+    print(proc.result().x, type(proc.result()).__name__)
+"""
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_a_subclass_and_a_class_of_the_script_travel_by_value(method: str, tmp_path: Path) -> None:
+    # The script's classes are not importable by name in the child: each goes
+    # as a cloudpickle copy of its own, inside a payload pickled plainly; the
+    # value the child returns is an instance of such a class too.
+    assert helpers.script_output(tmp_path, SCRIPT_CLASSES, method).splitlines() == ["42 Point"]
+
+
 SCRIPT_CHANGED = """
 import sys
 import procpool
