@@ -17,13 +17,13 @@ import pytest
 from procpool import (
     InitializerError,
     Pool,
+    PoolClosedError,
     ResultSerializationError,
     SerializationError,
     TaskTimeoutError,
     WorkerCrashedError,
 )
 from procpool import testing as crash
-from procpool._core._dispatcher import PoolClosedError
 from tests.helpers import (
     big_then_slow_to_pickle,
     blob,

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+import procpool
 from procpool import Pool, ProcessPoolExecutor, RemoteTraceback, SerializationError
 from procpool._core import _dispatcher
 from procpool._core._slot import Slot
@@ -52,6 +53,24 @@ def test_every_method_gives_the_stdlib_answer(start_method: str) -> None:
         assert sorted(pool.imap_unordered(square, range(20))) == [x * x for x in range(20)]
         assert pool.map_async(square, [1, 2]).get(10) == [1, 4]
         assert pool.starmap_async(add, [(1, 1)]).get(10) == [2]
+
+
+@pytest.mark.parametrize("stop", ["close", "terminate"])
+def test_work_given_to_a_stopped_pool_raises_pool_closed_error(stop: str) -> None:
+    # The standard library's ValueError("Pool not running"), under a name that
+    # can be caught on its own, the one a terminated pool's pending results raise.
+    pool = Pool(1)
+    getattr(pool, stop)()
+    for call in (
+        lambda: pool.apply(abs, (-1,)),
+        lambda: pool.map(abs, [-1]),
+        lambda: pool.imap_unordered(abs, [-1]),
+        lambda: pool.starmap_async(pow, [(2, 3)]),
+    ):
+        with pytest.raises(procpool.PoolClosedError, match="Pool not running") as info:
+            call()
+        assert isinstance(info.value, ValueError) and isinstance(info.value, procpool.ProcpoolError)
+    pool.join()
 
 
 def test_a_call_made_while_workers_start_goes_to_the_first_one_ready(start_method: str) -> None:

@@ -16,9 +16,15 @@ from typing import Any
 import psutil
 import pytest
 
-from procpool import IMapIterator, Pool, ProcessPoolExecutor, TaskTimeoutError, WorkerCrashedError
+from procpool import (
+    IMapIterator,
+    Pool,
+    PoolClosedError,
+    ProcessPoolExecutor,
+    TaskTimeoutError,
+    WorkerCrashedError,
+)
 from procpool import testing as crash
-from procpool._core._dispatcher import PoolClosedError
 from tests.helpers import fail_on, pid, slow_square, square
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
     from ._context import Context, cpu_count, get_context
     from ._exceptions import (
+        PoolClosedError,
         ProcpoolError,
         RemoteTraceback,
         SerializationError,
@@ -63,6 +64,7 @@ __all__ = [
     "JoinableQueue",
     "Lock",
     "Pool",
+    "PoolClosedError",
     "PoolStatistics",
     "Process",
     "ProcessPoolExecutor",
@@ -100,6 +102,7 @@ _WHERE = {
     "JoinableQueue": "_sync",
     "Lock": "_sync",
     "Pool": "_pool",
+    "PoolClosedError": "_exceptions",
     "PoolStatistics": "_statistics",
     "Process": "_process",
     "ProcessPoolExecutor": "_executor",

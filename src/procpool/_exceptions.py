@@ -7,6 +7,9 @@
     │                           (so BrokenExecutor): a worker died holding the task
     ├── TaskTimeoutError        also TimeoutError: the task ran past task_timeout
     ├── InitializerError        also BrokenProcessPool: the pool's initializer failed
+    ├── PoolClosedError         also ValueError (as the stdlib's "Pool not running"):
+    │                           work given to a pool after close() or terminate(),
+    │                           or left unfinished by terminate()
     └── SerializationError      also pickle.PicklingError: an argument, a result or
         │                       the callable could not be pickled or unpickled
         └── ResultSerializationError
@@ -33,6 +36,7 @@ import pickle
 import signal
 
 __all__ = [
+    "PoolClosedError",
     "ProcpoolError",
     "RemoteTraceback",
     "SerializationError",
@@ -94,6 +98,12 @@ class TaskTimeoutError(ProcpoolError, TimeoutError):
         super().__init__(message)
         self.timeout = timeout
         self.task_index = task_index
+
+
+class PoolClosedError(ProcpoolError, ValueError):
+    """Work was given to a pool that is closed or terminated, or a pool was
+    terminated before the work ran. A ``ValueError``, as the standard library's
+    ``Pool not running`` is."""
 
 
 class SerializationError(ProcpoolError, pickle.PicklingError):

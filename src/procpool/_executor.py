@@ -10,9 +10,9 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 
 from ._core import _protocol as P
-from ._core._dispatcher import PoolClosedError
 from ._core._generic import TypeVar
 from ._core._startmethod import ContextLike
+from ._exceptions import PoolClosedError
 from ._results import IMapIterator, wait_helped
 from ._runner import _UNSET, Runner, check_chunksize, default_workers, make_policy
 

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable, Mapping
 from ._core import _protocol as P
 from ._core._generic import TypeVar
 from ._core._startmethod import ContextLike
+from ._exceptions import PoolClosedError
 from ._results import AsyncResult, IMapIterator, MapResult, _ApplySink
 from ._runner import (
     _UNSET,
@@ -352,7 +353,7 @@ class Pool:
 
     def _check_running(self) -> None:
         if self._state != _RUN:
-            raise ValueError("Pool not running")
+            raise PoolClosedError("Pool not running")  # a ValueError, as the stdlib's
 
     def statistics(self) -> PoolStatistics:
         """Task counts, faults, and how each worker spent its time, as of now."""

@@ -89,6 +89,7 @@ from collections.abc import Callable, Mapping
 # WorkerCrashedError and InitializerError are imported where they are raised:
 # their module loads concurrent.futures (see _exceptions_stdlib).
 from .._exceptions import (
+    PoolClosedError,
     ProcpoolError,
     SerializationError,
     TaskTimeoutError,
@@ -110,7 +111,7 @@ if TYPE_CHECKING:
 
     from .._statistics import PoolStatistics
 
-__all__ = ["Dispatcher", "PoolClosedError"]
+__all__ = ["Dispatcher", "PoolClosedError"]  # the latter from _exceptions, as before
 
 # Largest batch that may wait in a busy worker's pipe: well under the kernel's
 # socket buffer (~200 KiB on Linux), so sending it can never block.
@@ -230,10 +231,6 @@ def _plain(batch: Batch) -> bool:
         and policy.seed is None
         and not policy.retries
     )
-
-
-class PoolClosedError(ProcpoolError, ValueError):
-    """A task was submitted to a pool that is closed or terminated."""
 
 
 class Dispatcher(DirectPath):

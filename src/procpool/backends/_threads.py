@@ -13,7 +13,7 @@ import time
 from itertools import islice, starmap
 
 from .._core import _protocol as P
-from .._core._dispatcher import PoolClosedError
+from .._exceptions import PoolClosedError
 from .._exceptions_stdlib import InitializerError
 from ._base import Backend, BackendOptions
 
