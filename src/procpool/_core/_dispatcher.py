@@ -111,7 +111,7 @@ if TYPE_CHECKING:
 
     from .._statistics import PoolStatistics
 
-__all__ = ["Dispatcher", "PoolClosedError"]  # the latter from _exceptions, as before
+__all__ = ["Dispatcher", "PoolClosedError"]  # the latter re-exported from _exceptions
 
 # Largest batch that may wait in a busy worker's pipe: well under the kernel's
 # socket buffer (~200 KiB on Linux), so sending it can never block.

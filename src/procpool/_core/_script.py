@@ -64,19 +64,16 @@ def rerun_by_children(fn: types.FunctionType) -> bool:
     main = sys.modules.get("__main__")
     if main is None or getattr(main, fn.__name__, None) is not fn:
         return False
+    path = getattr(main, "__file__", None)
+    if not path or fn.__code__.co_filename != path:
+        return False
     name = getattr(getattr(main, "__spec__", None), "name", None)
     if name is not None:
         # ``python -m pkg`` runs pkg/__main__.py, which children do not run again.
         if name == "__main__" or name.endswith(".__main__"):
             return False
-    elif os.path.splitext(os.path.basename(getattr(main, "__file__", None) or ""))[0] in (
-        "",
-        "ipython",  # the stdlib leaves IPython's launcher alone
-    ):
-        return False
-    path = getattr(main, "__file__", None)
-    if not path or fn.__code__.co_filename != path:
-        return False
+    elif os.path.splitext(os.path.basename(path))[0] == "ipython":
+        return False  # the stdlib leaves IPython's launcher alone
     line = _line(path, fn.__code__.co_firstlineno)
     for keyword in (b"def ", b"async def "):
         if line.startswith(keyword):
