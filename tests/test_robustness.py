@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import multiprocessing
 import os
+import pickle
 import random
 import signal
 import socket
@@ -389,7 +390,8 @@ def _run_in_this_process(msg: tuple[Any, ...], fn: Any) -> tuple[list[tuple[Any,
     return the messages it sent ahead and its reply's payload."""
     here, there = multiprocessing.Pipe()
     with here, there:
-        fns = collections.OrderedDict({1: fn})
+        fns = _worker._Callables()
+        fns.add(1, pickle.dumps(fn))
         slot = [0.0] * P.SLOT_SIZE
         payload, _, _ = _worker._run_batch(msg, fns, slot, None, there)
         pieces = []

@@ -964,9 +964,7 @@ class Dispatcher(DirectPath):
                 worker.fns.move_to_end(fn.id)
             else:
                 self._post(worker, (P.FN, fn.id, fn.data))
-                worker.fns[fn.id] = None
-                if len(worker.fns) > P.FN_CACHE_SIZE:
-                    worker.fns.popitem(last=False)
+                P.admit_callable(worker.fns, fn.id, len(fn.data))
             first = batch.first_index if batch.named else -1
             timed = batch.policy.timeout is not None
             seed = None if batch.policy.seed is None else (batch.policy.seed, batch.seed_base)

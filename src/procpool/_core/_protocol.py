@@ -45,6 +45,7 @@ import os
 import pickle
 import socket
 import struct
+from collections import OrderedDict
 from collections.abc import Iterator
 
 from .._exceptions import RemoteTraceback, SerializationError
@@ -77,9 +78,11 @@ PIECE_BYTES = 1 << 20
 # the calls it ran since the last piece.
 CALLS_PIECE_S = 0.001
 
-# How many callables a worker keeps unpickled; the dispatcher mirrors this
-# cache exactly, so it knows which callables it must send again.
+# How many callables a worker keeps unpickled, and how many bytes of them
+# (pickled); the dispatcher mirrors this cache exactly (admit_callable), so it
+# knows which callables it must send again.
 FN_CACHE_SIZE = 64
+FN_CACHE_BYTES = 32 * 1024 * 1024
 
 # How a batch's items become call arguments.
 CALL_ONE = 0  # fn(item)
@@ -390,3 +393,24 @@ def portable_error(exc: BaseException, what: str) -> BaseException:
         stand_in.__cause__ = exc.__cause__
         return _Portable(stand_in)  # type: ignore[return-value]
     return wrapped
+
+
+def admit_callable(ledger: OrderedDict[int, int], fn_id: int, size: int) -> list[int]:
+    """Enter a callable of ``size`` pickled bytes in a worker's cache; return
+    the ids of the callables that leave it to make room (the oldest used).
+
+    The worker (as it reads FN) and the dispatcher's mirror of it (as it sends
+    FN) run this on the same sequence, and both mark a callable used
+    (``move_to_end``) at each of its batches, so they always agree. The bound on
+    bytes is for callables bound to large objects: a method of a model sent with
+    each call (a new bound method each time) would otherwise leave FN_CACHE_SIZE
+    copies of the model in every worker. The newest stays, whatever its size.
+    """
+    ledger[fn_id] = size
+    gone: list[int] = []
+    total = sum(ledger.values())
+    while len(ledger) > FN_CACHE_SIZE or (len(ledger) > 1 and total > FN_CACHE_BYTES):
+        old, old_size = ledger.popitem(last=False)
+        total -= old_size
+        gone.append(old)
+    return gone

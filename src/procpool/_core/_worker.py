@@ -199,7 +199,7 @@ def _serve(
     segments: shm.Namer | shm.Recycler | None,
     take_offer: Callable[[], int | None],
 ) -> None:
-    fns: OrderedDict[int, Any] = OrderedDict()
+    fns = _Callables()
     recycler = segments if isinstance(segments, shm.Recycler) else None
     spinner = _Spinner(conn)
     linger = False  # the last batch was a lone call whose caller waits (see P.BATCH)
@@ -246,9 +246,7 @@ def _serve(
                 conn, (P.RESULTS, msg[1], running, transfer, recycle, let_go, reply), segments
             )
         elif tag == P.FN:
-            fns[msg[1]] = msg[2]  # unpickled at first use, so a crash is blamed on a batch
-            if len(fns) > P.FN_CACHE_SIZE:
-                fns.popitem(last=False)
+            fns.add(msg[1], msg[2])
         elif tag == P.FREED:
             if isinstance(segments, shm.Recycler):
                 for segment in msg[1]:
@@ -259,7 +257,7 @@ def _serve(
 
 def _run_batch(
     msg: tuple[Any, ...],
-    fns: OrderedDict[int, Any],
+    fns: _Callables,
     slot: Any,
     segments: shm.Namer | shm.Recycler | None,
     conn: Connection,
@@ -454,11 +452,27 @@ def _shift(
 # function pickled by reference loads without importing cloudpickle at all, which
 # keeps it out of every worker's (and the fork server's) start-up; so does one of
 # __main__ the worker has itself (see _script).
-def _callable(fns: OrderedDict[int, Any], fn_id: int) -> Any:
-    fn = fns[fn_id]
+class _Callables:
+    """The callables this worker was sent (by id), pickled until first used."""
+
+    __slots__ = ("by_id", "ledger")
+
+    def __init__(self) -> None:
+        self.by_id: dict[int, Any] = {}
+        self.ledger: OrderedDict[int, int] = OrderedDict()  # see P.admit_callable
+
+    def add(self, fn_id: int, data: bytes) -> None:
+        # Unpickled at first use, so that a failure is blamed on a batch.
+        self.by_id[fn_id] = data
+        for gone in P.admit_callable(self.ledger, fn_id, len(data)):
+            del self.by_id[gone]
+
+
+def _callable(fns: _Callables, fn_id: int) -> Any:
+    fn = fns.by_id[fn_id]
     if isinstance(fn, bytes):
-        fn = fns[fn_id] = pickle.loads(fn)
-    fns.move_to_end(fn_id)
+        fn = fns.by_id[fn_id] = pickle.loads(fn)
+    fns.ledger.move_to_end(fn_id)
     return fn
 
 

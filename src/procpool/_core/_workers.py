@@ -103,7 +103,8 @@ class Worker:
         self.fd: int = conn.fileno()  # still known once conn is closed
         self.slot = slot
         self.inflight = Held()
-        self.fns: OrderedDict[int, None] = OrderedDict()  # mirror of the worker's cache
+        # Mirror of the worker's cache of callables: id -> pickled size (P.admit_callable).
+        self.fns: OrderedDict[int, int] = OrderedDict()
         # Its result segments nothing maps here any more, to tell it (P.FREED);
         # appended to from whichever thread drops a result (see shm.unpack).
         self.freed: deque[str] = deque()
