@@ -6,6 +6,7 @@ import multiprocessing
 import os
 import signal
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -165,6 +166,27 @@ def nested_map(n: int) -> list[int]:
 
     with procpool.Pool(2) as pool:
         return pool.map(square, range(n))
+
+
+class Model:
+    """An object with ``nbytes`` of state whose method is the task: each process
+    counts the copies it unpickled and those still alive (in its callable cache)."""
+
+    copies: weakref.WeakSet[Model] = weakref.WeakSet()
+    unpickled = 0
+
+    def __init__(self, nbytes: int, tag: int = 0) -> None:
+        self.state = bytes(nbytes)
+        self.tag = tag
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        Model.unpickled += 1
+        Model.copies.add(self)
+
+    def predict(self, x: int) -> tuple[int, int, int, int]:
+        """(tag, x, copies unpickled so far, copies alive) in this process."""
+        return self.tag, x, Model.unpickled, len(Model.copies)
 
 
 class SleepsWhenUnpickled:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import functools
 import multiprocessing
 import os
 import subprocess
@@ -9,6 +11,7 @@ import sys
 import textwrap
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,9 +21,12 @@ import pytest
 import procpool
 from procpool import Pool, ProcessPoolExecutor, RemoteTraceback, SerializationError
 from procpool._core import _dispatcher
+from procpool._core import _protocol as P
+from procpool._core._batch import CallableCache
 from procpool._core._slot import Slot
 from procpool.testing import Unpicklable, return_unpicklable
 from tests.helpers import (
+    Model,
     add,
     counted_sleep,
     fail_at_3_mod_7,
@@ -470,6 +476,113 @@ def test_a_callable_larger_than_the_socket_buffer_arrives_whole(start_method: st
 
     with Pool(2, context=start_method) as pool:
         assert pool.map(pick, range(300), chunksize=1) == [(len(big), i % 256) for i in range(300)]
+
+
+def test_a_method_called_again_on_an_unchanged_object_is_not_sent_again() -> None:
+    # obj.method is a new bound method at each lookup, pickled with its object
+    # each time (the object may have changed); the same bytes are not sent to the
+    # worker again, whose copy serves.
+    model = Model(1_000_000)
+    with Pool(1) as pool:
+        outs = [pool.apply(model.predict, (i,)) for i in range(5)]
+        pending = [pool.apply_async(model.predict, (i,)) for i in range(5, 10)]
+        outs += [result.get(timeout=60) for result in pending]
+        assert outs == [(0, i, 1, 1) for i in range(10)]
+        model.tag = 7  # changed here: the next call carries the change
+        assert pool.apply(model.predict, (10,)) == (7, 10, 2, 2)
+        assert pool.map(model.predict, range(3)) == [(7, i, 2, 2) for i in range(3)]
+        with ProcessPoolExecutor(1) as executor:
+            results = [executor.submit(model.predict, i).result(timeout=60) for i in range(3)]
+            assert results == [(7, i, 1, 1) for i in range(3)]
+        # The comparison does not keep the object alive.
+        alive = weakref.ref(model)
+        del model
+        assert alive() is None
+
+
+class _Offset:
+    """A callable object: what it adds is its state."""
+
+    def __init__(self, by: int) -> None:
+        self.by = by
+
+    def __call__(self, x: int) -> int:
+        return x + self.by
+
+
+def _sum_plus(numbers: list[int], x: int) -> int:
+    return sum(numbers) + x
+
+
+def test_a_callable_bound_to_data_goes_with_its_data_as_it_is_at_each_call() -> None:
+    # A partial, a bound method or a callable object held and used again: its
+    # first pickle was sent again and again, whatever the program changed since;
+    # the standard library's pools pickle it at each call.
+    numbers = [1]
+    partial = functools.partial(_sum_plus, numbers)
+    model = Model(10)
+    method = model.predict
+    offset = _Offset(1)
+    with Pool(1) as pool, ProcessPoolExecutor(1) as executor:
+        assert pool.apply(partial, (0,)) == 1 and pool.apply(method, (0,))[0] == 0
+        assert pool.apply(offset, (0,)) == 1
+        numbers.append(10)
+        model.tag = 5
+        offset.by = 2
+        assert pool.apply(partial, (0,)) == 11 and pool.apply(method, (0,))[0] == 5
+        assert pool.apply(offset, (0,)) == 2
+        assert pool.map(partial, [0, 1]) == [11, 12] and pool.map(offset, [0]) == [2]
+        assert executor.submit(partial, 0).result(timeout=60) == 11
+        numbers.append(100)
+        assert pool.apply_async(partial, (0,)).get(timeout=60) == 111
+        assert list(executor.map(partial, [0])) == [111]
+
+
+def test_a_worker_keeps_callables_bound_to_large_objects_within_a_byte_bound() -> None:
+    # A new object per call, each method pickled with 4 MB: a worker kept the
+    # last 64 callables whatever their size (256 MB here; ~3 GB of a 50 MB model).
+    size = 4 * 1024 * 1024
+    calls = 3 * P.FN_CACHE_BYTES // size
+    with Pool(1) as pool:
+        outs = [pool.apply(Model(size, tag=i).predict, (i,)) for i in range(calls)]
+    assert [out[:3] for out in outs] == [(i, i, i + 1) for i in range(calls)]
+    assert max(out[3] for out in outs) <= P.FN_CACHE_BYTES // size + 1
+
+
+def test_callables_evicted_for_their_bytes_are_sent_again() -> None:
+    # The dispatcher mirrors each worker's cache: what the worker let go (for
+    # count or bytes, the newest kept whatever its size) is sent with its next call.
+    third = P.FN_CACHE_BYTES // 3 + 1
+    models = [Model(third, tag=i) for i in range(3)] + [Model(P.FN_CACHE_BYTES + 1, tag=3)]
+    order = [0, 1, 2, 0, 3, 1, 3, 2, 2, 0]
+    with Pool(1) as pool:
+        for round_ in range(2):
+            for i in order:
+                assert pool.apply(models[i].predict, (round_,))[:2] == (i, round_)
+                assert pool.apply(square, (i,)) == i * i
+        assert pool.map(square, range(100)) == [i * i for i in range(100)]
+
+
+def test_the_callable_ledger_evicts_the_oldest_used_by_count_and_bytes() -> None:
+    ledger: collections.OrderedDict[int, int] = collections.OrderedDict()
+    assert P.admit_callable(ledger, 1, P.FN_CACHE_BYTES) == []  # the newest stays alone
+    assert P.admit_callable(ledger, 2, 10) == [1]
+    for fn_id in range(3, 3 + P.FN_CACHE_SIZE - 1):
+        assert P.admit_callable(ledger, fn_id, 10) == []
+    ledger.move_to_end(2)  # used again: the oldest used is now 3
+    assert P.admit_callable(ledger, 100, 10) == [3]
+    assert P.admit_callable(ledger, 101, P.FN_CACHE_BYTES - 10 * (P.FN_CACHE_SIZE - 1)) == [4]
+    assert len(ledger) == P.FN_CACHE_SIZE and sum(ledger.values()) <= P.FN_CACHE_BYTES
+
+
+def test_a_method_asked_for_again_keeps_its_measure() -> None:
+    model = Model(10)
+    cache = CallableCache()
+    ref = cache.get(model.predict)
+    assert cache.known(model.predict) is ref
+    assert cache.get(model.predict) is ref  # the same bytes
+    model.tag = 1
+    assert cache.get(model.predict) is not ref
 
 
 def test_a_spawned_worker_loads_traceback_only_for_an_error() -> None:

@@ -127,6 +127,36 @@ def test_a_fork_pool_sends_the_scripts_functions_by_name() -> None:
     assert _run_script(script)[:2] == ["[False, False] False", "[2, 4]"]
 
 
+@pytest.mark.parametrize("context", ["None", "'fork'"])
+def test_methods_and_partials_of_the_scripts_classes_and_functions_go_by_name(
+    context: str,
+) -> None:
+    # A bound method of a class the workers inherited, or a partial of such a
+    # function, goes through plain pickle: the class and the function by name,
+    # the object's data by value, and no cloudpickle on either side. cloudpickle
+    # copied the class at each call (a 10,000-call loop of apply_async: 260 us
+    # a call, against 100 now and the standard library's 90-140). A class
+    # defined after the workers were forked still goes by value.
+    script = (
+        "import functools, sys, procpool\n"
+        "class Scale:\n"
+        "    def __init__(self, k):\n"
+        "        self.k = k\n"
+        "    def times(self, x):\n"
+        "        return x * self.k, 'cloudpickle' in sys.modules\n"
+        "def mul(a, b):\n"
+        "    return a * b\n"
+        "if __name__ == '__main__':\n"
+        f"    with procpool.Pool(2, context={context}) as pool:\n"
+        "        four = functools.partial(mul, 4)\n"
+        "        print(pool.apply(Scale(3).times, (2,)), pool.map(four, [1]))\n"
+        "        print('cloudpickle' in sys.modules)\n"
+        "        exec('class Later(Scale):\\n    pass', globals())\n"
+        "        print(pool.apply(Later(5).times, (2,))[0])\n"
+    )
+    assert _run_script(script)[:3] == ["(6, False) [4]", "False", "10"]
+
+
 SCRIPT_FUNCTIONS = """
 import sys, procpool
 

@@ -8,7 +8,10 @@ go back to the queue as a new, shorter batch.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
+import io
 import itertools
 import pickle
 import sys
@@ -368,18 +371,34 @@ def dumps_callable(
     A builtin, or a function at the top of an importable module, goes by name
     with plain pickle, as cloudpickle would send it too; that spares a process
     that never needs cloudpickle its import (a few ms of every pool's start-up).
-    Anything else (lambdas, closures, ``__main__``, bound methods, partials)
-    goes through cloudpickle, and so does everything once cloudpickle is
-    loaded: a module registered with ``cloudpickle.register_pickle_by_value``
-    is then honoured.
+    Anything else (a bound method, a partial, a callable object) goes through
+    plain pickle too, with only the functions and classes inside it that a
+    worker could not find by name (lambdas, closures, ``__main__``'s) each
+    copied by cloudpickle (_ByName); or all through cloudpickle: a lambda or
+    closure itself, what plain pickle refuses (a module, a code object), and
+    everything once a module is registered with
+    ``cloudpickle.register_pickle_by_value``.
 
-    ``inherited_main`` names the functions of ``__main__`` that the workers
-    already have (forked from a copy of this process); those go by name too,
-    and so run as they were when the workers' zygote was forked, like fork.
+    ``inherited_main`` names the functions and classes of ``__main__`` that the
+    workers already have (forked from a copy of this process); those go by
+    name too, and so run as they were when the workers' zygote was forked, like
+    fork: ``fn`` itself, and any that ``fn`` refers to (a bound method's class,
+    a closure's), which cloudpickle would otherwise copy by value at each call.
     ``script_rerun``: the workers import the script again (spawn, forkserver),
     so a function at its top level goes with its name and code alone
     (``_script.rerun_by_children``), sparing this process cloudpickle too.
     """
+    return _dumps_callable(fn, inherited_main, script_rerun, None)
+
+
+def _dumps_callable(
+    fn: Any,
+    inherited_main: Mapping[str, Any] | None,
+    script_rerun: bool,
+    copies: weakref.WeakKeyDictionary[Any, bytes] | None,
+) -> bytes:
+    """dumps_callable, reusing the copies of functions and classes inside
+    ``fn`` made before (by object; see CallableCache)."""
     if inherited_main and _inherited_from_main(fn, inherited_main):
         return pickle.dumps(fn, P.PROTOCOL)
     if script_rerun and isinstance(fn, types.FunctionType):
@@ -390,40 +409,137 @@ def dumps_callable(
                 return pickle.dumps(ScriptFunction(fn, None), P.PROTOCOL)
             except ValueError:  # a constant marshal cannot write: by value below
                 pass
-    if "cloudpickle" not in sys.modules and _importable_by_name(fn):
+    cloudpickle = sys.modules.get("cloudpickle")
+    if cloudpickle is None and _importable_by_name(fn):
         return pickle.dumps(fn, P.PROTOCOL)
-    import cloudpickle
+    if isinstance(fn, types.FunctionType):
+        # Here: a pool whose functions all go by name never needs _script (a
+        # module less on the way to a first result, ~0.2 ms of a cold start).
+        from ._script import ScriptFunction, of_main
 
-    # Here: a pool whose functions all go by name never needs _script (a
-    # module less on the way to a first result, ~0.2 ms of a cold start).
-    from ._script import ScriptFunction, of_main
+        if of_main(fn):
+            by_value = _cloudpickled(fn, inherited_main)
+            # A worker that has the function itself runs its own (see _script).
+            try:
+                return pickle.dumps(ScriptFunction(fn, by_value), P.PROTOCOL)
+            except ValueError:  # a constant marshal cannot write: by value alone
+                return by_value
+    if cloudpickle is None or not cloudpickle.list_registry_pickle_by_value():
+        # cloudpickle for the whole took ~35 us of Python for a small object's
+        # method, plain pickle ~5; and a program that sends nothing by value
+        # never imports cloudpickle (~13 ms).
+        buf = io.BytesIO()
+        try:
+            _ByName(buf, inherited_main, copies).dump(fn)
+            return buf.getvalue()
+        except Exception:
+            pass  # something only cloudpickle pickles (a module, a code object)
+    return _cloudpickled(fn, inherited_main)
 
-    by_value = bytes(cloudpickle.dumps(fn, P.PROTOCOL))
-    if not of_main(fn):
-        return by_value
-    # A worker that has the function itself runs its own (see _script).
-    try:
-        return pickle.dumps(ScriptFunction(fn, by_value), P.PROTOCOL)
-    except ValueError:  # a constant marshal cannot write: by value alone
-        return by_value
+
+def is_code(fn: Any) -> bool:
+    """Whether ``fn`` is code alone (a function, a class, a module's builtin),
+    not an object bound to data (a method, a partial, a callable instance)."""
+    if isinstance(fn, (types.FunctionType, type)):
+        return True
+    return isinstance(fn, types.BuiltinFunctionType) and isinstance(
+        fn.__self__, (types.ModuleType, type(None))
+    )
 
 
 def main_functions() -> dict[str, Any]:
-    """The functions ``__main__`` has now: what a worker forked now will have too."""
+    """The functions and classes ``__main__`` has now, and its classes' own
+    functions (``"Class.method"``), by qualified name: what a worker forked now
+    will have too."""
     main = sys.modules.get("__main__")
-    return {
-        name: obj
-        for name, obj in (vars(main).items() if main is not None else ())
-        if isinstance(obj, types.FunctionType)
-    }
+    found: dict[str, Any] = {}
+    for name, obj in vars(main).items() if main is not None else ():
+        if isinstance(obj, types.FunctionType):
+            found[name] = obj
+        elif isinstance(obj, type) and obj.__module__ == "__main__" and obj.__qualname__ == name:
+            found[name] = obj
+            for attr, member in vars(obj).items():
+                if isinstance(member, types.FunctionType):
+                    found[f"{name}.{attr}"] = member
+    return found
 
 
 def _inherited_from_main(fn: Any, inherited_main: Mapping[str, Any]) -> bool:
-    if not isinstance(fn, types.FunctionType) or fn.__module__ != "__main__":
+    """Whether ``fn`` (any object) is a function or class of ``__main__`` that
+    the workers have as it is, found by the name pickle would look it up by."""
+    if not isinstance(fn, (types.FunctionType, type)) or fn.__module__ != "__main__":
         return False
-    main = sys.modules.get("__main__")
     name = fn.__qualname__
-    return inherited_main.get(name) is fn and getattr(main, name, None) is fn
+    if inherited_main.get(name) is not fn:
+        return False
+    found: Any = sys.modules.get("__main__")
+    for part in name.split("."):
+        found = getattr(found, part, None)
+    return found is fn
+
+
+class _ByName(pickle.Pickler):
+    """Plain pickle, where each function or class a worker cannot find by name
+    (see _inherited_from_main and importable_by_name) goes as a cloudpickle copy
+    of its own: lambdas, closures, those of ``__main__`` made after the workers
+    were forked. A function's copy is made once, at its first call (``copies``),
+    as a function sent as the callable itself is (see CallableCache)."""
+
+    def __init__(
+        self,
+        file: io.BytesIO,
+        inherited_main: Mapping[str, Any] | None,
+        copies: weakref.WeakKeyDictionary[Any, bytes] | None,
+    ) -> None:
+        super().__init__(file, P.PROTOCOL)
+        self.inherited_main = inherited_main or {}
+        self.copies = copies
+
+    def reducer_override(self, obj: Any) -> Any:
+        if (
+            isinstance(obj, (types.FunctionType, type))
+            and not importable_by_name(obj)
+            and not _inherited_from_main(obj, self.inherited_main)
+        ):
+            copies = self.copies
+            try:
+                copy = copies[obj]  # type: ignore[index]
+            except (KeyError, TypeError):  # not made yet; no copies kept; unhashable
+                copy = _cloudpickled(obj, self.inherited_main)
+                with contextlib.suppress(TypeError):
+                    copies[obj] = copy  # type: ignore[index]
+            return pickle.loads, (copy,)
+        return NotImplemented
+
+
+def _cloudpickled(fn: Any, inherited_main: Mapping[str, Any] | None) -> bytes:
+    import cloudpickle
+
+    if not inherited_main:
+        return bytes(cloudpickle.dumps(fn, P.PROTOCOL))
+    buf = io.BytesIO()
+    _inheriting_pickler()(buf, inherited_main).dump(fn)
+    return buf.getvalue()
+
+
+@functools.cache
+def _inheriting_pickler() -> Callable[[io.BytesIO, Mapping[str, Any]], pickle.Pickler]:
+    """cloudpickle's pickler, sending by name what the workers inherited of
+    ``__main__`` (see dumps_callable). A bound method of a class of the script
+    took ~250 us to pickle with its class by value, and as long to load."""
+    import cloudpickle
+
+    class Pickler(cloudpickle.Pickler):  # type: ignore[misc]
+        def __init__(self, file: io.BytesIO, inherited_main: Mapping[str, Any]) -> None:
+            super().__init__(file, protocol=P.PROTOCOL)
+            self.inherited_main = inherited_main
+
+        def reducer_override(self, obj: Any) -> Any:
+            if _inherited_from_main(obj, self.inherited_main):
+                return NotImplemented  # pickle's own way: by module and name
+            return super().reducer_override(obj)
+
+    return Pickler
 
 
 def _importable_by_name(fn: Any) -> bool:
@@ -432,9 +548,9 @@ def _importable_by_name(fn: Any) -> bool:
 
 
 class CallableRef:
-    """A callable pickled once (see :func:`dumps_callable`), with the id workers cache it under."""
+    """A callable pickled (see :func:`dumps_callable`), with the id workers cache it under."""
 
-    __slots__ = ("data", "id", "name", "obj")
+    __slots__ = ("data", "fixed", "id", "name", "obj")
     _ids = itertools.count(1)
 
     def __init__(
@@ -444,22 +560,40 @@ class CallableRef:
         serialize: bool = True,
         inherited_main: Mapping[str, Any] | None = None,
         script_rerun: bool = False,
+        copies: weakref.WeakKeyDictionary[Any, bytes] | None = None,
+        data: bytes | None = None,
     ) -> None:
         self.id = next(self._ids)
         # The callable itself, only for backends that run it in this process; a
         # process backend must not keep (say) a bound method's instance alive.
         self.obj = None if serialize else fn
         self.name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
-        self.data = b""
+        # Whether the callable is code alone, which goes as it was at its first
+        # call, or bound to data, pickled at each (see CallableCache).
+        self.fixed = not serialize or is_code(fn)
         if not serialize:
-            return
-        try:
-            self.data = dumps_callable(fn, inherited_main, script_rerun)
-        except Exception as exc:
-            raise SerializationError(
-                f"cannot pickle the callable {self.name!r} "
-                f"(type {type(fn).__qualname__}): {type(exc).__name__}: {exc}"
-            ) from exc
+            self.data = b""
+        elif data is not None:  # pickled already (CallableCache._now)
+            self.data = data
+        else:
+            self.data = pickle_for_worker(fn, inherited_main, script_rerun, copies)
+
+
+def pickle_for_worker(
+    fn: Callable[..., Any],
+    inherited_main: Mapping[str, Any] | None,
+    script_rerun: bool,
+    copies: weakref.WeakKeyDictionary[Any, bytes] | None,
+) -> bytes:
+    """_dumps_callable, with any failure as a SerializationError naming ``fn``."""
+    try:
+        return _dumps_callable(fn, inherited_main, script_rerun, copies)
+    except Exception as exc:
+        name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+        raise SerializationError(
+            f"cannot pickle the callable {name!r} "
+            f"(type {type(fn).__qualname__}): {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def _weak_or_strong(fn: Any, strong: bool) -> Callable[[], Any]:
@@ -468,8 +602,29 @@ def _weak_or_strong(fn: Any, strong: bool) -> Callable[[], Any]:
     return (lambda: fn) if strong else weakref.ref(fn)
 
 
+# How many methods' last pickles CallableCache keeps for comparison (the
+# objects they are bound to are alive, and held by the program anyway).
+MAX_METHODS = 8
+
+
 class CallableCache:
-    """Remembers the last few callables pickled, so a map pickles its callable once."""
+    """The refs of the callables used last, so that a worker that has a
+    callable already does not get it, nor unpickle it, again.
+
+    Code is pickled once: a function or class keeps its first call's ref
+    (by name, or for a lambda or closure a copy by value, with what its cells
+    and the globals it reads held then, as Ray sends a remote function; a
+    function of ``__main__`` the workers inherited runs as it was when they
+    were forked, like fork). A callable bound to data (a bound method, a
+    partial, a callable object) is pickled again at each call (a map, an
+    ``apply_async``, a ``submit``), as the standard library's pools do, since
+    that data may have changed: a partial's list appended to, an attribute
+    set. Functions and classes inside it go by name or as their first copy
+    (``_copies``). When the bytes come out the same as the last time, the
+    call keeps the last ref and its id, and the workers' copy serves
+    (P.admit_callable bounds what they keep); otherwise it gets a new one.
+    The comparison is a memcmp (~10 GB/s).
+    """
 
     def __init__(
         self,
@@ -491,6 +646,14 @@ class CallableCache:
         # or submit asks for the same one each time, and the dictionaries' pop and
         # re-insert cost ~3 us a call (a weak reference made for each).
         self._last: tuple[Callable[[], Any], CallableRef] | None = None
+        # Methods, by (id of the object, function): a weak reference to the object
+        # and the last ref of that method. ``obj.method`` is a new bound method at
+        # each lookup, so a loop of ``submit(obj.method, x)`` never finds the last
+        # one above: without this, each call's copy of the object (a model's
+        # weights, a table) would go to a worker, be unpickled there and kept.
+        # The object is held weakly; its pickle is kept while it lives.
+        self._methods: dict[tuple[int, Any], tuple[weakref.ref[Any], CallableRef]] = {}
+        self._copies: weakref.WeakKeyDictionary[Any, bytes] = weakref.WeakKeyDictionary()
 
     def _refs_for(self, fn: Callable[..., Any]) -> Any:
         try:
@@ -501,35 +664,88 @@ class CallableCache:
 
     def get(self, fn: Callable[..., Any]) -> CallableRef:
         last = self._last
-        if last is not None and last[0]() is fn:
+        if last is not None and last[0]() is fn and last[1].fixed:
             return last[1]  # the most recently used already: nothing to reorder
+        if self._serialize and isinstance(fn, types.MethodType):
+            return self._now(fn, None)  # a new one at each lookup: found by its object
         refs = self._refs_for(fn)
         try:
-            ref: CallableRef = refs.pop(fn)
+            ref: CallableRef | None = refs.pop(fn)
         except KeyError:
-            ref = self._ref(fn)
+            ref = None
         except TypeError:  # unhashable callable: nothing to cache it by
-            return self._ref(fn)
+            return self._now(fn, None)
+        if ref is None or not ref.fixed:
+            ref = self._now(fn, ref)
         refs[fn] = ref  # re-insert: the dict's order is the LRU order
         if len(refs) > self._limit:
             del refs[next(iter(refs.keys()))]
         self._last = (_weak_or_strong(fn, refs is self._strong), ref)
         return ref
 
-    def _ref(self, fn: Callable[..., Any]) -> CallableRef:
-        return CallableRef(
-            fn,
-            serialize=self._serialize,
-            inherited_main=self._inherited_main,
-            script_rerun=self._script_rerun,
-        )
+    def _now(self, fn: Callable[..., Any], before: CallableRef | None) -> CallableRef:
+        """``fn`` pickled now: ``before`` (or its method's last ref) if the
+        bytes are the same, else a new ref."""
+        if not self._serialize or is_code(fn):
+            return CallableRef(
+                fn,
+                serialize=self._serialize,
+                inherited_main=self._inherited_main,
+                script_rerun=self._script_rerun,
+                copies=self._copies,
+            )
+        data = pickle_for_worker(fn, self._inherited_main, self._script_rerun, self._copies)
+        key = _method_key(fn)
+        if key is None:
+            if before is not None and before.data == data:
+                return before
+            return CallableRef(fn, data=data)
+        owner = fn.__self__  # type: ignore[attr-defined]
+        methods = self._methods
+        entry = methods.pop(key, None)  # re-inserted below: the dict's order is the LRU's
+        if before is None and entry is not None and entry[0]() is owner:
+            before = entry[1]
+        ref = before if before is not None and before.data == data else CallableRef(fn, data=data)
+
+        def forget(dead: weakref.ref[Any]) -> None:
+            current = methods.get(key)
+            if current is not None and current[0] is dead:
+                del methods[key]
+
+        try:
+            methods[key] = (weakref.ref(owner, forget), ref)
+        except TypeError:  # an object without weak references (a dict's method)
+            return ref
+        # list(): a weak reference's callback, in any thread, may shrink the dict.
+        for old in list(methods)[: len(methods) - MAX_METHODS]:
+            methods.pop(old, None)
+        return ref
 
     def known(self, fn: Callable[..., Any]) -> CallableRef | None:
-        """``fn``'s ref if one is cached; makes none, and leaves the LRU order."""
+        """``fn``'s last ref if one is cached; makes none, and leaves the LRU order."""
         try:
-            return self._refs_for(fn).get(fn)  # type: ignore[no-any-return]
+            ref: CallableRef | None = self._refs_for(fn).get(fn)
         except TypeError:  # unhashable
             return None
+        key = _method_key(fn) if ref is None else None
+        if key is not None:
+            # A method asked for again is a new bound method: its last ref's
+            # measure still describes it (only its object's state may differ).
+            entry = self._methods.get(key)
+            if entry is not None and entry[0]() is fn.__self__:  # type: ignore[attr-defined]
+                ref = entry[1]
+        return ref
+
+
+def _method_key(fn: Any) -> tuple[int, Any] | None:
+    """(id of the object, function) for a method bound to an object, else None."""
+    if isinstance(fn, types.MethodType):
+        return id(fn.__self__), fn.__func__
+    if isinstance(fn, types.BuiltinMethodType) and not isinstance(
+        fn.__self__, (types.ModuleType, type(None))
+    ):
+        return id(fn.__self__), fn.__name__
+    return None
 
 
 def make_batches(
