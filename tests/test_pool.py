@@ -583,6 +583,22 @@ def test_a_method_asked_for_again_keeps_its_measure() -> None:
     assert cache.get(model.predict) is ref  # the same bytes
     model.tag = 1
     assert cache.get(model.predict) is not ref
+    # A small pickle is found by its bytes, whatever object made it.
+    assert cache.get(Model(10).predict) is ref
+    assert cache.get(functools.partial(square)) is cache.get(functools.partial(square))
+    big = Model(P.FN_CACHE_BYTES // 256)
+    assert cache.get(big.predict) is cache.get(big.predict)
+    assert cache.get(Model(P.FN_CACHE_BYTES // 256).predict) is not cache.get(big.predict)
+
+
+def test_a_copy_of_a_function_is_unpickled_once_per_process() -> None:
+    import cloudpickle
+
+    from procpool._core import load_copy
+
+    blob = cloudpickle.dumps(lambda x: x + 1)
+    assert load_copy(blob) is load_copy(blob)
+    assert load_copy(blob)(1) == 2
 
 
 def test_a_spawned_worker_loads_traceback_only_for_an_error() -> None:

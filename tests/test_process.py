@@ -432,6 +432,37 @@ def test_a_child_whose_script_changed_says_so_instead_of_running_the_new_code(
         assert "was the file changed" in line
 
 
+SCRIPT_CLASS_CHANGED = """
+import sys
+import procpool
+
+class Target:
+    def run(self):
+        return "as the program started"
+
+if __name__ == "__main__":
+    with open(__file__) as f:
+        source = f.read()
+    with open(__file__, "w") as f:
+        f.write(source.replace('"as the program started"', '"edited since"'))
+    with procpool.Pool(1, context=sys.argv[1]) as pool:
+        try:
+            pool.apply(Target().run)
+        except procpool.SerializationError as exc:
+            print("SerializationError:", exc)
+"""
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_a_pool_child_whose_scripts_class_changed_says_so(method: str, tmp_path: Path) -> None:
+    # A class of the script inside a pool's callable goes by name and the code
+    # of its functions, which the child compares with its own class's.
+    lines = helpers.script_output(tmp_path, SCRIPT_CLASS_CHANGED, method).splitlines()
+    assert len(lines) == 1 and lines[0].startswith("SerializationError:"), lines
+    assert "class 'Target' was sent by name" in lines[0]
+    assert "another version of it" in lines[0]
+
+
 SCRIPT_RERUN = """
 import functools
 import sys

@@ -117,6 +117,36 @@ def importable_by_name(obj: Any) -> bool:
     return found is obj
 
 
+# Functions and classes sent as cloudpickle copies (see _batch._ByName), by the
+# copy's bytes: what load_copy made of each, in this process.
+_COPIES: dict[bytes, Any] = {}
+_COPIES_KEPT = 256  # at most, each of at most _COPY_KEPT_BYTES
+_COPY_KEPT_BYTES = 1024 * 1024
+
+
+def load_copy(blob: bytes) -> Any:
+    """Unpickle a function's or class's cloudpickle copy, once per process.
+
+    Each call of a method of an object whose class a worker lacks (a class
+    of the script, under spawn) carries the class's copy, and cloudpickle
+    takes ~200 us to build a class again from one; a copy seen before
+    returns what it made then (cloudpickle would return that same class
+    anyway, by the id it tracks classes with).
+    """
+    try:
+        return _COPIES[blob]
+    except KeyError:
+        pass
+    import pickle
+
+    made = pickle.loads(blob)
+    if len(blob) <= _COPY_KEPT_BYTES:
+        if len(_COPIES) >= _COPIES_KEPT:
+            _COPIES.pop(next(iter(_COPIES)), None)
+        _COPIES[blob] = made
+    return made
+
+
 def usable_cpus() -> int:
     """The CPUs this process may run on (``os.cpu_count()`` where affinity is unknown)."""
     try:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from .._exceptions import ProcpoolError, SerializationError, TaskTimeoutError
 from . import _protocol as P
 from . import _shm as shm
-from . import importable_by_name
+from . import importable_by_name, load_copy
 from ._generic import Protocol
 
 TYPE_CHECKING = False  # not typing's (see _core/_generic.py)
@@ -395,7 +395,7 @@ def _dumps_callable(
     fn: Any,
     inherited_main: Mapping[str, Any] | None,
     script_rerun: bool,
-    copies: weakref.WeakKeyDictionary[Any, bytes] | None,
+    copies: weakref.WeakKeyDictionary[Any, tuple[Any, ...]] | None,
 ) -> bytes:
     """dumps_callable, reusing the copies of functions and classes inside
     ``fn`` made before (by object; see CallableCache)."""
@@ -430,7 +430,7 @@ def _dumps_callable(
         # never imports cloudpickle (~13 ms).
         buf = io.BytesIO()
         try:
-            _ByName(buf, inherited_main, copies).dump(fn)
+            _ByName(buf, inherited_main, script_rerun, copies).dump(fn)
             return buf.getvalue()
         except Exception:
             pass  # something only cloudpickle pickles (a module, a code object)
@@ -482,17 +482,22 @@ class _ByName(pickle.Pickler):
     """Plain pickle, where each function or class a worker cannot find by name
     (see _inherited_from_main and importable_by_name) goes as a cloudpickle copy
     of its own: lambdas, closures, those of ``__main__`` made after the workers
-    were forked. A function's copy is made once, at its first call (``copies``),
-    as a function sent as the callable itself is (see CallableCache)."""
+    were forked. Under spawn and forkserver (``script_rerun``), a function or
+    class at the top of the script goes by name (see _script). What each
+    function or class becomes is worked out once, at its first call
+    (``copies``), as a function sent as the callable itself is (see
+    CallableCache)."""
 
     def __init__(
         self,
         file: io.BytesIO,
         inherited_main: Mapping[str, Any] | None,
-        copies: weakref.WeakKeyDictionary[Any, bytes] | None,
+        script_rerun: bool,
+        copies: weakref.WeakKeyDictionary[Any, tuple[Any, ...]] | None,
     ) -> None:
         super().__init__(file, P.PROTOCOL)
         self.inherited_main = inherited_main or {}
+        self.script_rerun = script_rerun
         self.copies = copies
 
     def reducer_override(self, obj: Any) -> Any:
@@ -503,13 +508,22 @@ class _ByName(pickle.Pickler):
         ):
             copies = self.copies
             try:
-                copy = copies[obj]  # type: ignore[index]
+                return copies[obj]  # type: ignore[index]
             except (KeyError, TypeError):  # not made yet; no copies kept; unhashable
-                copy = _cloudpickled(obj, self.inherited_main)
+                reduced = self._reduce(obj)
                 with contextlib.suppress(TypeError):
-                    copies[obj] = copy  # type: ignore[index]
-            return pickle.loads, (copy,)
+                    copies[obj] = reduced  # type: ignore[index]
+                return reduced
         return NotImplemented
+
+    def _reduce(self, obj: type | types.FunctionType) -> tuple[Any, ...]:
+        if self.script_rerun:
+            from ._script import by_name_in_script
+
+            reduced = by_name_in_script(obj)
+            if reduced is not None:
+                return reduced
+        return load_copy, (_cloudpickled(obj, self.inherited_main),)
 
 
 def _cloudpickled(fn: Any, inherited_main: Mapping[str, Any] | None) -> bytes:
@@ -560,7 +574,7 @@ class CallableRef:
         serialize: bool = True,
         inherited_main: Mapping[str, Any] | None = None,
         script_rerun: bool = False,
-        copies: weakref.WeakKeyDictionary[Any, bytes] | None = None,
+        copies: weakref.WeakKeyDictionary[Any, tuple[Any, ...]] | None = None,
         data: bytes | None = None,
     ) -> None:
         self.id = next(self._ids)
@@ -583,7 +597,7 @@ def pickle_for_worker(
     fn: Callable[..., Any],
     inherited_main: Mapping[str, Any] | None,
     script_rerun: bool,
-    copies: weakref.WeakKeyDictionary[Any, bytes] | None,
+    copies: weakref.WeakKeyDictionary[Any, tuple[Any, ...]] | None,
 ) -> bytes:
     """_dumps_callable, with any failure as a SerializationError naming ``fn``."""
     try:
@@ -603,8 +617,11 @@ def _weak_or_strong(fn: Any, strong: bool) -> Callable[[], Any]:
 
 
 # How many methods' last pickles CallableCache keeps for comparison (the
-# objects they are bound to are alive, and held by the program anyway).
+# objects they are bound to are alive, and held by the program anyway), and
+# how many pickles it keeps by their bytes, each of at most SMALL_PICKLE bytes.
 MAX_METHODS = 8
+MAX_SMALL = 128
+SMALL_PICKLE = 64 * 1024
 
 
 class CallableCache:
@@ -653,7 +670,9 @@ class CallableCache:
         # weights, a table) would go to a worker, be unpickled there and kept.
         # The object is held weakly; its pickle is kept while it lives.
         self._methods: dict[tuple[int, Any], tuple[weakref.ref[Any], CallableRef]] = {}
-        self._copies: weakref.WeakKeyDictionary[Any, bytes] = weakref.WeakKeyDictionary()
+        self._copies: weakref.WeakKeyDictionary[Any, tuple[Any, ...]] = weakref.WeakKeyDictionary()
+        # Small pickles of callables bound to data, and their refs (see _now).
+        self._small: dict[bytes, CallableRef] = {}
 
     def _refs_for(self, fn: Callable[..., Any]) -> Any:
         try:
@@ -696,16 +715,28 @@ class CallableCache:
             )
         data = pickle_for_worker(fn, self._inherited_main, self._script_rerun, self._copies)
         key = _method_key(fn)
-        if key is None:
-            if before is not None and before.data == data:
-                return before
-            return CallableRef(fn, data=data)
-        owner = fn.__self__  # type: ignore[attr-defined]
         methods = self._methods
-        entry = methods.pop(key, None)  # re-inserted below: the dict's order is the LRU's
-        if before is None and entry is not None and entry[0]() is owner:
-            before = entry[1]
-        ref = before if before is not None and before.data == data else CallableRef(fn, data=data)
+        owner = None
+        if key is not None:
+            owner = fn.__self__  # type: ignore[attr-defined]
+            entry = methods.pop(key, None)  # re-inserted below: the dict's order is the LRU's
+            if before is None and entry is not None and entry[0]() is owner:
+                before = entry[1]
+        ref = before if before is not None and before.data == data else None
+        if len(data) <= SMALL_PICKLE:
+            # By the bytes themselves too: a method of a new object at each
+            # call (``Scale(3).times``), or a new partial, pickles the same.
+            small = self._small
+            ref = small.pop(data, None) or ref or CallableRef(fn, data=data)
+            small[data] = ref  # (re-)inserted last: the dict's order is the LRU's
+            if len(small) > MAX_SMALL:
+                # Another thread's call may change the dict between iter and next.
+                with contextlib.suppress(RuntimeError, StopIteration):
+                    small.pop(next(iter(small)), None)
+        elif ref is None:
+            ref = CallableRef(fn, data=data)
+        if key is None:
+            return ref
 
         def forget(dead: weakref.ref[Any]) -> None:
             current = methods.get(key)

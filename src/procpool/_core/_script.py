@@ -38,7 +38,14 @@ TYPE_CHECKING = False  # not typing's (see _core/_generic.py)
 if TYPE_CHECKING:
     from typing import Any
 
-__all__ = ["ScriptFunction", "of_main", "rerun_by_children", "script_function"]
+__all__ = [
+    "ScriptFunction",
+    "by_name_in_script",
+    "of_main",
+    "rerun_by_children",
+    "script_class",
+    "script_function",
+]
 
 
 def of_main(fn: object) -> bool:
@@ -61,19 +68,9 @@ def rerun_by_children(fn: types.FunctionType) -> bool:
     under the ``__main__`` guard or in a function is indented). Decorated
     functions are not claimed: their code starts at the decorator's line.
     """
-    main = sys.modules.get("__main__")
-    if main is None or getattr(main, fn.__name__, None) is not fn:
+    path = _rerun_script(fn)
+    if path is None or fn.__code__.co_filename != path:
         return False
-    path = getattr(main, "__file__", None)
-    if not path or fn.__code__.co_filename != path:
-        return False
-    name = getattr(getattr(main, "__spec__", None), "name", None)
-    if name is not None:
-        # ``python -m pkg`` runs pkg/__main__.py, which children do not run again.
-        if name == "__main__" or name.endswith(".__main__"):
-            return False
-    elif os.path.splitext(os.path.basename(path))[0] == "ipython":
-        return False  # the stdlib leaves IPython's launcher alone
     line = _line(path, fn.__code__.co_firstlineno)
     for keyword in (b"def ", b"async def "):
         if line.startswith(keyword):
@@ -81,6 +78,99 @@ def rerun_by_children(fn: types.FunctionType) -> bool:
             head = fn.__name__.encode()
             return rest.startswith(head) and rest[len(head) : len(head) + 1] in (b"(", b" ", b"\t")
     return False
+
+
+def _rerun_script(obj: Any) -> str | None:
+    """The path of the script a spawn or forkserver child imports again, if
+    ``obj`` is ``__main__``'s binding of its name there; else None."""
+    main = sys.modules.get("__main__")
+    if main is None or getattr(main, obj.__name__, None) is not obj:
+        return None
+    path = getattr(main, "__file__", None)
+    if not path:
+        return None
+    name = getattr(getattr(main, "__spec__", None), "name", None)
+    if name is not None:
+        # ``python -m pkg`` runs pkg/__main__.py, which children do not run again.
+        if name == "__main__" or name.endswith(".__main__"):
+            return None
+    elif os.path.splitext(os.path.basename(path))[0] == "ipython":
+        return None  # the stdlib leaves IPython's launcher alone
+    return str(path)
+
+
+def by_name_in_script(obj: type | types.FunctionType) -> tuple[Any, ...] | None:
+    """How a spawn or forkserver child gets ``obj``, a function or class of the
+    script, by name: a reduce tuple for pickle, or None if the child will not
+    have it (not at the script's top level) or it cannot go so.
+
+    A class whose ``class`` statement starts a line of the script is defined
+    by the child's import of it too; it goes with its name and its functions'
+    code, which the child compares with its own (script_class), as a
+    function's code is (ScriptFunction).
+    """
+    if isinstance(obj, types.FunctionType):
+        if not (of_main(obj) and rerun_by_children(obj)):
+            return None
+        try:
+            return ScriptFunction(obj, None).__reduce__()
+        except ValueError:  # a constant marshal cannot write
+            return None
+    if obj.__module__ not in ("__main__", "__mp_main__") or obj.__qualname__ != obj.__name__:
+        return None
+    path = _rerun_script(obj)
+    if path is None or not _starts_a_line(path, b"class " + obj.__name__.encode()):
+        return None
+    try:
+        return script_class, (obj.__name__, marshal.dumps(_class_code(obj)))
+    except ValueError:  # a constant marshal cannot write
+        return None
+
+
+def _class_code(cls: type) -> list[tuple[str, types.CodeType]]:
+    """The code of ``cls``'s own functions, by name."""
+    return sorted(
+        (name, member.__code__)
+        for name, member in vars(cls).items()
+        if isinstance(member, types.FunctionType)
+    )
+
+
+def _starts_a_line(path: str, head: bytes) -> bool:
+    """Whether a line of the file starts with ``head`` then ``(``, ``:`` or a space."""
+    try:
+        with open(path, "rb") as file:
+            return any(
+                line.startswith(head) and line[len(head) : len(head) + 1] in (b"(", b":", b" ")
+                for line in file
+            )
+    except OSError:
+        return False
+
+
+def script_class(name: str, code: bytes) -> type:
+    """This process's own ``__main__`` class ``name``, if its functions have
+    the code ``code`` (see by_name_in_script).
+
+    Raises:
+        SerializationError: if it has no such class, or another version of it.
+    """
+    main = sys.modules.get("__main__")
+    own = getattr(main, name, None)
+    if (
+        isinstance(own, type)
+        and own.__qualname__ == name
+        and _class_code(own) == marshal.loads(code)
+    ):
+        return own
+    from .._exceptions import SerializationError
+
+    found = "no such class" if own is None else "another version of it"
+    raise SerializationError(
+        f"the script's class {name!r} was sent by name, and this process, which "
+        f"imported the script ({getattr(main, '__file__', '?')}) again, found "
+        f"{found}: was the file changed since the program started?"
+    )
 
 
 def _line(path: str, lineno: int) -> bytes:
