@@ -134,8 +134,8 @@ def test_methods_and_partials_of_the_scripts_classes_and_functions_go_by_name(
     # A bound method of a class the workers inherited, or a partial of such a
     # function, goes through plain pickle: the class and the function by name,
     # the object's data by value, and no cloudpickle on either side. cloudpickle
-    # copied the class at each call (a 10,000-call loop of apply_async: 260 us
-    # a call, against 100 now and the standard library's 90-140). A class
+    # copied the class at each call (a 10,000-call loop of apply_async: 430-490
+    # us a call, against 77-90 now and the standard library's 90-190). A class
     # defined after the workers were forked still goes by value.
     script = (
         "import functools, sys, procpool\n"
