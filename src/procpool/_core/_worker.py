@@ -448,10 +448,6 @@ def _shift(
     return {i - start: e for i, e in errors.items() if start <= i < stop} or None
 
 
-# Callables arrive cloudpickled, but what cloudpickle writes is plain pickle: a
-# function pickled by reference loads without importing cloudpickle at all, which
-# keeps it out of every worker's (and the fork server's) start-up; so does one of
-# __main__ the worker has itself (see _script).
 class _Callables:
     """The callables this worker was sent (by id), pickled until first used."""
 
@@ -468,6 +464,11 @@ class _Callables:
             del self.by_id[gone]
 
 
+# Callables arrive as plain pickle (what cloudpickle writes is plain pickle too,
+# and only what a worker cannot find by name goes as its copy: _batch._ByName): a
+# function or class sent by name loads without importing cloudpickle at all,
+# which keeps it out of every worker's (and the fork server's) start-up; so does
+# one of __main__ the worker has itself (see _script).
 def _callable(fns: _Callables, fn_id: int) -> Any:
     fn = fns.by_id[fn_id]
     if isinstance(fn, bytes):
