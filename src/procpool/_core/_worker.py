@@ -537,8 +537,10 @@ def _call_joined(
     again (Dispatcher._on_unpickle_failure). A crash while unpickling it is a
     crash in one of its tasks (the slot's span covers the chunk meanwhile).
     Each chunk's results go back as its last task ends (``stream``, made with
-    ``each``), so a later crash loses none of them. No timeouts, retries or
-    seeds here: such chunks are never joined (Dispatcher._merge).
+    ``each``), so a later crash loses none of them. A chunk of FAST_MIN_ITEMS
+    tasks or more runs as a batch of them alone would (_fast_into): a crash
+    in it fails the span of up to FAST_SPAN tasks it happened in. No timeouts,
+    retries or seeds here: such chunks are never joined (Dispatcher._merge).
     """
     values: list[Any] = []
     append = values.append
@@ -553,6 +555,14 @@ def _call_joined(
             raise _ChunkUnpickleError() from exc
         slot[P.SLOT_SPAN] = 1
         end = i + n
+        if n >= P.FAST_MIN_ITEMS and _TAG is None:
+            # A chunk of many tasks at C speed, as a batch of them alone would
+            # run (_call_fast): a crash then fails the span it happened in.
+            errors = _fast_into(fn, star, first_index, items, slot, values, errors, stream)
+            i = end
+            if stream is not None:
+                stream.add(0, values, errors, i, True)
+            continue
         for item in items:
             slot[P.SLOT_ITEM] = i
             if _TAG is not None:
@@ -583,22 +593,39 @@ def _call_fast(
 
     A per-item loop with a slot write and a ``try`` costs about as much as a
     task like ``x * x`` itself; this runs near a list comprehension's speed.
+    """
+    values: list[Any] = []
+    return values, _fast_into(fn, star, first_index, items, slot, values, None, stream)
+
+
+def _fast_into(
+    fn: Any,
+    star: int,
+    first_index: int,
+    items: list[Any],
+    slot: Any,
+    values: list[Any],
+    errors: dict[int, BaseException] | None,
+    stream: _Stream | None,
+) -> dict[int, BaseException] | None:
+    """Run ``items`` as the tasks from ``len(values)`` on, appending their
+    results to ``values``, FAST_SPAN at a time; returns ``errors`` with theirs.
+
     ``list.extend`` keeps what ``map`` produced before an exception, so the
     failing item is ``len(values)`` and the rest of its span carries on.
     """
-    values: list[Any] = []
     extend = values.extend
     apply = starmap if star == P.CALL_STAR else map
-    errors: dict[int, BaseException] | None = None
+    base = len(values)
     n = len(items)
     start = 0
     while start < n:
         end = min(start + P.FAST_SPAN, n)
         slot[P.SLOT_SPAN] = end - start
-        slot[P.SLOT_ITEM] = start
+        slot[P.SLOT_ITEM] = base + start
         try:
             extend(apply(fn, items[start:end]))
-            if len(values) < end:  # map() took a task's StopIteration for its end
+            if len(values) < base + end:  # map() took a task's StopIteration for its end
                 raise P.stop_iteration_lost()
         except BaseException as exc:
             failed = len(values)
@@ -606,12 +633,13 @@ def _call_fast(
             if errors is None:
                 errors = {}
             errors[failed] = P.portable_error(exc, _task_name(first_index, failed))
-            start = failed + 1
+            start = failed - base + 1
             continue
         if stream is not None:  # sized by the span's first result
-            stream.add(_result_size(values[start]) * (end - start), values, errors, end)
+            size = _result_size(values[base + start]) * (end - start)
+            stream.add(size, values, errors, base + end)
         start = end
-    return values, errors
+    return errors
 
 
 def _dumps_item_by_item(
