@@ -540,7 +540,8 @@ def test_a_callable_bound_to_data_goes_with_its_data_as_it_is_at_each_call() -> 
 
 def test_a_worker_keeps_callables_bound_to_large_objects_within_a_byte_bound() -> None:
     # A new object per call, each method pickled with 4 MB: a worker kept the
-    # last 64 callables whatever their size (256 MB here; ~3 GB of a 50 MB model).
+    # last 64 callables whatever their size (all 24 here, 96 MB; up to ~3 GB of
+    # a 50 MB model).
     size = 4 * 1024 * 1024
     calls = 3 * P.FN_CACHE_BYTES // size
     with Pool(1) as pool:
