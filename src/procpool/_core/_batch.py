@@ -703,8 +703,9 @@ class CallableCache:
         return ref
 
     def _now(self, fn: Callable[..., Any], before: CallableRef | None) -> CallableRef:
-        """``fn`` pickled now: ``before`` (or its method's last ref) if the
-        bytes are the same, else a new ref."""
+        """``fn`` pickled now: the ref of the same bytes if there is one
+        (``before``, its method's last ref, or for a small pickle any ref
+        ``_small`` holds), else a new ref."""
         if not self._serialize or is_code(fn):
             return CallableRef(
                 fn,
